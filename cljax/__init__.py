@@ -1,0 +1,17 @@
+"""cljax: multi-task learning, continual learning and model merging as pure JAX pytree transforms.
+
+Subpackages follow the three spaces of a training step (DESIGN.md §1):
+
+* weights: :mod:`cljax.merging`, :mod:`cljax.averaging`
+* gradients: :mod:`cljax.mtl`, :mod:`cljax.projection`
+* losses: :mod:`cljax.losses`
+
+and the substrate: :mod:`cljax.tree`, :mod:`cljax.train`, :mod:`cljax.data`,
+:mod:`cljax.models`, :mod:`cljax.checkpoint`, :mod:`cljax.kernels`.
+"""
+
+__version__ = "0.1.0.dev0"
+
+from cljax import data, train, tree  # noqa: E402
+
+__all__ = ["data", "train", "tree", "__version__"]

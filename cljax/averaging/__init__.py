@@ -1,0 +1,1 @@
+"""cljax.averaging (in progress)."""

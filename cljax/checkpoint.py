@@ -1,0 +1,287 @@
+"""Atomic, verified checkpoints of pytrees with orbax, and resume from the last good one.
+
+A checkpoint is a folder ``<directory>/step_<N>`` holding an orbax checkpoint of a pytree
+(``state/``) and a ``manifest.json`` with the size and SHA-256 of every file and the caller's
+JSON metadata. It is written under a temporary name and renamed into place only once the
+manifest is complete, so a crash mid-write leaves either the old set of checkpoints or the
+new one, never a half-written ``step_<N>``. Older checkpoints are pruned only after the new
+one is in place. On restore the manifest is checked; a truncated or corrupted checkpoint is
+reported by name (a warning) and the previous good one is used.
+
+Example::
+
+    ckpt = CheckpointManager("runs/exp/ckpt", keep=2)
+    restored = ckpt.restore_latest(target=state)          # None on a fresh run
+    if restored is not None:
+        step, state, meta = restored
+    ...
+    ckpt.save(step, state, metadata={"epoch": epoch})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+
+__all__ = ["CheckpointCorruptError", "CheckpointManager", "tree_fingerprint"]
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_MANIFEST = "manifest.json"
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint failed verification (missing manifest, missing or altered files)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != _MANIFEST)
+
+
+def tree_fingerprint(tree: Any) -> str:
+    """SHA-256 over the bytes, shapes and dtypes of a tree's leaves (for bitwise comparisons)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        arr = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(arr.dtype).encode() + str(arr.shape).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _to_storable(tree: Any) -> Any:
+    """Typed PRNG keys become their uint32 key data (orbax stores plain arrays)."""
+
+    def conv(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key_data(x)
+        return x
+
+    return jax.tree.map(conv, tree)
+
+
+def _from_storable(restored: Any, target: Any) -> Any:
+    def conv(r, t):
+        if isinstance(t, jax.Array | jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(
+            t.dtype, jax.dtypes.prng_key
+        ):
+            return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+        return r
+
+    return jax.tree.map(conv, restored, target)
+
+
+class CheckpointManager:
+    """Keeps the last ``keep`` verified checkpoints of a pytree in ``directory``.
+
+    Args:
+      directory: folder of the checkpoints (created if missing).
+      keep: number of complete checkpoints kept (>= 1). A new one is complete before any
+        old one is removed, so up to ``keep + 1`` exist during a save.
+      primary: whether this process writes (process 0 in multi-host runs); orbax itself
+        coordinates the array writes of all processes.
+
+    Raises:
+      ValueError: if ``keep < 1``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, primary: bool | None = None):
+        if keep < 1:
+            raise ValueError(f"{keep=} must be >= 1")
+        self.directory = Path(directory).absolute()
+        self.keep = keep
+        self.primary = jax.process_index() == 0 if primary is None else primary
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_tmp()
+
+    # -------------------------------------------------------------------- listing
+    def _remove_stale_tmp(self) -> None:
+        if not self.primary:
+            return
+        for p in self.directory.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def steps(self) -> list[int]:
+        """Steps of the checkpoint folders present (verified or not), ascending."""
+        out = []
+        for p in self.directory.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m and p.is_dir():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step_{int(step)}"
+
+    # -------------------------------------------------------------------- verification
+    def verify(self, step: int) -> dict:
+        """Checks a checkpoint against its manifest; returns the manifest.
+
+        Raises:
+          CheckpointCorruptError: naming the checkpoint and what is wrong with it.
+        """
+        root = self.path(step)
+        mpath = root / _MANIFEST
+        if not mpath.is_file():
+            raise CheckpointCorruptError(
+                f"checkpoint {root} has no {_MANIFEST} (incomplete write?)"
+            )
+        try:
+            manifest = json.loads(mpath.read_text())
+            files = manifest["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointCorruptError(
+                f"checkpoint {root}: unreadable {_MANIFEST}: {e}"
+            ) from None
+        for rel, info in files.items():
+            f = root / rel
+            if not f.is_file():
+                raise CheckpointCorruptError(f"checkpoint {root}: file {rel} is missing")
+            size = f.stat().st_size
+            if size != info["size"]:
+                raise CheckpointCorruptError(
+                    f"checkpoint {root}: file {rel} has {size} bytes, expected {info['size']} (truncated?)"
+                )
+            if _sha256(f) != info["sha256"]:
+                raise CheckpointCorruptError(
+                    f"checkpoint {root}: file {rel} does not match its checksum"
+                )
+        return manifest
+
+    def latest_valid_step(self) -> int | None:
+        """The newest step that passes :meth:`verify` (warning about each one that does not)."""
+        for step in reversed(self.steps()):
+            try:
+                self.verify(step)
+                return step
+            except CheckpointCorruptError as e:
+                warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+        return None
+
+    # -------------------------------------------------------------------- save / restore
+    def save(self, step: int, tree: Any, *, metadata: dict | None = None) -> Path:
+        """Writes ``tree`` (and JSON ``metadata``) as checkpoint ``step``, atomically.
+
+        Returns:
+          The path of the new checkpoint.
+
+        Raises:
+          ValueError: if ``step`` is negative or a checkpoint of that step already exists.
+          TypeError: if ``metadata`` is not JSON-serialisable.
+        """
+        import orbax.checkpoint as ocp
+
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"{step=} must be >= 0")
+        final = self.path(step)
+        if final.exists():
+            raise ValueError(f"checkpoint {final} already exists")
+        meta_json = json.dumps(metadata or {})  # fail before writing anything
+        tmp = self.directory / f".tmp-{step}-{uuid.uuid4().hex[:8]}"
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "state", _to_storable(tree))
+        ckptr.wait_until_finished()
+        if self.primary:
+            files = {
+                str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+                for f in _files(tmp)
+            }
+            manifest = {"step": step, "files": files, "metadata": json.loads(meta_json)}
+            mtmp = tmp / (_MANIFEST + ".part")
+            with open(mtmp, "w") as fh:
+                json.dump(manifest, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(mtmp, tmp / _MANIFEST)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            self._prune()
+        return final
+
+    def _prune(self) -> None:
+        steps = self.steps()
+        valid = []
+        for s in reversed(steps):
+            if len(valid) >= self.keep:
+                break
+            try:
+                self.verify(s)
+                valid.append(s)
+            except CheckpointCorruptError:
+                pass
+        for s in steps:
+            if s not in valid and s < max(valid, default=-1):
+                shutil.rmtree(self.path(s), ignore_errors=True)
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        """Restores checkpoint ``step`` into the structure (and shardings) of ``target``.
+
+        ``target`` is a pytree of arrays or ``jax.ShapeDtypeStruct`` (with ``sharding`` to
+        restore onto the current mesh, whatever mesh saved it).
+
+        Returns:
+          ``(tree, metadata)``.
+
+        Raises:
+          CheckpointCorruptError: if verification fails.
+        """
+        import orbax.checkpoint as ocp
+
+        manifest = self.verify(step)
+        abstract = jax.tree.map(
+            lambda x: (
+                x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)
+            ),
+            _to_storable(target),
+        )
+        try:
+            restored = ocp.StandardCheckpointer().restore(self.path(step) / "state", abstract)
+        except Exception as e:  # orbax raises many types for structure mismatches
+            raise ValueError(
+                f"checkpoint {self.path(step)} does not fit the target tree: {e}"
+            ) from e
+        return _from_storable(restored, target), manifest.get("metadata", {})
+
+    def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
+        """Restores the newest good checkpoint, or returns ``None`` if there is none."""
+        for step in reversed(self.steps()):
+            try:
+                tree, meta = self.restore(step, target)
+                return step, tree, meta
+            except CheckpointCorruptError as e:
+                warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+        return None

@@ -1,0 +1,1 @@
+"""cljax.continual (in progress)."""

@@ -1,0 +1,6 @@
+"""Tasks and benchmarks: bundled offline sources (no downloads)."""
+
+from cljax.data._sources import load_digits, load_mnist1d, load_mnist5k
+from cljax.data._task import Task, split_train_val
+
+__all__ = ["Task", "load_digits", "load_mnist1d", "load_mnist5k", "split_train_val"]

@@ -1,0 +1,1 @@
+"""cljax.losses (in progress)."""

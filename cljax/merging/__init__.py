@@ -1,0 +1,1 @@
+"""cljax.merging (in progress)."""

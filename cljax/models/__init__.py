@@ -1,0 +1,1 @@
+"""cljax.models (in progress)."""

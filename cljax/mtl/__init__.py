@@ -1,0 +1,1 @@
+"""cljax.mtl (in progress)."""

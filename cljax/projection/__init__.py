@@ -1,0 +1,1 @@
+"""cljax.projection (in progress)."""

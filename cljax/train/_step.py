@@ -1,0 +1,93 @@
+"""Step builders: a loss function and an optimizer become a jitted, donated train step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cljax.train._state import TrainState
+
+__all__ = ["NonFiniteError", "make_step"]
+
+LossFn = Callable[..., Any]
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised (outside jit) when a step produced non-finite gradients and the policy is 'raise'."""
+
+
+def make_step(
+    loss_fn: LossFn,
+    *,
+    has_aux: bool = False,
+    nonfinite: Literal["apply", "skip", "raise"] = "apply",
+    post_update: Callable[[TrainState], TrainState] | None = None,
+    jit: bool = True,
+    donate: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds ``step(state, batch) -> (state, metrics)``.
+
+    The step splits ``state.rng``, computes ``loss_fn(params, batch, rng)`` and its gradient,
+    applies ``state.tx`` and then ``post_update`` (e.g. an EMA update of a method state).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, rng) -> loss`` or ``-> (loss, aux)`` with
+        ``has_aux=True``; ``aux`` must be a dict of scalars, merged into the metrics.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      nonfinite: what to do when the gradient holds NaN/Inf. ``"apply"`` does nothing
+        special; ``"skip"`` leaves params and optimizer state unchanged and counts the
+        step in ``state.skipped``; ``"raise"`` skips likewise and the returned step raises
+        :class:`NonFiniteError` with the step number (this needs one host sync per step).
+      post_update: ``state -> state`` applied after the optimizer update, inside the jit.
+      jit: compile the step.
+      donate: donate the input state's buffers (only with ``jit``).
+
+    Returns:
+      The step function. Its metrics hold ``loss``, ``grad_norm``, ``finite`` and aux.
+
+    Raises:
+      ValueError: for an unknown ``nonfinite`` policy.
+    """
+    if nonfinite not in ("apply", "skip", "raise"):
+        raise ValueError(f"{nonfinite=} must be one of 'apply', 'skip', 'raise'")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    def step(state: TrainState, batch: Any):
+        rng, sub = jax.random.split(state.rng)
+        out, grads = grad_fn(state.params, batch, sub)
+        loss, aux = out if has_aux else (out, {})
+        gnorm = optax.tree.norm(grads)
+        finite = jnp.isfinite(gnorm) & jnp.isfinite(loss)
+        new = state.apply_gradients(grads)
+        if post_update is not None:
+            new = post_update(new)
+        new = new.replace(rng=rng)
+        if nonfinite != "apply":
+            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+            new = new.replace(
+                params=pick(new.params, state.params),
+                opt_state=pick(new.opt_state, state.opt_state),
+                methods=pick(new.methods, state.methods),
+                skipped=state.skipped + (~finite).astype(jnp.int32),
+            )
+        metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite, **aux}
+        return new, metrics
+
+    if jit:
+        step = jax.jit(step, donate_argnums=(0,) if donate else ())
+
+    if nonfinite != "raise":
+        return step
+
+    def checked(state: TrainState, batch: Any):
+        at = int(state.step)
+        new, metrics = step(state, batch)
+        if not bool(metrics["finite"]):
+            raise NonFiniteError(f"non-finite loss or gradient at step {at} (update skipped)")
+        return new, metrics
+
+    return checked

@@ -1,0 +1,327 @@
+"""Pytree helpers beyond ``optax.tree``: stacking, path rules, validation, casts.
+
+Every cljax method takes parameters as an arbitrary pytree of arrays. This module holds
+the few conventions they all share:
+
+* **Paths** are the ``/``-joined keys of :func:`jax.tree_util.tree_flatten_with_path`
+  (``"params/Dense_0/kernel"``). :func:`path_str` builds one, :func:`paths` lists them.
+* **Stacked sets**: T trees of one structure are held as one tree whose leaves have a
+  leading axis of size T (:func:`stack`, :func:`unstack`, :func:`as_stacked`).
+* **Path rules** are ordered ``(regex, value)`` pairs; the first regex that
+  :func:`re.search`-matches a leaf's path gives that leaf its value (:func:`rule_values`,
+  :func:`rule_mask`). :func:`describe_rules` prints what each rule selected.
+* **Validation** raises :class:`ValueError` naming the first differing path
+  (:func:`check_same_structure`, :func:`check_finite`).
+* **Accumulation dtype**: weight-space arithmetic accumulates in float32 whatever the
+  storage dtype (:func:`accum_dtype`), and casts back (:func:`cast_like`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Params",
+    "PyTree",
+    "Rules",
+    "accum_dtype",
+    "as_stacked",
+    "cast_like",
+    "check_finite",
+    "check_same_structure",
+    "describe_rules",
+    "is_float",
+    "leaves_with_paths",
+    "map_with_path",
+    "num_stacked",
+    "path_str",
+    "paths",
+    "rule_mask",
+    "rule_values",
+    "stack",
+    "to_accum",
+    "unstack",
+    "unused_rules",
+]
+
+PyTree = Any
+Params = Any
+Rules = Sequence[tuple[str, Any]]
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """Joins the keys of a ``tree_flatten_with_path`` path with ``/``."""
+    return "/".join(_key_str(k) for k in path)
+
+
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+    """Returns ``[(path, leaf), ...]`` in flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def paths(tree: PyTree) -> list[str]:
+    """The ``/``-joined path of every leaf, in flattening order."""
+    return [p for p, _ in leaves_with_paths(tree)]
+
+
+def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Like ``jax.tree.map`` but ``fn(path, leaf, *others)`` receives the ``/``-joined path."""
+    return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
+
+
+# ----------------------------------------------------------------------------- stacking
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stacks T trees of one structure into one tree with a leading axis of size T.
+
+    Raises:
+      ValueError: if ``trees`` is empty, or two trees differ in structure or leaf shape
+        (the message names the first differing path).
+    """
+    trees = list(trees)
+    if not trees:
+        raise ValueError("stack: got an empty sequence of trees; need at least one")
+    for i, t in enumerate(trees[1:], start=1):
+        check_same_structure(trees[0], t, names=("trees[0]", f"trees[{i}]"))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: PyTree) -> list[PyTree]:
+    """Inverse of :func:`stack`: splits the leading axis into a list of T trees."""
+    n = num_stacked(tree)
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+def num_stacked(tree: PyTree) -> int:
+    """The size T of the leading axis shared by all leaves of a stacked tree.
+
+    Raises:
+      ValueError: if the tree has no leaves, a leaf is a scalar, or leaves disagree on T.
+    """
+    pl = leaves_with_paths(tree)
+    if not pl:
+        raise ValueError("stacked tree has no leaves")
+    sizes = {}
+    for p, x in pl:
+        shape = np.shape(x)
+        if len(shape) == 0:
+            raise ValueError(f"stacked tree: leaf {p!r} is a scalar, expected a leading task axis")
+        sizes.setdefault(shape[0], p)
+    if len(sizes) > 1:
+        desc = ", ".join(f"{n} at {p!r}" for n, p in sizes.items())
+        raise ValueError(f"stacked tree: leaves disagree on the leading (task) axis: {desc}")
+    return next(iter(sizes))
+
+
+def as_stacked(trees: Sequence[PyTree] | PyTree, *, name: str = "task_vectors") -> PyTree:
+    """Accepts a Python list/tuple of trees (stacked here) or an already stacked tree.
+
+    A ``list`` or ``tuple`` at the top level is always read as a sequence of T trees; pass
+    any other container (a dict, an ``nnx.State``) for a stacked tree.
+
+    Raises:
+      ValueError: on an empty sequence or mismatched trees, naming ``name``.
+    """
+    if isinstance(trees, list | tuple):
+        if len(trees) == 0:
+            raise ValueError(f"{name}: got an empty list; need at least one tree")
+        try:
+            return stack(trees)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    num_stacked(trees)  # validates a common leading axis
+    return trees
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_same_structure(
+    a: PyTree,
+    b: PyTree,
+    *,
+    names: tuple[str, str] = ("a", "b"),
+    check_shapes: bool = True,
+    b_leading: tuple[int, ...] = (),
+) -> None:
+    """Raises ``ValueError`` naming the first path where ``a`` and ``b`` differ.
+
+    Args:
+      a, b: pytrees to compare.
+      names: how the two trees are called in the message.
+      check_shapes: also compare leaf shapes.
+      b_leading: leading axes that ``b``'s leaves carry in addition to ``a``'s shapes
+        (``(T,)`` to compare a tree against a stacked tree).
+    """
+    pa, pb = leaves_with_paths(a), leaves_with_paths(b)
+    da, db = dict(pa), dict(pb)
+    for p, _ in pa:
+        if p not in db:
+            raise ValueError(f"{names[1]} has no leaf at path {p!r} (present in {names[0]})")
+    for p, _ in pb:
+        if p not in da:
+            raise ValueError(f"{names[1]} has an extra leaf at path {p!r} (absent from {names[0]})")
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        raise ValueError(
+            f"{names[0]} and {names[1]} have the same paths but different container types: "
+            f"{jax.tree.structure(a)} vs {jax.tree.structure(b)}"
+        )
+    if check_shapes:
+        for (p, xa), (_, xb) in zip(pa, pb, strict=True):
+            sa, sb = tuple(np.shape(xa)), tuple(np.shape(xb))
+            if tuple(b_leading) + sa != sb:
+                want = tuple(b_leading) + sa
+                raise ValueError(
+                    f"shape mismatch at path {p!r}: {names[0]} has {sa}, {names[1]} has {sb}"
+                    + (f" (expected {want})" if b_leading else "")
+                )
+
+
+def check_finite(tree: PyTree, *, name: str = "tree") -> None:
+    """Raises ``ValueError`` naming the first leaf that holds NaN or Inf.
+
+    Needs concrete values: call it outside ``jit`` (merges call it when
+    ``check_finite=True``, before tracing).
+    """
+    for p, x in leaves_with_paths(tree):
+        if isinstance(x, jax.core.Tracer):
+            raise ValueError(f"check_finite({name}) needs concrete arrays; call it outside jit")
+        if is_float(x):
+            arr = np.asarray(jnp.asarray(x, jnp.float32))
+            if not np.isfinite(arr).all():
+                bad = int((~np.isfinite(arr)).sum())
+                raise ValueError(f"{name} has {bad} non-finite value(s) at path {p!r}")
+
+
+# ----------------------------------------------------------------------------- path rules
+
+
+def _compile(rules: Rules) -> list[tuple[re.Pattern, Any]]:
+    out = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, tuple | list) and len(rule) == 2):
+            raise ValueError(f"rules[{i}]={rule!r} must be a (regex, value) pair")
+        pattern, value = rule
+        try:
+            out.append((re.compile(pattern), value))
+        except re.error as e:
+            raise ValueError(f"rules[{i}] has an invalid regex {pattern!r}: {e}") from None
+    return out
+
+
+def rule_values(tree: PyTree, rules: Rules, default: Any = None) -> PyTree:
+    """Maps each leaf to the value of the first rule whose regex matches its path.
+
+    Args:
+      tree: any pytree.
+      rules: ordered ``(regex, value)`` pairs; ``re.search`` on the ``/``-joined path.
+      default: value of leaves that no rule matches.
+
+    Returns:
+      A tree of the structure of ``tree`` holding the values (not arrays: use it with
+      ``jax.tree.map`` outside of tracing, it is static).
+    """
+    compiled = _compile(rules)
+
+    def pick(p, _):
+        for rx, v in compiled:
+            if rx.search(p):
+                return v
+        return default
+
+    # Values may be None; keep them as leaves by mapping over paths.
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return jax.tree_util.tree_unflatten(treedef, [pick(path_str(p), x) for p, x in flat])
+
+
+def rule_mask(tree: PyTree, rules: Rules, default: bool = False) -> PyTree:
+    """A boolean tree from rules whose values are booleans (e.g. ``[("head", False), (".*", True)]``)."""
+    return rule_values(tree, rules, default=default)
+
+
+def _matches(tree: PyTree, rules: Rules) -> list[list[str]]:
+    compiled = _compile(rules)
+    hits: list[list[str]] = [[] for _ in compiled]
+    for p in paths(tree):
+        for i, (rx, _) in enumerate(compiled):
+            if rx.search(p):
+                hits[i].append(p)
+                break
+    return hits
+
+
+def unused_rules(tree: PyTree, rules: Rules) -> list[str]:
+    """The regexes of rules that select no leaf (first-match semantics)."""
+    return [r[0] for r, h in zip(rules, _matches(tree, rules), strict=True) if not h]
+
+
+def describe_rules(tree: PyTree, rules: Rules, default: Any = None) -> str:
+    """A human-readable listing of which leaves each rule selected.
+
+    Example::
+
+      >>> print(describe_rules(params, [("head", None), (".*", 1.0)]))
+      rule 0 'head' -> None: 2 leaves
+          head/bias
+          head/kernel
+      rule 1 '.*' -> 1.0: 4 leaves
+          ...
+    """
+    lines = []
+    hits = _matches(tree, rules)
+    claimed = set()
+    for i, ((rx, v), h) in enumerate(zip(rules, hits, strict=True)):
+        lines.append(
+            f"rule {i} {rx!r} -> {v!r}: {len(h)} leaves" + ("  (matches nothing)" if not h else "")
+        )
+        lines.extend(f"    {p}" for p in h)
+        claimed.update(h)
+    rest = [p for p in paths(tree) if p not in claimed]
+    if rest:
+        lines.append(f"default -> {default!r}: {len(rest)} leaves")
+        lines.extend(f"    {p}" for p in rest)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def is_float(x: Any) -> bool:
+    """True for floating-point arrays (the leaves weight-space methods act on)."""
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def accum_dtype(dtype: Any) -> jnp.dtype:
+    """The accumulation dtype for a storage dtype: float32, or float64 if the input is."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64:
+        return dtype
+    return jnp.dtype(jnp.float32)
+
+
+def to_accum(tree: PyTree) -> PyTree:
+    """Casts every floating leaf to its accumulation dtype (float32 for half precision)."""
+    return jax.tree.map(lambda x: x.astype(accum_dtype(x.dtype)) if is_float(x) else x, tree)
+
+
+def cast_like(tree: PyTree, like: PyTree) -> PyTree:
+    """Casts each leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+    return jax.tree.map(lambda x, r: jnp.asarray(x).astype(jnp.result_type(r)), tree, like)

@@ -1,0 +1,156 @@
+"""Shared plumbing of the experiments: output folders, tables, JSON, plots, progress, timing.
+
+Library code never imports this module (STYLE rule 11): experiments unpack their config
+dataclasses into library calls and use these helpers for everything around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "add_config_flags",
+    "bar_chart",
+    "config_from_flags",
+    "format_table",
+    "is_primary",
+    "mean_std",
+    "median_time",
+    "progress",
+    "write_json",
+]
+
+
+def is_primary() -> bool:
+    """Only process 0 writes files and prints tables in multi-host runs."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Adds ``--field`` flags for the scalar fields of a config dataclass (defaults from it)."""
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        if isinstance(default, bool):
+            parser.add_argument(
+                f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None
+            )
+        elif isinstance(default, int | float | str):
+            parser.add_argument(f"--{f.name}", type=type(default), default=None)
+        elif isinstance(default, tuple | list):
+            elem = type(default[0]) if default else str
+            parser.add_argument(f"--{f.name}", type=elem, nargs="+", default=None)
+
+
+def config_from_flags(base: Any, args: argparse.Namespace) -> Any:
+    """Returns ``base`` with every flag that was given on the command line replaced."""
+    changes = {}
+    for f in dataclasses.fields(base):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            changes[f.name] = tuple(v) if isinstance(getattr(base, f.name), tuple) else v
+    return dataclasses.replace(base, **changes)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def format_table(
+    rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".1f"
+) -> str:
+    """A GitHub-markdown table of dict rows (floats formatted with ``floatfmt``)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: (
+        "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"
+    )
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(columns), sep, *(line(r) for r in cells)])
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return m, s
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None, **kw) -> Iterable:
+    """A tqdm progress bar on process 0 (silent elsewhere and when ``CLJAX_NO_PROGRESS=1``)."""
+    from tqdm.auto import tqdm
+
+    disable = not is_primary() or os.environ.get("CLJAX_NO_PROGRESS") == "1"
+    return tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, **kw)
+
+
+def median_time(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 7) -> float:
+    """Median wall time of ``fn()`` in seconds; ``fn`` must block (``block_until_ready``)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bar_chart(
+    path: str | os.PathLike,
+    groups: Sequence[str],
+    series: dict[str, Sequence[float]],
+    *,
+    errors: dict[str, Sequence[float]] | None = None,
+    ylabel: str = "accuracy (%)",
+    title: str = "",
+) -> None:
+    """A grouped bar chart saved as PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(series)
+    x = np.arange(len(groups))
+    width = 0.8 / max(n, 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) * max(n, 2) * 0.5), 4))
+    for i, (name, vals) in enumerate(series.items()):
+        err = None if errors is None else errors.get(name)
+        ax.bar(x + (i - (n - 1) / 2) * width, vals, width, label=name, yerr=err, capsize=2)
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

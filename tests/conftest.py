@@ -1,0 +1,38 @@
+"""Test configuration: 8 simulated CPU devices, float64 available, deterministic seeds."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = any(d.platform == "gpu" for d in jax.devices()) if _backend_ok() else False
+    skip_gpu = pytest.mark.skip(reason="needs a GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+def _backend_ok():
+    try:
+        jax.devices()
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.fixture
+def rng():
+    """A numpy Generator seeded from the test's name: fresh data per test, reproducible."""
+    import zlib
+
+    seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].encode())
+    return np.random.default_rng(seed)

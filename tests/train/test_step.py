@@ -1,0 +1,73 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cljax.train import NonFiniteError, TrainState, make_step
+
+
+def _loss(params, batch, rng):
+    del rng
+    pred = batch["x"] @ params["w"]
+    return jnp.mean((pred - batch["y"]) ** 2)
+
+
+def test_step_matches_manual_sgd(rng):
+    w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+        "y": jnp.asarray(rng.normal(size=(8,)), jnp.float32),
+    }
+    state = TrainState.create({"w": w}, optax.sgd(0.1), rng=0)
+    step = make_step(_loss)
+    g = jax.grad(lambda w: _loss({"w": w}, batch, None))(w)
+    expected = w - 0.1 * g
+    loss0 = _loss({"w": w}, batch, None)
+    new, metrics = step(state, batch)  # donates state (and w)
+    chex.assert_trees_all_close(new.params["w"], expected, rtol=1e-6)
+    assert int(new.step) == 1
+    np.testing.assert_allclose(metrics["loss"], loss0, rtol=1e-6)
+
+
+def test_state_is_donated():
+    state = TrainState.create({"w": jnp.ones(3)}, optax.sgd(0.1))
+    old = state.params["w"]
+    step = make_step(_loss)
+    step(state, {"x": jnp.ones((2, 3)), "y": jnp.ones(2)})
+    assert old.is_deleted()
+
+
+def test_nonfinite_skip_and_raise():
+    state = TrainState.create({"w": jnp.ones(3)}, optax.adam(0.1))
+    bad = {"x": jnp.full((2, 3), jnp.nan), "y": jnp.ones(2)}
+    good = {"x": jnp.ones((2, 3)), "y": jnp.ones(2)}
+    step = make_step(_loss, nonfinite="skip", donate=False)
+    s1, m = step(state, bad)
+    assert not bool(m["finite"]) and int(s1.skipped) == 1
+    chex.assert_trees_all_equal(s1.params, state.params)
+    chex.assert_trees_all_equal(s1.opt_state, state.opt_state)
+    s2, m = step(s1, good)
+    assert bool(m["finite"]) and int(s2.skipped) == 1
+    raising = make_step(_loss, nonfinite="raise", donate=False)
+    with pytest.raises(NonFiniteError, match="step 0"):
+        raising(state, bad)
+    with pytest.raises(ValueError, match="nonfinite"):
+        make_step(_loss, nonfinite="ignore")
+
+
+def test_post_update_runs_inside_step():
+    def ema(state):
+        avg = state.methods["avg"]
+        return state.replace(
+            methods={"avg": jax.tree.map(lambda a, p: 0.5 * a + 0.5 * p, avg, state.params)}
+        )
+
+    state = TrainState.create(
+        {"w": jnp.zeros(3)}, optax.sgd(1.0), methods={"avg": {"w": jnp.zeros(3)}}
+    )
+    step = make_step(lambda p, b, r: -jnp.sum(p["w"]), post_update=ema)
+    new, _ = step(state, None)
+    chex.assert_trees_all_close(new.params["w"], jnp.ones(3))
+    chex.assert_trees_all_close(new.methods["avg"]["w"], 0.5 * jnp.ones(3))
