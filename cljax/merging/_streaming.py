@@ -26,8 +26,8 @@ _METHODS = ("task_arithmetic", "average", "ties")
 
 
 def _num_keep(size: int, density: float) -> int:
-    """How many entries of a task vector TIES keeps: the top ``ceil(density * size)`` (at least 1)."""
-    return max(1, int(np.ceil(density * size - 1e-9)))
+    """How many entries TIES keeps: ``round(density * size)``, at least 1 (as ``cljax.merging.ties``)."""
+    return max(1, min(size, int(np.floor(density * size + 0.5))))
 
 
 def _select_bits(hist: np.ndarray, rank: int) -> tuple[int, int]:
@@ -185,18 +185,20 @@ def _trim(taus, thresholds):
 
 
 def _ties_majority(names, deltas, thresholds) -> np.float32:
-    total = 0.0
+    total = 0
     for n in names:
         _, taus = deltas(n)
-        total += float(np.sign(np.sum(_trim(taus, thresholds), axis=0)).sum())
-    return np.float32(1.0 if total >= 0 else -1.0)
+        total += int(np.sign(np.sum(_trim(taus, thresholds), axis=0)).sum())
+    return np.float32(np.sign(total))
 
 
 def _ties_merge(taus, thresholds, majority, merge) -> np.ndarray:
+    # Elected sign: that of the sum of trimmed values, the majority sign where the sum is 0.
+    # As in the reference code, an elected sign that is still 0 selects the negative values.
     trimmed = np.stack(_trim(taus, thresholds))
     sign = np.sign(trimmed.sum(axis=0))
     sign = np.where(sign == 0, majority, sign)
-    agree = (np.sign(trimmed) == sign) & (trimmed != 0)
+    agree = np.where(sign > 0, trimmed > 0, trimmed < 0)
     picked = np.where(agree, trimmed, np.float32(0)).sum(axis=0)
     if merge == "sum":
         return picked

@@ -43,16 +43,15 @@ def _ref_ties(base, fts, density, merge, scale):
     ]
     trimmed = []
     for tau in taus:
-        k = max(1, int(np.ceil(density * tau.size - 1e-9)))
+        k = max(1, min(tau.size, int(np.floor(density * tau.size + 0.5))))
         thr = np.sort(np.abs(tau))[::-1][k - 1]
         trimmed.append(np.where(np.abs(tau) >= thr, tau, 0))
     trimmed = np.stack(trimmed)
     s = np.sign(trimmed.sum(0))
-    majority = 1.0 if s.sum() >= 0 else -1.0
-    s[s == 0] = majority
+    s[s == 0] = np.sign(s.sum())
     out = np.zeros(trimmed.shape[1])
     for p in range(trimmed.shape[1]):  # slow per-coordinate loop
-        vals = [v for v in trimmed[:, p] if v != 0 and np.sign(v) == s[p]]
+        vals = [v for v in trimmed[:, p] if (v > 0 if s[p] > 0 else v < 0)]
         if vals:
             out[p] = np.mean(vals) if merge == "mean" else np.sum(vals)
     res, i = {}, 0
