@@ -120,3 +120,26 @@ def test_streaming_bad_input(rng, tmp_path):
     with pytest.raises(ValueError, match=r"bad\.safetensors.*enc\.w"):
         merge_safetensors(b, [paths[0], tmp_path / "bad.safetensors"], tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum"])
+def test_streaming_ties_equals_in_memory_ties(rng, tmp_path, merge):
+    import jax.numpy as jnp
+
+    from cljax.merging import ties
+
+    base, fts = _models(rng, T=4)
+    b, paths = _write(tmp_path, base, fts)
+    got = st.load(
+        merge_safetensors(
+            b, paths, tmp_path / "o.safetensors", method="ties", density=0.3, merge=merge, scale=0.9
+        )
+    )
+    pre = {k: jnp.asarray(v) for k, v in base.items()}
+    tvs = [
+        {k: jnp.asarray(m[k]) - pre[k] if k != "pos_ids" else jnp.zeros_like(pre[k]) for k in base}
+        for m in fts
+    ]
+    want = ties(pre, tvs, density=0.3, merge=merge, scale=0.9)
+    for k in base:
+        np.testing.assert_allclose(got[k], np.asarray(want[k]), rtol=1e-5, atol=1e-6)
