@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean parity
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q -n 2 --durations=15
+
+# CLIP converter parity against transformers' PyTorch CLIPModel (CPU torch, no CUDA wheels).
+parity: $(STAMP)
+	$(PY) -m pip install -q --no-deps torch
+	$(PY) -m pip install -q 'transformers>=4.40' 'safetensors>=0.4'
+	$(PY) -m pytest -q tests/models/test_clip.py tests/test_safetensors.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -10,6 +10,7 @@ default: every floating leaf); excluded and integer leaves keep the pre-trained 
 from cljax.merging._dare import dare
 from cljax.merging._select import DEFAULT_GRID, select_scale
 from cljax.merging._soups import average, greedy_soup, interpolate
+from cljax.merging._streaming import merge_safetensors
 from cljax.merging._task_vectors import apply, task_arithmetic, task_vector
 from cljax.merging._ties import ties
 
@@ -20,6 +21,7 @@ __all__ = [
     "dare",
     "greedy_soup",
     "interpolate",
+    "merge_safetensors",
     "select_scale",
     "task_arithmetic",
     "task_vector",

@@ -1,0 +1,205 @@
+"""Merging checkpoints larger than memory: stream tensor by tensor through safetensors files.
+
+Peak memory is one tensor of each of the T+1 input files plus a few float32 temporaries of
+that tensor's size, never T models (DESIGN.md §6). Task arithmetic and weighted averages are
+one pass. Global TIES needs each task vector's magnitude threshold over the whole model: it
+is found exactly by a two-pass radix selection on the float32 bit patterns of |τ| (the top
+16 bits, then the low 16 bits inside the selected bucket; non-negative floats order like
+their bit patterns), then one pass for the global majority sign and one for the merge: four
+reads of the inputs and one write, no sort.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cljax.safetensors import SafetensorsReader, SafetensorsWriter
+
+__all__ = ["merge_safetensors"]
+
+_METHODS = ("task_arithmetic", "average", "ties")
+
+
+def _num_keep(size: int, density: float) -> int:
+    """How many entries TIES keeps: ``round(density * size)``, at least 1 (as ``cljax.merging.ties``)."""
+    return max(1, min(size, int(np.floor(density * size + 0.5))))
+
+
+def _select_bits(hist: np.ndarray, rank: int) -> tuple[int, int]:
+    """The bucket holding the ``rank``-th largest entry, and that entry's rank inside the bucket."""
+    above = np.cumsum(hist[::-1])  # above[i] = count in buckets >= len-1-i
+    i = int(np.searchsorted(above, rank))  # first reverse index where the count reaches rank
+    bucket = len(hist) - 1 - i
+    before = int(above[i - 1]) if i > 0 else 0
+    return bucket, rank - before
+
+
+def merge_safetensors(
+    pretrained: str | os.PathLike,
+    finetuned: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    method: str = "task_arithmetic",
+    scale: float = 1.0,
+    weights: Sequence[float] | None = None,
+    density: float = 0.2,
+    merge: str = "mean",
+    exclude: Sequence[str] = (),
+) -> Path:
+    """Merges fine-tuned safetensors checkpoints of one base model, streaming tensor by tensor.
+
+    Args:
+      pretrained: the base model's file.
+      finetuned: T fine-tuned files with the same tensor names, shapes and dtypes.
+      out: the merged file (written as ``out.part`` and renamed when complete).
+      method: ``"task_arithmetic"`` (θ0 + scale·Σ_t τ_t), ``"average"`` (Σ_t w_t θ_t with
+        weights normalised to sum 1; uniform by default) or ``"ties"`` (global TIES with
+        ``density`` and ``merge`` in ``{"mean", "sum"}``, as :func:`cljax.merging.ties`).
+      scale: λ for task arithmetic and TIES.
+      weights: per-model weights for ``"average"``.
+      density: fraction of each task vector TIES keeps, in (0, 1].
+      merge: TIES disjoint merge, ``"mean"`` or ``"sum"``.
+      exclude: regexes of tensor names that keep the pretrained value (integer tensors
+        always do).
+
+    Returns:
+      The path of the merged file.
+
+    Raises:
+      ValueError: on an unknown method, bad hyperparameters, an empty model list, or files
+        whose tensors differ (the message names the file and the tensor).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"{method=} must be one of {_METHODS}")
+    if not finetuned:
+        raise ValueError("finetuned is empty; need at least one checkpoint to merge")
+    if method == "ties":
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"{density=} must be in (0, 1]")
+        if merge not in ("mean", "sum"):
+            raise ValueError(f"{merge=} must be 'mean' or 'sum'")
+    T = len(finetuned)
+    if method == "average":
+        w = np.full(T, 1.0 / T) if weights is None else np.asarray(weights, np.float64)
+        if w.shape != (T,) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(
+                f"weights={weights!r} must be {T} non-negative numbers with a positive sum"
+            )
+        w = w / w.sum()
+    rx = [re.compile(p) for p in exclude]
+
+    base = SafetensorsReader(pretrained)
+    models = [SafetensorsReader(f) for f in finetuned]
+    try:
+        names = base.keys()
+        for m in models:
+            if set(m.keys()) != set(names):
+                diff = sorted(set(m.keys()) ^ set(names))
+                raise ValueError(
+                    f"{m.path} and {base.path} hold different tensors, e.g. {diff[:5]}"
+                )
+            for n in names:
+                if m.shape(n) != base.shape(n) or m.dtype(n) != base.dtype(n):
+                    raise ValueError(
+                        f"{m.path}: tensor {n!r} is {m.shape(n)} {m.dtype(n)}, base has {base.shape(n)} {base.dtype(n)}"
+                    )
+        merged_names = [
+            n
+            for n in names
+            if np.issubdtype(base.dtype(n), np.floating) or base.dtype(n).kind == "V"
+        ]
+        merged_names = [n for n in merged_names if not any(r.search(n) for r in rx)]
+        merged = set(merged_names)
+
+        def deltas(n):
+            b = base.get(n).astype(np.float32)
+            return b, [m.get(n).astype(np.float32) - b for m in models]
+
+        if method == "ties":
+            thresholds = _ties_thresholds(merged_names, deltas, T, density)
+            majority = _ties_majority(merged_names, deltas, thresholds)
+
+        writer = SafetensorsWriter(
+            out, [(n, base.shape(n), base.dtype(n)) for n in names], base.metadata
+        )
+        for n in names:
+            if n not in merged:
+                writer.write(n, base.get(n))
+                continue
+            if method == "average":
+                acc = np.zeros(base.shape(n), np.float32)
+                for wt, m in zip(w, models, strict=True):
+                    acc += np.float32(wt) * m.get(n).astype(np.float32)
+                out_arr = acc
+            else:
+                b, taus = deltas(n)
+                if method == "task_arithmetic":
+                    out_arr = b + np.float32(scale) * np.sum(taus, axis=0, dtype=np.float32)
+                else:
+                    out_arr = b + np.float32(scale) * _ties_merge(taus, thresholds, majority, merge)
+            writer.write(n, out_arr.astype(base.dtype(n)))
+        return writer.close()
+    finally:
+        base.close()
+        for m in models:
+            m.close()
+
+
+def _ties_thresholds(names, deltas, T, density) -> np.ndarray:
+    total = 0
+    hist_hi = np.zeros((T, 1 << 16), np.int64)
+    for n in names:
+        _, taus = deltas(n)
+        total += taus[0].size
+        for t, tau in enumerate(taus):
+            bits = np.abs(tau).view(np.uint32).ravel()
+            hist_hi[t] += np.bincount(bits >> 16, minlength=1 << 16)
+    if total == 0:
+        return np.zeros(T, np.float32)
+    rank = _num_keep(total, density)
+    picks = [_select_bits(hist_hi[t], rank) for t in range(T)]
+    hist_lo = np.zeros((T, 1 << 16), np.int64)
+    for n in names:
+        _, taus = deltas(n)
+        for t, tau in enumerate(taus):
+            bits = np.abs(tau).view(np.uint32).ravel()
+            sel = bits[(bits >> 16) == picks[t][0]]
+            hist_lo[t] += np.bincount(sel & 0xFFFF, minlength=1 << 16)
+    out = np.empty(T, np.uint32)
+    for t in range(T):
+        lo, _ = _select_bits(hist_lo[t], picks[t][1])
+        out[t] = (picks[t][0] << 16) | lo
+    return out.view(np.float32)
+
+
+def _trim(taus, thresholds):
+    return [
+        np.where(np.abs(tau) >= thr, tau, np.float32(0))
+        for tau, thr in zip(taus, thresholds, strict=True)
+    ]
+
+
+def _ties_majority(names, deltas, thresholds) -> np.float32:
+    total = 0
+    for n in names:
+        _, taus = deltas(n)
+        total += int(np.sign(np.sum(_trim(taus, thresholds), axis=0)).sum())
+    return np.float32(np.sign(total))
+
+
+def _ties_merge(taus, thresholds, majority, merge) -> np.ndarray:
+    # Elected sign: that of the sum of trimmed values, the majority sign where the sum is 0.
+    # As in the reference code, an elected sign that is still 0 selects the negative values.
+    trimmed = np.stack(_trim(taus, thresholds))
+    sign = np.sign(trimmed.sum(axis=0))
+    sign = np.where(sign == 0, majority, sign)
+    agree = np.where(sign > 0, trimmed > 0, trimmed < 0)
+    picked = np.where(agree, trimmed, np.float32(0)).sum(axis=0)
+    if merge == "sum":
+        return picked
+    return picked / np.maximum(agree.sum(axis=0), 1).astype(np.float32)

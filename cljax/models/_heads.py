@@ -1,0 +1,132 @@
+"""Zero-shot classification heads from class names and prompt templates (METHODS §1.2).
+
+For each class, every template is filled with the class name and embedded by the
+*pre-trained* text encoder; the embeddings are L2-normalised, averaged, re-normalised and
+multiplied by the logit scale (100 for OpenAI CLIP). The head L2-normalises image features
+before its linear map and has no bias. Heads are frozen and never merged: always build them
+from the model you evaluate (METHODS §2.4, task_vectors#20).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["TEMPLATES", "head_logits", "zero_shot_head"]
+
+# A few prompt templates per dataset of the 8-task benchmark (and MTIL's extra datasets),
+# in the spirit of CLIP's prompt engineering. Pass your own list for exact reproductions.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "generic": ("a photo of a {}.", "a picture of a {}.", "an image of a {}."),
+    "cars": ("a photo of a {}.", "a photo of my {}.", "a photo of the {}, a type of car."),
+    "dtd": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} object."),
+    "eurosat": (
+        "a centered satellite photo of {}.",
+        "a satellite photo of {}.",
+        "an aerial view of {}.",
+    ),
+    "gtsrb": ('a zoomed in photo of a "{}" traffic sign.', 'a photo of a "{}" traffic sign.'),
+    "mnist": ('a photo of the number: "{}".', 'a picture of the digit "{}".'),
+    "resisc45": (
+        "satellite imagery of {}.",
+        "aerial imagery of {}.",
+        "a satellite photo of the {}.",
+    ),
+    "sun397": ("a photo of a {}.", "a photo of the {}, a type of scene."),
+    "svhn": ('a photo of the number: "{}".', 'a street sign showing the number "{}".'),
+    "aircraft": ("a photo of a {}, a type of aircraft.", "a photo of the {}, a type of plane."),
+    "caltech101": ("a photo of a {}.", "a painting of a {}."),
+    "cifar100": ("a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}."),
+    "flowers": ("a photo of a {}, a type of flower.",),
+    "food": ("a photo of {}, a type of food.",),
+    "pets": ("a photo of a {}, a type of pet.",),
+}
+
+
+def _check_templates(templates: Sequence[str]) -> None:
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"templates={templates!r} must be a non-empty sequence of strings")
+    for i, t in enumerate(templates):
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise ValueError(
+                f"templates[{i}]={t!r} must contain exactly one '{{}}' for the class name"
+            )
+
+
+def zero_shot_head(
+    encode_text: Callable[[list[str]], jax.Array],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    logit_scale: float = 100.0,
+    cache_dir: str | os.PathLike | None = None,
+    cache_key: str = "",
+) -> dict[str, jax.Array]:
+    """Builds a frozen linear head ``{"kernel": [D, C], "bias": [C]}`` from text embeddings.
+
+    Args:
+      encode_text: maps a list of strings to their embeddings ``[len, D]`` (tokenise and run
+        the pre-trained text tower + projection; for CLIP, ``CLIP.encode_text``).
+      classnames: the C class names.
+      templates: prompt templates, each with exactly one ``{}``.
+      logit_scale: multiplies the normalised class embeddings (``exp(logit_scale)`` of the
+        checkpoint; 100 for OpenAI CLIP).
+      cache_dir: if given, the head is stored there and reused by later calls with the same
+        ``cache_key``, class names, templates and scale.
+      cache_key: identifies the text encoder (e.g. the checkpoint name) in the cache.
+
+    Returns:
+      The head; apply it with :func:`head_logits`.
+
+    Raises:
+      ValueError: on an empty class list or a template without exactly one ``{}``.
+
+    Example::
+
+      head = zero_shot_head(lambda t: clip_text(tokenize(t)), ["cat", "dog"], TEMPLATES["generic"])
+      logits = head_logits(head, image_features)
+
+    References:
+      Radford et al., 2021; Ilharco et al., "Editing Models with Task Arithmetic", 2023.
+    """
+    _check_templates(templates)
+    classnames = list(classnames)
+    if not classnames:
+        raise ValueError("classnames is empty; a head needs at least one class")
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(
+            json.dumps([cache_key, classnames, list(templates), float(logit_scale)]).encode()
+        ).hexdigest()[:16]
+        path = Path(cache_dir) / f"head-{digest}.npz"
+        if path.is_file():
+            with np.load(path) as f:
+                return {"kernel": jnp.asarray(f["kernel"]), "bias": jnp.asarray(f["bias"])}
+    rows = []
+    for name in classnames:
+        emb = jnp.asarray(encode_text([t.format(name) for t in templates]), jnp.float32)
+        emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+        mean = emb.mean(axis=0)
+        rows.append(mean / jnp.linalg.norm(mean))
+    kernel = logit_scale * jnp.stack(rows, axis=1)
+    head = {"kernel": kernel, "bias": jnp.zeros((len(classnames),), jnp.float32)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part.npz")
+        np.savez(tmp, kernel=np.asarray(kernel), bias=np.asarray(head["bias"]))
+        os.replace(tmp, path)
+    return head
+
+
+def head_logits(head: dict[str, jax.Array], features: jax.Array) -> jax.Array:
+    """Logits of a zero-shot head: L2-normalise the image features, then the linear map."""
+    f = features.astype(jnp.float32)
+    f = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+    return f @ head["kernel"] + head["bias"]

@@ -1,0 +1,59 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cljax.models import clip
+
+
+def _encoder(rng, dim=6):
+    table = {}
+
+    def encode(texts):
+        out = []
+        for t in texts:
+            if t not in table:
+                table[t] = rng.normal(size=dim)
+            out.append(table[t])
+        return jnp.asarray(np.stack(out), jnp.float32)
+
+    encode.table = table
+    encode.calls = 0
+    return encode
+
+
+def test_head_matches_slow_reference(rng):
+    enc = _encoder(rng)
+    classes, templates = ["cat", "dog", "eel"], ["a {}.", "the {} here.", "{}!"]
+    head = clip.zero_shot_head(enc, classes, templates, logit_scale=100.0)
+    assert head["kernel"].shape == (6, 3)
+    for j, c in enumerate(classes):
+        rows = [enc.table[t.format(c)] / np.linalg.norm(enc.table[t.format(c)]) for t in templates]
+        m = np.mean(rows, axis=0)
+        np.testing.assert_allclose(head["kernel"][:, j], 100 * m / np.linalg.norm(m), rtol=1e-5)
+    feats = rng.normal(size=(4, 6)).astype(np.float32)
+    want = (feats / np.linalg.norm(feats, axis=1, keepdims=True)) @ np.asarray(head["kernel"])
+    np.testing.assert_allclose(clip.head_logits(head, jnp.asarray(feats)), want, rtol=1e-5)
+
+
+def test_head_cache(rng, tmp_path):
+    enc = _encoder(rng)
+    calls = []
+    counting = lambda t: calls.append(len(t)) or enc(t)
+    a = clip.zero_shot_head(counting, ["a", "b"], ["x {}"], cache_dir=tmp_path, cache_key="m")
+    n = len(calls)
+    b = clip.zero_shot_head(counting, ["a", "b"], ["x {}"], cache_dir=tmp_path, cache_key="m")
+    assert len(calls) == n  # second call read the cache
+    np.testing.assert_array_equal(a["kernel"], b["kernel"])
+    clip.zero_shot_head(counting, ["a", "b"], ["x {}"], cache_dir=tmp_path, cache_key="other")
+    assert len(calls) > n
+
+
+def test_head_bad_input(rng):
+    enc = _encoder(rng)
+    with pytest.raises(ValueError, match=r"templates\[1\]"):
+        clip.zero_shot_head(enc, ["a"], ["ok {}", "no placeholder"])
+    with pytest.raises(ValueError, match="classnames is empty"):
+        clip.zero_shot_head(enc, [], ["{}"])
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        clip.zero_shot_head(enc, ["a"], "a {}")
+    assert all(t.count("{}") == 1 for ts in clip.TEMPLATES.values() for t in ts)
