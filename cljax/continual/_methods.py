@@ -78,15 +78,22 @@ class EWC(Method):
         pen = cl_losses.ewc_penalty(params, mstate, strength=self.strength)
         return pen, {"penalty": pen}
 
+    def _nll(self, apply_fn):
+        # One function object per apply_fn, so the Fisher's jitted program is reused.
+        cache = self.__dict__.setdefault("_nll_cache", {})
+        if apply_fn not in cache:
+
+            def nll(p, ex):
+                z = apply_fn(p, ex["x"][None])[0]
+                z = jnp.where(ex["mask"], z.astype(jnp.float32), _NEG)
+                return -jax.nn.log_softmax(z)[ex["y"]]
+
+            cache[apply_fn] = nll
+        return cache[apply_fn]
+
     def end_task(self, state: TrainState, ctx: TaskContext) -> TrainState:
         b = ctx.train_batch(self.fisher_samples)
-        apply_fn = ctx.apply_fn
-
-        def nll(p, ex):
-            z = apply_fn(p, ex["x"][None])[0]
-            z = jnp.where(ex["mask"], z.astype(jnp.float32), _NEG)
-            return -jax.nn.log_softmax(z)[ex["y"]]
-
+        nll = self._nll(ctx.apply_fn)
         n = len(b["y"])
         examples = {
             "x": b["x"],

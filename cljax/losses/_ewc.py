@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,6 +19,17 @@ class EWCState(NamedTuple):
 
     anchor: ct.Params
     fisher: ct.Params
+
+
+@functools.lru_cache(maxsize=32)
+def _squared_grads(nll_fn):
+    """Jitted sum over a chunk of squared per-example gradients (cached per ``nll_fn``)."""
+    return jax.jit(
+        lambda p, ex: jax.tree.map(
+            lambda g: jnp.sum(g.astype(jnp.float32) ** 2, 0),
+            jax.vmap(jax.grad(nll_fn), in_axes=(None, 0))(p, ex),
+        )
+    )
 
 
 def diagonal_fisher(
@@ -56,12 +68,7 @@ def diagonal_fisher(
     chunk = n if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"diagonal_fisher: {chunk_size=} must be >= 1")
-    sq = jax.jit(
-        lambda p, ex: jax.tree.map(
-            lambda g: jnp.sum(g.astype(jnp.float32) ** 2, 0),
-            jax.vmap(jax.grad(nll_fn), in_axes=(None, 0))(p, ex),
-        )
-    )
+    sq = _squared_grads(nll_fn)
     total = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
     for s in range(0, n, chunk):
         part = sq(params, jax.tree.map(lambda x, s=s: x[s : s + chunk], examples))
