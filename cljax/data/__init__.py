@@ -1,5 +1,6 @@
-"""Tasks and benchmarks: bundled offline sources (no downloads)."""
+"""Tasks and benchmarks: bundled offline sources (no downloads) and TFDS datasets."""
 
+from cljax.data._continual import permuted_mnist, rotated_mnist, split_mnist
 from cljax.data._sources import load_digits, load_mnist1d, load_mnist5k
 from cljax.data._task import Task, split_train_val
 from cljax.data._tfds import DATASETS, TFDSTask, clip_preprocess, tfds_task
@@ -7,11 +8,14 @@ from cljax.data._tfds import DATASETS, TFDSTask, clip_preprocess, tfds_task
 __all__ = [
     "DATASETS",
     "TFDSTask",
-    "clip_preprocess",
-    "tfds_task",
     "Task",
+    "clip_preprocess",
     "load_digits",
     "load_mnist1d",
     "load_mnist5k",
+    "permuted_mnist",
+    "rotated_mnist",
+    "split_mnist",
     "split_train_val",
+    "tfds_task",
 ]
