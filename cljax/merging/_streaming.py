@@ -136,12 +136,16 @@ def merge_safetensors(
                 for wt, m in zip(w, models, strict=True):
                     acc += np.float32(wt) * m.get(n).astype(np.float32)
                 out_arr = acc
+            elif method == "task_arithmetic":  # a running sum: three tensors in memory
+                b = base.get(n).astype(np.float32)
+                acc = np.zeros_like(b)
+                for m in models:
+                    acc += m.get(n).astype(np.float32)
+                    acc -= b
+                out_arr = b + np.float32(scale) * acc
             else:
                 b, taus = deltas(n)
-                if method == "task_arithmetic":
-                    out_arr = b + np.float32(scale) * np.sum(taus, axis=0, dtype=np.float32)
-                else:
-                    out_arr = b + np.float32(scale) * _ties_merge(taus, thresholds, majority, merge)
+                out_arr = b + np.float32(scale) * _ties_merge(taus, thresholds, majority, merge)
             writer.write(n, out_arr.astype(base.dtype(n)))
         return writer.close()
     finally:
