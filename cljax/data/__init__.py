@@ -1,5 +1,6 @@
 """Tasks and benchmarks: bundled offline sources (no downloads) and TFDS datasets."""
 
+from cljax.data._benchmarks import MergingBenchmark, merging_benchmark
 from cljax.data._continual import permuted_mnist, rotated_mnist, split_mnist
 from cljax.data._sources import load_digits, load_mnist1d, load_mnist5k
 from cljax.data._task import Task, split_train_val
@@ -7,12 +8,14 @@ from cljax.data._tfds import DATASETS, TFDSTask, clip_preprocess, tfds_task
 
 __all__ = [
     "DATASETS",
+    "MergingBenchmark",
     "TFDSTask",
     "Task",
     "clip_preprocess",
     "load_digits",
     "load_mnist1d",
     "load_mnist5k",
+    "merging_benchmark",
     "permuted_mnist",
     "rotated_mnist",
     "split_mnist",

@@ -1,6 +1,12 @@
-"""Flax models."""
+"""Flax (linen) models: ``num_classes=None`` gives the encoder, an int adds a ``head``.
+
+CLIP (Hugging Face layout, converters, zero-shot heads) is in :mod:`cljax.models.clip`.
+"""
 
 from cljax.models import clip
 from cljax.models._clip import CLIP, CLIPImageEncoder, clip_config
+from cljax.models._lenet import LeNet
+from cljax.models._mlp import MLP
+from cljax.models._vit import ViT
 
-__all__ = ["CLIP", "CLIPImageEncoder", "clip", "clip_config"]
+__all__ = ["CLIP", "MLP", "CLIPImageEncoder", "LeNet", "ViT", "clip", "clip_config"]
