@@ -1,0 +1,104 @@
+"""A small continual run for tests/test_resume.py: ``python tests/_resume_child.py OUT [--kill-in-save N]``.
+
+Three Permuted-MNIST-like tasks, an MLP, GPM (so projection memories are in the checkpoints),
+checkpoints at every task boundary under OUT/ckpt; writes OUT/results.json with the accuracy
+matrix and a fingerprint of the final train state. ``--kill-in-save N`` SIGKILLs the process
+inside the N-th checkpoint write (after the arrays are on disk, before the atomic rename), once
+per OUT folder.
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cljax import checkpoint as ckpt_mod
+from cljax import continual as cl
+from cljax import projection as pj
+from cljax.checkpoint import tree_fingerprint
+from cljax.data import Task
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(32, use_bias=False)(x))
+        return nn.Dense(4, use_bias=False)(x)
+
+
+def tasks():
+    rs = np.random.default_rng(0)
+    x = rs.normal(size=(400, 16)).astype(np.float32)
+    w = rs.normal(size=(16, 4))
+    y = np.argmax(x @ w, axis=1).astype(np.int32)
+    out = []
+    for t in range(3):
+        perm = np.random.default_rng(t + 1).permutation(16)
+        xt = x[:, perm]
+        out.append(
+            Task(
+                f"t{t}",
+                tuple("abcd"),
+                xt[:300],
+                y[:300],
+                xt[300:350],
+                y[300:350],
+                xt[350:],
+                y[350:],
+            )
+        )
+    return out
+
+
+def main():
+    out = Path(sys.argv[1])
+    kill_at = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] == "--kill-in-save" else 0
+    flag = out / "killed-in-save"
+    if kill_at and not flag.exists():
+        calls = {"n": 0}
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if str(dst).endswith("manifest.json"):
+                calls["n"] += 1
+                if calls["n"] == kill_at:
+                    flag.parent.mkdir(parents=True, exist_ok=True)
+                    flag.touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst)
+
+        ckpt_mod.os.replace = replace  # only inside cljax.checkpoint
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
+    record = jax.jit(lambda p, x: pj.record_layer_inputs(model, {"params": p}, x))
+    result = cl.run_sequence(
+        tasks(),
+        apply_fn=lambda p, x: model.apply({"params": p}, x),
+        params=params,
+        optimizer=optax.adam(3e-3),
+        steps_per_task=40,
+        batch_size=16,
+        methods=[cl.GPM([(r"Dense_0/kernel", True)], record, threshold=0.95, num_samples=64)],
+        scenario="domain",
+        checkpoint_dir=out / "ckpt",
+        seed=3,
+    )
+    res = {
+        "accuracy": np.asarray(result.accuracy).tolist(),
+        "metrics": {k: float(v) for k, v in result.metrics.items()},
+        "state": tree_fingerprint(result.state.params),
+        "opt_state": tree_fingerprint(result.state.opt_state),
+    }
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
