@@ -259,8 +259,8 @@ def _naive_compose(params, tvs, coefs, spec, masks):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"groups": [QKV]}, {"partitions": 3, "partition_scope": "all", "groups": [QKV]}],
-    ids=["per_leaf", "groups", "partitions"],
+    [{"groups": [QKV]}, {"partitions": 3, "partition_scope": "all", "groups": [QKV]}],
+    ids=["blockwise", "partitions"],
 )
 def test_custom_gradient_matches_autodiff_float64(rng, kwargs):
     with jax.enable_x64(True):
