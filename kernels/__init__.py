@@ -13,6 +13,7 @@ Triton lowering, TPU through Mosaic; interpret mode on the CPU), and a dispatche
 
 from cljax.kernels._block_dots import block_dots, block_dots_leaf
 from cljax.kernels._dispatch import BlockSizes
+from cljax.kernels._dispatch import resolve as resolve_implementation
 from cljax.kernels._ties_merge import kth_largest_magnitude, ties
 from cljax.kernels._weighted_sum import weighted_sum, weighted_sum_leaf
 
@@ -21,6 +22,7 @@ __all__ = [
     "block_dots",
     "block_dots_leaf",
     "kth_largest_magnitude",
+    "resolve_implementation",
     "ties",
     "weighted_sum",
     "weighted_sum_leaf",

@@ -89,7 +89,19 @@ class BlockSizes:
 
 
 def resolve(implementation: str | None, *, where: str) -> str:
-    """``None`` -> ``"pallas"`` on GPU/TPU and ``"xla"`` on the CPU; checks the name."""
+    """The implementation an op runs: ``None`` -> ``"pallas"`` on GPU/TPU, ``"xla"`` on the CPU.
+
+    Args:
+      implementation: ``None``, ``"xla"`` or ``"pallas"`` (``"pallas"`` on the CPU runs
+        the kernels in interpret mode: slow, for tests).
+      where: the calling function, named in the error.
+
+    Returns:
+      ``"xla"`` or ``"pallas"``.
+
+    Raises:
+      ValueError: for any other value.
+    """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"{implementation=} must be one of None, 'xla', 'pallas' (in {where})")
     if implementation is None:

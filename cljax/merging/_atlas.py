@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cljax import kernels
 from cljax import tree as ct
 from cljax.losses._entropy import entropy_loss, pseudo_label_loss
 from cljax.train import TrainState, make_step
@@ -508,6 +509,7 @@ def compose(
     spec: Blocks | None = None,
     *,
     masks: Sequence[Any] | None = None,
+    implementation: str | None = None,
 ) -> Params:
     """Composes θ_b = θ0_b + Σ_t Λ[t, b] · τ_{t, b} for every block b.
 
@@ -532,6 +534,9 @@ def compose(
       masks: for partitioned layouts, the output of :func:`partition_masks` (computed here
         when omitted; pass it explicitly under ``jit`` for large models, or the masks become
         constants of the compiled program).
+      implementation: ``None`` (the Pallas kernels of :mod:`cljax.kernels` on GPU/TPU: a
+        fused ``weighted_sum`` forward whose coefficient gradient is the one-pass
+        ``block_dots``; this XLA code on the CPU), ``"xla"`` or ``"pallas"``.
 
     Returns:
       The composed parameters, with the structure and dtypes of ``pretrained``.
@@ -577,6 +582,7 @@ def compose(
             raise ValueError(f"masks has {len(masks)} entries for {len(leaves)} leaves")
     tv_leaves = jax.tree.leaves(tvs)
     names = spec.names
+    impl = kernels.resolve_implementation(implementation, where="atlas.compose")
     out = []
     for i, ((_, x), tau, b) in enumerate(zip(leaves, tv_leaves, spec.block_of, strict=True)):
         if b < 0:
@@ -584,7 +590,10 @@ def compose(
             continue
         lam = flat[names[b]]
         x = jnp.asarray(x)
-        if spec.partitioned[b]:
+        if impl == "pallas":
+            m = jnp.asarray(masks[i]) if spec.partitioned[b] else None
+            out.append(kernels.weighted_sum_leaf(x, tau, lam, m, implementation="pallas"))
+        elif spec.partitioned[b]:
             out.append(_partitioned_op(spec.partitions)(x, tau, lam, jnp.asarray(masks[i])))
         else:
             out.append(_UNPARTITIONED_OP(x, tau, lam, None))

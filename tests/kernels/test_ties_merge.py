@@ -134,3 +134,21 @@ def test_errors(rng):
         kernels.kth_largest_magnitude(tvs, 0)
     with pytest.raises(ValueError, match="shape mismatch at path 'b'"):
         kernels.ties(base, {**tvs, "b": jnp.ones((2, 8))})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_equals_merging_reference(rng, dtype):
+    """cljax.merging.ties (global scope): the Pallas path equals its own XLA code exactly."""
+    from cljax.merging import ties
+
+    base = tree(rng, dtype=dtype)
+    base["step"] = jnp.asarray(3, jnp.int32)  # integer leaves pass through
+    tvs = {**tree(rng, (4,), dtype=dtype, scale=0.1), "step": jnp.zeros((4,), jnp.int32)}
+    rules = [("^b$", False)]  # an excluded leaf keeps θ0 and does not count in N
+    kw = dict(density=0.3, scale=1.1, merge="mean", rules=rules)
+    got = ties(base, tvs, implementation="pallas", **kw)
+    want = ties(base, tvs, implementation="xla", **kw)
+    chex.assert_trees_all_equal_dtypes(got, want)
+    tol = TOL[np.dtype(dtype)]
+    chex.assert_trees_all_close(got, want, rtol=tol / 10, atol=tol / 10)
+    np.testing.assert_array_equal(got["b"], base["b"])
