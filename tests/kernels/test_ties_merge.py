@@ -68,13 +68,17 @@ def test_matches_numpy(rng, bs, dtype, num_tasks, merge, density):
         )
     )
     got = fn(base, tvs, scale)
-    ref = kernels.ties(base, tvs, density=density, scale=scale, merge=merge, implementation="xla")
     want = _np_ties(base, tvs, density, scale, merge)
     tol = TOL[np.dtype(dtype)]
     for n in SHAPES:
         assert got[n].dtype == dtype and got[n].shape == SHAPES[n]
         np.testing.assert_allclose(np.asarray(got[n], np.float64), want[n], rtol=tol, atol=tol)
-        np.testing.assert_allclose(np.asarray(ref[n], np.float64), want[n], rtol=tol, atol=tol)
+    if dtype == np.float32:  # the XLA reference too (once: each compilation costs seconds)
+        ref = kernels.ties(
+            base, tvs, density=density, scale=scale, merge=merge, implementation="xla"
+        )
+        for n in SHAPES:
+            np.testing.assert_allclose(np.asarray(ref[n], np.float64), want[n], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -100,7 +104,7 @@ _BS = {"xla": None, "pallas": _dispatch.BlockSizes(rows=32, min_rows=32)}
 @pytest.mark.parametrize("bs", where_params())
 def test_every_output_entry_is_written(rng, bs):
     bs = _dispatch.block_sizes_or_default(bs)
-    num_tasks, shape = 5, SHAPES["w"]
+    num_tasks, shape = 2, SHAPES["w"]
     tl = _dispatch.tiling(int(np.prod(shape)), bs)
     assert tl.padded and tl.num_blocks > 1
     base = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -136,7 +140,7 @@ def test_errors(rng):
         kernels.ties(base, {**tvs, "b": jnp.ones((2, 8))})
 
 
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [np.float32])  # both histogram passes
 def test_equals_merging_reference(rng, dtype):
     """cljax.merging.ties (global scope): the Pallas path equals its own XLA code exactly."""
     from cljax.merging import ties
