@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check of cljax.kernels: the GPU kernel tests and the full-size benchmark.
-# Run once from the repository root on a machine with a GPU and jax[cuda] installed
-# (nothing is installed or downloaded here):
+# Run once from the repository root on a machine with a GPU and jax[cuda], pytest and chex
+# installed (nothing is downloaded; cljax itself is installed editable, without dependencies):
 #   OUT=/some/dir bash experiments/benchmarks/gpu_check.sh
 # Writes $OUT/env.txt, $OUT/pytest_gpu.txt, $OUT/pytest_interpret.txt, $OUT/kernels_bench.md
 # and $OUT/results.json. Budget: ~2 min of tests + ~4 min of benchmark on an H100.
@@ -9,13 +9,21 @@ set -u
 OUT="${OUT:-runs/gpu_check}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
-export CLJAX_NO_PROGRESS=1 PYTHONPATH="${PYTHONPATH:-}:$(pwd)"
+export CLJAX_NO_PROGRESS=1
+
+# cljax.kernels lives in kernels/ and is mapped by setup.cfg: an editable install from the
+# working tree (no dependencies, no build isolation: nothing is fetched) makes it importable.
+if ! "$PY" -c "import cljax.kernels" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.txt" 2>&1 \
+    || echo "editable install failed: see $OUT/pip.txt"
+fi
 
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
   "$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__); print(jax.devices())"
-  "$PY" -c "import cljax.kernels" 2>&1 || echo "cljax not importable: pip install -e . --no-deps first"
+  "$PY" -c "import cljax.kernels; print('cljax.kernels importable')" 2>&1
+  "$PY" -c "import pytest, chex; print('pytest', pytest.__version__)" 2>&1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 

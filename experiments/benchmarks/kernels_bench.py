@@ -5,6 +5,8 @@ vectors T, it reports the bytes the op must move, the median time after warm-up,
 GB/s, and that bandwidth as a fraction of the copy bandwidth measured in the same run
 (``y = x + 1`` on an array as large as the stacked task vectors: read + write). The XLA
 reference and the Pallas kernel run on the same device; ``speedup`` is XLA time / Pallas time.
+``--implementations merging`` adds the XLA code of ``cljax.merging`` (``task_arithmetic``, and
+``ties`` with its bracket-search threshold) for comparison.
 
 Shapes are those of the CLIP image encoders (open_clip layout: packed qkv): ViT-B/32
 (87.8M parameters) and ViT-L/14 (303.2M); ``--layers`` keeps only the first residual blocks
@@ -67,7 +69,7 @@ class Config:
 PRESETS = {
     "default": Config(),
     "tiny": Config(models=("vit-b32",), tasks=(2,), layers=1, repeats=2),
-    "gpu": Config(layers=0, implementations=("xla", "pallas"), warmup=3, repeats=20),
+    "gpu": Config(layers=0, implementations=("xla", "pallas", "merging"), warmup=3, repeats=20),
 }
 
 
@@ -117,6 +119,14 @@ def _inputs(shapes, num_tasks, seed):
 
 
 def _op_fn(op: str, impl: str):
+    if impl == "merging":  # the XLA code of cljax.merging, for comparison
+        from cljax import merging
+
+        if op == "weighted_sum":
+            return jax.jit(lambda th, tv, c, g: merging.task_arithmetic(th, tv, 0.3))
+        if op == "ties":
+            return lambda th, tv, c, g: merging.ties(th, tv, density=0.2, implementation="xla")
+        return None
     if op == "weighted_sum":
         return jax.jit(lambda th, tv, c, g: kernels.weighted_sum(th, tv, c, implementation=impl))
     if op == "block_dots":
@@ -155,6 +165,8 @@ def run(cfg: Config) -> list[dict]:
             times = {}
             for impl in cfg.implementations:
                 f = _op_fn(op, impl)
+                if f is None:
+                    continue
                 times[impl] = _common.median_time(
                     lambda f=f: jax.block_until_ready(f(theta0, tvs, coeffs, grads)),
                     warmup=cfg.warmup,
