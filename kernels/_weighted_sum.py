@@ -170,15 +170,18 @@ def _op(impl: str, bs: BlockSizes, num_groups: int | None):
             groups,
             jnp.zeros((0,), b.dtype) if base is not None and base.perturbed else None,
             jnp.zeros((0,), tau.value.dtype) if tau.perturbed else None,
+            coeffs.perturbed,
         )
         return out, res
 
     def bwd(res, g):
-        tau, coeffs, groups, base_flag, tau_flag = res
+        tau, coeffs, groups, base_flag, tau_flag, c_perturbed = res
         if isinstance(g, SymbolicZero):
             g = jnp.zeros(tau.shape[1:], g.aval.dtype)
-        # dL/dc[t, k] = <g, τ_t> over the entries of group k: the block_dots kernel.
-        dc = _block_dots._forward(g, tau, groups, num_groups, impl, bs).astype(coeffs.dtype)
+        dc = None
+        if c_perturbed:  # dL/dc[t, k] = <g, τ_t> over the entries of group k: block_dots
+            dc = _block_dots._forward(g, tau, groups, num_groups, impl, bs)
+            dc = dc.astype(coeffs.dtype)
         dbase = None if base_flag is None else g.astype(base_flag.dtype)
         dtau = None
         if tau_flag is not None:  # exact, but T copies of the leaf: only when asked for
