@@ -286,8 +286,8 @@ def weighted_sum(
     Args:
       base: θ0 (any pytree of arrays), or ``None`` for Σ_t c[t, b]·τ_t alone.
       task_vectors: T task vectors, stacked (leading axis T) or a list of trees.
-      coefficients: one ``[T]`` array shared by every leaf (task arithmetic: ``λ·ones(T)``),
-        or a tree of θ0's structure with a ``[T]`` (or ``[T, K]`` with groups) array per
+      coefficients: a scalar λ (task arithmetic: every task and leaf), one ``[T]`` array
+        shared by every leaf, or a tree of θ0's structure with a ``[T]`` (or ``[T, K]`` with groups) array per
         leaf (aTLAS).
       groups: optional, per leaf in flattening order, integer group ids of the leaf's shape
         or ``None``; leaves with group ids need ``[T, K]`` coefficients.
@@ -316,6 +316,8 @@ def weighted_sum(
     else:
         base_leaves = [None] * len(tv_leaves)
     like = tvs if base is None else base
+    if isinstance(coefficients, int | float) or getattr(coefficients, "ndim", None) == 0:
+        coefficients = jnp.full((t,), coefficients, jnp.float32)  # one λ for every task
     if hasattr(coefficients, "shape") and hasattr(coefficients, "dtype"):
         c_leaves = [jnp.asarray(coefficients)] * len(tv_leaves)  # one [T] for every leaf
     else:

@@ -142,6 +142,9 @@ def test_list_of_trees_and_structure_errors(rng):
         kernels.weighted_sum(base, tvs, c),
         kernels.weighted_sum(base, jax.tree.map(lambda *x: jnp.stack(x), *tvs), c),
     )
+    chex.assert_trees_all_close(  # a scalar λ: the same coefficient for every task
+        kernels.weighted_sum(base, tvs, 0.4), kernels.weighted_sum(base, tvs, jnp.full(2, 0.4))
+    )
     with pytest.raises(ValueError, match="shape mismatch at path 'w'"):
         kernels.weighted_sum(base, {**tree(rng, (2,)), "w": jnp.ones((2, 3))}, c)
     with pytest.raises(ValueError, match=r"coefficients of shape \(3,\), expected \(2,\)"):
