@@ -1,3 +1,29 @@
-"""Pallas kernels for the hot loops of weight space, imported as ``cljax.kernels``."""
+"""Pallas kernels for the hot loops of weight space, imported as ``cljax.kernels``.
 
-__all__: list[str] = []
+Each op has a pure-jnp reference (the default on the CPU), a Pallas kernel (GPU through the
+Triton lowering, TPU through Mosaic; interpret mode on the CPU), and a dispatcher
+``implementation=None | "xla" | "pallas"``:
+
+* :func:`weighted_sum` — θ0 + Σ_t c[t, b]·τ_t (task arithmetic, soups, aTLAS composition),
+  differentiable (its coefficient gradient is :func:`block_dots`);
+* :func:`block_dots` — ``<g_b, τ_t,b>`` for all T in one pass over g (aTLAS gradients);
+* :func:`ties` — TIES-merging with the global magnitude threshold found by histogram
+  selection (:func:`kth_largest_magnitude`) and the elect + disjoint-merge pass fused.
+"""
+
+from cljax.kernels._block_dots import block_dots, block_dots_leaf
+from cljax.kernels._dispatch import BlockSizes
+from cljax.kernels._dispatch import resolve as resolve_implementation
+from cljax.kernels._ties_merge import kth_largest_magnitude, ties
+from cljax.kernels._weighted_sum import weighted_sum, weighted_sum_leaf
+
+__all__ = [
+    "BlockSizes",
+    "block_dots",
+    "block_dots_leaf",
+    "kth_largest_magnitude",
+    "resolve_implementation",
+    "ties",
+    "weighted_sum",
+    "weighted_sum_leaf",
+]

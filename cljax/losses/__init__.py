@@ -1,14 +1,18 @@
-"""cljax.losses (in progress)."""
+"""Loss terms added to the task loss: anchors, EWC, distillation (LwF, ZSCL), entropy."""
 
 from cljax.losses._anchor import l2_anchor
+from cljax.losses._entropy import entropy, entropy_loss, pseudo_label_loss
 from cljax.losses._ewc import EWCState, diagonal_fisher, ewc_penalty, ewc_update
 from cljax.losses._lwf import lwf_distillation
 
 __all__ = [
     "EWCState",
     "diagonal_fisher",
+    "entropy",
+    "entropy_loss",
     "ewc_penalty",
     "ewc_update",
     "l2_anchor",
     "lwf_distillation",
+    "pseudo_label_loss",
 ]

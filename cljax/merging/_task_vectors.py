@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from cljax import kernels
 from cljax import tree as ct
 from cljax.merging import _common
 
@@ -98,6 +99,7 @@ def task_arithmetic(
     scale: ArrayLike = 1.0,
     *,
     rules: ct.Rules | None = None,
+    implementation: str | None = None,
 ):
     """Multi-task model by task arithmetic: θ = θ_0 + λ·Σ_t τ_t.
 
@@ -112,6 +114,8 @@ def task_arithmetic(
       rules: optional path rules ``[(regex, bool), ...]`` selecting the merged leaves;
         excluded and integer leaves keep the value of ``pretrained`` (e.g. ``[("head",
         False)]`` keeps the heads).
+      implementation: ``None`` (the Pallas kernel :func:`cljax.kernels.weighted_sum` on
+        GPU/TPU, this XLA code on the CPU), ``"xla"`` or ``"pallas"``.
 
     Returns:
       The merged tree, with the structure and dtypes of ``pretrained``; the sum is
@@ -129,6 +133,13 @@ def task_arithmetic(
     ts = _common.read_task_set(task_vectors, pretrained)
     mask = tuple(_common.participating(pretrained, rules))
     pre, treedef = jax.tree.flatten(pretrained)
+    if kernels.resolve_implementation(implementation, where="task_arithmetic") == "pallas":
+        c = jnp.full((ts.num_tasks,), scale, jnp.float32)
+        out = [
+            kernels.weighted_sum_leaf(p, ts.stacked(i), c, implementation="pallas") if m else p
+            for i, (p, m) in enumerate(zip(pre, mask, strict=True))
+        ]
+        return jax.tree.unflatten(treedef, out)
     out = _task_arithmetic_core(pre, ts.leaves, scale, mask=mask, num_tasks=ts.num_tasks)
     return jax.tree.unflatten(treedef, out)
 

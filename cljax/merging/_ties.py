@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from cljax import kernels
 from cljax import tree as ct
 from cljax.merging import _common, _kth
 
@@ -28,6 +29,7 @@ def ties(
     scope: str = "global",
     rules: ct.Rules | None = None,
     check_finite: bool = False,
+    implementation: str | None = None,
 ):
     """TIES-merging of T task vectors into θ = θ_0 + λ·τ_m.
 
@@ -55,6 +57,9 @@ def ties(
       rules: optional path rules ``[(regex, bool), ...]``; excluded and integer leaves keep
         the value of ``pretrained`` and do not count in N.
       check_finite: raise if an input holds NaN/Inf (needs concrete arrays: not under jit).
+      implementation: ``None`` (the Pallas path :func:`cljax.kernels.ties` on GPU/TPU, this
+        XLA code on the CPU), ``"xla"`` or ``"pallas"``. The Pallas path serves
+        ``scope="global"``; ``scope="leaf"`` always runs this XLA code.
 
     Returns:
       The merged tree with the structure and dtypes of ``pretrained`` (float32 arithmetic).
@@ -87,6 +92,21 @@ def ties(
         ks = (_common.keep_count(density, sum(sizes)),)
     else:
         ks = tuple(_common.keep_count(density, n) for n in sizes)
+    impl = kernels.resolve_implementation(implementation, where="ties")
+    if impl == "pallas" and scope == "global":
+        idx = [i for i, m in enumerate(mask) if m]
+        merged = kernels.ties(  # dicts keyed by leaf index: a top-level list means T trees
+            {i: pre[i] for i in idx},
+            {i: ts.stacked(i) for i in idx},
+            density=density,
+            scale=scale,
+            merge=merge,
+            implementation="pallas",
+        )
+        out = list(pre)
+        for i in idx:
+            out[i] = merged[i]
+        return jax.tree.unflatten(treedef, out)
     out = _ties_core(pre, ts.leaves, scale, mask=mask, num_tasks=ts.num_tasks, ks=ks, merge=merge)
     return jax.tree.unflatten(treedef, out)
 

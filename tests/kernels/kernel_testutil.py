@@ -1,0 +1,33 @@
+"""Shared inputs of the kernel tests (imported by the test modules beside it)."""
+
+import jax
+import numpy as np
+import pytest
+
+from cljax.kernels import BlockSizes
+
+# Interpret mode costs milliseconds per grid step: few, large blocks on the CPU.
+INTERPRET_BLOCKS = BlockSizes(rows=64, min_rows=64)
+
+# (300, 130): 305 rows -> padded to 5 blocks of 64; (7,): one padded block. (Leaves whose
+# size is a multiple of the block need no padding: tested in test_dispatch.py.) Keys are in
+# flattening order, so per-leaf lists (group ids) line up with ``SHAPES``.
+SHAPES = {"b": (7,), "w": (300, 130)}
+
+TOL = {np.dtype("float32"): 1e-5, np.dtype(jax.numpy.bfloat16): 2e-2}
+
+
+def where_params():
+    """Run each kernel test in interpret mode on the CPU, and natively on a GPU when present."""
+    return [
+        pytest.param(INTERPRET_BLOCKS, id="interpret"),
+        pytest.param(None, id="gpu", marks=pytest.mark.gpu),
+    ]
+
+
+def tree(rng, lead=(), dtype=np.float32, scale=1.0):
+    """A dict of random leaves of SHAPES (with leading axes ``lead``), never zeros."""
+    return {
+        k: jax.numpy.asarray(scale * rng.normal(size=lead + s) + 0.01, dtype)
+        for k, s in SHAPES.items()
+    }

@@ -1,0 +1,158 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_testutil import SHAPES, TOL, tree, where_params
+
+from cljax import kernels
+from cljax.kernels import _dispatch, _ties_merge
+
+
+def _np_ties(base, tvs, density, scale, merge):
+    """Independent reference: numpy, a full sort for each task's threshold, float64 sums."""
+    names = list(SHAPES)
+    t = tvs[names[0]].shape[0]
+    flat = np.concatenate([np.asarray(tvs[n], np.float64).reshape(t, -1) for n in names], 1)
+    n = flat.shape[1]
+    k = max(1, min(n, int(np.floor(density * n + 0.5))))
+    thr = np.sort(np.abs(flat), axis=1)[:, n - k][:, None]  # the k-th largest magnitude
+    trimmed = np.where(np.abs(flat) >= thr, flat, 0.0)
+    elected = np.sign(trimmed.sum(0))
+    majority = np.sign(np.sign(trimmed.sum(0)).sum())
+    gamma = np.where(elected == 0, majority, elected)
+    agree = np.where(gamma > 0, trimmed > 0, trimmed < 0)
+    num = np.where(agree, trimmed, 0.0).sum(0)
+    merged = num / np.maximum(agree.sum(0), 1) if merge == "mean" else num
+    out, start = {}, 0
+    for name in names:
+        size = int(np.prod(SHAPES[name]))
+        b = np.asarray(base[name], np.float64).reshape(-1)
+        out[name] = (b + scale * merged[start : start + size]).reshape(SHAPES[name])
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_kth_largest_matches_sort(rng, dtype):
+    """Exact, ties included: values drawn from a small set repeat many times."""
+    num_tasks = 4
+    tvs = tree(rng, (num_tasks,), dtype=dtype)
+    tvs["b"] = jnp.asarray(rng.integers(-3, 4, size=(num_tasks, 7)) * 0.5, dtype)
+    flat = np.concatenate(
+        [np.asarray(tvs[n], np.float32).reshape(num_tasks, -1) for n in SHAPES], 1
+    )
+    ordered = np.sort(np.abs(flat), axis=1)[:, ::-1]
+    n = flat.shape[1]
+    for k in (1, 2, 97, n // 3, n - 1, n):  # one compilation: k is traced inside
+        got = kernels.kth_largest_magnitude(tvs, k)
+        np.testing.assert_array_equal(got, ordered[:, k - 1], err_msg=f"{k=}")
+    # Below-bin resolution: float32 values that share their top 16 bits.
+    x = jnp.asarray(1.0 + rng.integers(0, 200, size=(2, 500)) * 2.0**-20, jnp.float32)
+    xs = np.sort(np.asarray(x), axis=1)[:, ::-1]
+    np.testing.assert_array_equal(kernels.kth_largest_magnitude(x, 123), xs[:, 122])
+
+
+@pytest.mark.parametrize("bs", where_params())
+@pytest.mark.parametrize(
+    ("dtype", "num_tasks", "merge", "density"),
+    [(np.float32, 3, "mean", 0.2), (jnp.bfloat16, 8, "sum", 0.5)],
+)
+def test_matches_numpy(rng, bs, dtype, num_tasks, merge, density):
+    base = tree(rng, dtype=dtype)
+    tvs = tree(rng, (num_tasks,), dtype=dtype, scale=0.1)
+    scale = 0.7
+    fn = jax.jit(
+        lambda b, t, s: kernels.ties(
+            b, t, density=density, scale=s, merge=merge, implementation="pallas", block_sizes=bs
+        )
+    )
+    got = fn(base, tvs, scale)
+    want = _np_ties(base, tvs, density, scale, merge)
+    tol = TOL[np.dtype(dtype)]
+    for n in SHAPES:
+        assert got[n].dtype == dtype and got[n].shape == SHAPES[n]
+        np.testing.assert_allclose(np.asarray(got[n], np.float64), want[n], rtol=tol, atol=tol)
+    if dtype == np.float32:  # the XLA reference too (once: each compilation costs seconds)
+        ref = kernels.ties(
+            base, tvs, density=density, scale=scale, merge=merge, implementation="xla"
+        )
+        for n in SHAPES:
+            np.testing.assert_allclose(np.asarray(ref[n], np.float64), want[n], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_hand_worked_election(impl):
+    """Trim, mass vote, majority fallback for a zero sum, disjoint mean; worked by hand.
+
+    Magnitudes of task 0: 4, 3, 2, 1 and of task 1: 1, 3, 2, 4; density 0.75 keeps 3 each
+    (thresholds 2 and 2). Coordinate 1 sums to 3 - 3 = 0 and takes the majority sign of the
+    other coordinates (+, +, + -> +), so only task 0's +3 survives there.
+    """
+    base = {"x": jnp.asarray([10.0, 20.0, 30.0, 40.0])}
+    tvs = {"x": jnp.asarray([[4.0, 3.0, 2.0, -1.0], [-1.0, -3.0, 2.0, 4.0]])}
+    got = kernels.ties(
+        base, tvs, density=0.75, scale=1.0, implementation=impl, block_sizes=_BS[impl]
+    )
+    # coord 0: 4 (τ1's -1 trimmed); 1: tie -> +, mean(3) = 3; 2: mean(2, 2); 3: 4 (-1 trimmed)
+    np.testing.assert_array_equal(got["x"], [14.0, 23.0, 32.0, 44.0])
+
+
+_BS = {"xla": None, "pallas": _dispatch.BlockSizes(rows=32, min_rows=32)}
+
+
+@pytest.mark.parametrize("bs", where_params())
+def test_every_output_entry_is_written(rng, bs):
+    bs = _dispatch.block_sizes_or_default(bs)
+    num_tasks, shape = 2, SHAPES["w"]
+    tl = _dispatch.tiling(int(np.prod(shape)), bs)
+    assert tl.padded and tl.num_blocks > 1
+    base = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    tau = jnp.asarray(rng.normal(size=(num_tasks, *shape)), jnp.float32)
+    thr = jnp.asarray(np.quantile(np.abs(np.asarray(tau)), 0.6, axis=(1, 2)), jnp.float32)
+    poison = jnp.full((tl.rows, tl.lanes), jnp.nan, jnp.float32)
+    out = jax.jit(
+        lambda b, t, p: _ties_merge._merge_tiles(
+            _dispatch.to_tiles(b, tl),
+            _dispatch.to_tiles(t, tl, stacked=True),
+            _ties_merge._params(thr, 1.0, 0.5),
+            "mean",
+            jnp.float32,
+            tl,
+            bs,
+            poison=p,
+        )
+    )(base, tau, poison)
+    chex.assert_tree_all_finite(out)
+    want = _ties_merge._merge_xla(base, tau, thr, 1.0, 0.5, "mean", jnp.float32)
+    np.testing.assert_allclose(_dispatch.from_tiles(out, tl, shape), want, rtol=1e-6, atol=1e-6)
+
+
+def test_errors(rng):
+    base, tvs = tree(rng), tree(rng, (2,))
+    with pytest.raises(ValueError, match=r"density=0 must be in \(0, 1\]"):
+        kernels.ties(base, tvs, density=0)
+    with pytest.raises(ValueError, match="merge='max' must be one of"):
+        kernels.ties(base, tvs, merge="max")
+    with pytest.raises(ValueError, match=r"k=0 must be an int in \[1, N="):
+        kernels.kth_largest_magnitude(tvs, 0)
+    with pytest.raises(ValueError, match="shape mismatch at path 'b'"):
+        kernels.ties(base, {**tvs, "b": jnp.ones((2, 8))})
+
+
+@pytest.mark.parametrize("dtype", [np.float32])  # both histogram passes
+def test_equals_merging_reference(rng, dtype):
+    """cljax.merging.ties (global scope): the Pallas path equals its own XLA code exactly."""
+    from cljax.merging import ties
+
+    base = tree(rng, dtype=dtype)
+    base["step"] = jnp.asarray(3, jnp.int32)  # integer leaves pass through
+    tvs = {**tree(rng, (4,), dtype=dtype, scale=0.1), "step": jnp.zeros((4,), jnp.int32)}
+    rules = [("^b$", False)]  # an excluded leaf keeps θ0 and does not count in N
+    kw = dict(density=0.3, scale=1.1, merge="mean", rules=rules)
+    got = ties(base, tvs, implementation="pallas", **kw)
+    want = ties(base, tvs, implementation="xla", **kw)
+    chex.assert_trees_all_equal_dtypes(got, want)
+    tol = TOL[np.dtype(dtype)]
+    chex.assert_trees_all_close(got, want, rtol=tol / 10, atol=tol / 10)
+    np.testing.assert_array_equal(got["b"], base["b"])

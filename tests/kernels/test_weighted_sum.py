@@ -1,0 +1,184 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_testutil import SHAPES, TOL, tree, where_params
+
+from cljax import kernels
+from cljax import tree as ct
+from cljax.kernels import _dispatch, _weighted_sum
+
+
+def _np_weighted_sum(base, tau, coeffs, groups=None):
+    """Independent reference: float64 numpy, one explicit gather per task."""
+    tau = np.asarray(tau, np.float64)
+    out = np.zeros(tau.shape[1:]) if base is None else np.asarray(base, np.float64).copy()
+    c = np.asarray(coeffs, np.float64)
+    for t in range(tau.shape[0]):
+        scale = c[t] if groups is None else c[t][np.asarray(groups)]
+        out += scale * tau[t]
+    return out
+
+
+def _close(got, want, dtype):
+    tol = TOL[np.dtype(dtype)]
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("bs", where_params())
+@pytest.mark.parametrize(("dtype", "num_tasks"), [(np.float32, 3), (jnp.bfloat16, 8)])
+def test_matches_numpy(rng, bs, dtype, num_tasks):
+    base = tree(rng, dtype=dtype)
+    tvs = tree(rng, (num_tasks,), dtype=dtype, scale=0.1)
+    coeffs = {k: jnp.asarray(rng.normal(size=num_tasks), jnp.float32) for k in SHAPES}
+    fn = jax.jit(
+        lambda b, t, c: kernels.weighted_sum(b, t, c, implementation="pallas", block_sizes=bs)
+    )
+    got = fn(base, tvs, coeffs)
+    ref = kernels.weighted_sum(base, tvs, coeffs, implementation="xla")
+    for k in SHAPES:
+        want = _np_weighted_sum(base[k], tvs[k], coeffs[k])
+        assert got[k].dtype == dtype and got[k].shape == SHAPES[k]
+        _close(got[k], want, dtype)
+        _close(ref[k], want, dtype)
+
+
+@pytest.mark.parametrize("bs", where_params())
+def test_groups_and_no_base(rng, bs):
+    num_tasks, k, dtype = 3, 4, jnp.bfloat16
+    tvs = tree(rng, (num_tasks,), dtype=dtype)
+    groups = [jnp.asarray(rng.integers(0, k, size=s), jnp.int8) for s in SHAPES.values()]
+    groups[0] = None  # a leaf without groups takes [T] coefficients
+    coeffs = {n: jnp.asarray(rng.normal(size=(num_tasks, k)), jnp.float32) for n in SHAPES}
+    coeffs["b"] = jnp.asarray(rng.normal(size=num_tasks), jnp.float32)
+    assert list(SHAPES) == [p for p, _ in ct.leaves_with_paths(coeffs)]
+    fn = jax.jit(
+        lambda t, c, g: kernels.weighted_sum(
+            None, t, c, groups=g, implementation="pallas", block_sizes=bs
+        )
+    )
+    got = fn(tvs, coeffs, groups)
+    for i, n in enumerate(SHAPES):
+        want = _np_weighted_sum(None, tvs[n], coeffs[n], groups[i])
+        assert got[n].dtype == dtype
+        _close(got[n], want, dtype)
+
+
+@pytest.mark.parametrize("bs", where_params())
+def test_every_output_entry_is_written(rng, bs):
+    """The output starts as NaN (aliased): a block the grid skips would stay NaN."""
+    bs = _dispatch.block_sizes_or_default(bs)
+    num_tasks, shape = 3, SHAPES["w"]
+    tl = _dispatch.tiling(int(np.prod(shape)), bs)
+    assert tl.padded and tl.num_blocks > 1
+    base = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    tau = jnp.asarray(rng.normal(size=(num_tasks, *shape)), jnp.bfloat16)
+    c = jnp.asarray(rng.normal(size=num_tasks), jnp.float32)
+    poison = jnp.full((tl.rows, tl.lanes), jnp.nan, jnp.float32)
+    out = jax.jit(
+        lambda b, t, c, p: _weighted_sum._pallas_tiles(
+            _dispatch.to_tiles(b, tl),
+            _dispatch.to_tiles(t, tl, stacked=True),
+            c,
+            None,
+            None,
+            jnp.float32,
+            tl,
+            bs,
+            poison=p,
+        )
+    )(base, tau, c, poison)
+    assert out.shape == (tl.rows, tl.lanes)
+    chex.assert_tree_all_finite(out)
+    want = _np_weighted_sum(base, tau, c)
+    _close(_dispatch.from_tiles(out, tl, shape), want, np.float32)
+    np.testing.assert_array_equal(np.asarray(out).reshape(-1)[tl.size :], 0.0)  # zero padding
+
+
+@pytest.mark.parametrize("bs", where_params())
+def test_gradients(rng, bs):
+    """d/dc is <g, τ_t> (the block_dots kernel); d/dθ0 and d/dτ match plain autodiff."""
+    num_tasks, k = 2, 2
+    shape = (130, 129)  # 3 blocks, padded
+    base = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    tau = jnp.asarray(rng.normal(size=(num_tasks, *shape)), jnp.float32)
+    groups = jnp.asarray(rng.integers(0, k, size=shape), jnp.int32)
+    coeffs = jnp.asarray(rng.normal(size=(num_tasks, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    def loss(base, tau, c, impl):
+        out = kernels.weighted_sum_leaf(base, tau, c, groups, implementation=impl, block_sizes=bs)
+        return jnp.sum(w * jnp.sin(out))
+
+    def plain(base, tau, c):
+        scale = jnp.stack([c[t][groups] for t in range(num_tasks)])
+        return jnp.sum(w * jnp.sin(base + jnp.sum(scale * tau, axis=0)))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(base, tau, coeffs, "pallas")
+    want = jax.grad(plain, argnums=(0, 1, 2))(base, tau, coeffs)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
+    # Only the coefficients differentiated: the same cotangent, nothing else computed.
+    dc = jax.jit(jax.grad(loss, argnums=2), static_argnums=3)(base, tau, coeffs, "xla")
+    chex.assert_trees_all_close(dc, want[2], rtol=1e-4, atol=1e-4)
+
+
+def test_default_dispatch_is_xla_on_cpu(rng):
+    assert _dispatch.resolve(None, where="test") == (
+        "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    )
+    base, tvs = tree(rng), tree(rng, (2,))
+    c = jnp.asarray([0.3, -0.7], jnp.float32)
+    got = kernels.weighted_sum(base, tvs, c)  # one [T] array shared by every leaf
+    for k in SHAPES:
+        _close(got[k], _np_weighted_sum(base[k], tvs[k], c), np.float32)
+
+
+def test_list_of_trees_and_structure_errors(rng):
+    base = tree(rng)
+    tvs = [tree(rng), tree(rng)]
+    c = jnp.ones(2)
+    chex.assert_trees_all_close(
+        kernels.weighted_sum(base, tvs, c),
+        kernels.weighted_sum(base, jax.tree.map(lambda *x: jnp.stack(x), *tvs), c),
+    )
+    chex.assert_trees_all_close(  # a scalar λ: the same coefficient for every task
+        kernels.weighted_sum(base, tvs, 0.4), kernels.weighted_sum(base, tvs, jnp.full(2, 0.4))
+    )
+    with pytest.raises(ValueError, match="shape mismatch at path 'w'"):
+        kernels.weighted_sum(base, {**tree(rng, (2,)), "w": jnp.ones((2, 3))}, c)
+    with pytest.raises(ValueError, match=r"coefficients of shape \(3,\), expected \(2,\)"):
+        kernels.weighted_sum(base, tvs, jnp.ones(3))
+    with pytest.raises(ValueError, match=r"coefficients must be \[T, K\]"):
+        kernels.weighted_sum_leaf(None, jnp.ones((2, 5)), jnp.ones(2), jnp.zeros(5, jnp.int32))
+    with pytest.raises(ValueError, match="group ids must be integers"):
+        kernels.weighted_sum_leaf(None, jnp.ones((2, 5)), jnp.ones((2, 3)), jnp.zeros(5))
+    with pytest.raises(ValueError, match="implementation='triton' must be one of"):
+        kernels.weighted_sum(base, tvs, c, implementation="triton")
+
+
+def test_wired_into_task_arithmetic_and_atlas(rng):
+    """cljax.merging routes through the dispatcher: Pallas equals the XLA code, gradients too."""
+    from cljax.merging import atlas, task_arithmetic
+
+    bs_default = _dispatch.BlockSizes.default("cpu")
+    assert bs_default.rows >= 256  # few interpret-mode steps for these leaves
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(40, 50)), jnp.float32)}}
+    params["dense"]["bias"] = jnp.asarray(rng.normal(size=(50,)), jnp.float32)
+    tvs = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=(3, *x.shape)), jnp.bfloat16), params)
+    got = task_arithmetic(params, tvs, 0.3, implementation="pallas")
+    want = task_arithmetic(params, tvs, 0.3, implementation="xla")
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+
+    spec = atlas.blocks(params, partitions=2)
+    coefs = jax.tree.map(
+        lambda c: jnp.asarray(rng.normal(size=c.shape), jnp.float32), atlas.init(params, tvs, spec)
+    )
+    masks = atlas.partition_masks(params, spec)
+
+    def loss(c, impl):
+        out = atlas.compose(params, tvs, c, spec, masks=masks, implementation=impl)
+        return sum(jnp.sum(jnp.cos(x)) for x in jax.tree.leaves(out))
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    chex.assert_trees_all_close(grad(coefs, "pallas"), grad(coefs, "xla"), rtol=1e-5, atol=1e-4)
