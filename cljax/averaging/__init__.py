@@ -3,7 +3,8 @@
 Averages are method states in :class:`cljax.train.TrainState` ``methods``, created with
 :func:`init_averages` and updated inside the jitted step by :func:`averaging_hook`
 (``make_step(post_update=...)``). Between tasks, :func:`next_task_from_average` starts
-the next task from an average (ZSCL's hand-over).
+the next task from an average (ZSCL's hand-over). WiSE-FT is :func:`interpolate`,
+``(1 - alpha) * a + alpha * b`` (re-exported from :mod:`cljax.merging`).
 """
 
 from cljax.averaging._base import (
@@ -16,6 +17,7 @@ from cljax.averaging._base import (
 from cljax.averaging._ema import EmaState, ema
 from cljax.averaging._swa import SwaState, swa
 from cljax.averaging._weight_ensemble import WeightEnsembleState, weight_ensemble
+from cljax.merging import interpolate
 
 __all__ = [
     "Averager",
@@ -26,6 +28,7 @@ __all__ = [
     "averaging_hook",
     "ema",
     "init_averages",
+    "interpolate",
     "next_task_from_average",
     "swa",
     "weight_ensemble",

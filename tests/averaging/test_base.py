@@ -7,11 +7,13 @@ import numpy as np
 import optax
 import pytest
 
+import cljax.merging
 from cljax.averaging import (
     average_params,
     averaging_hook,
     ema,
     init_averages,
+    interpolate,
     next_task_from_average,
     weight_ensemble,
 )
@@ -82,3 +84,11 @@ def test_hook_names_a_missing_state():
     hook = averaging_hook({"we": weight_ensemble(1)})
     with pytest.raises(ValueError, match="state.methods has no 'we'"):
         hook(state)
+
+
+def test_wise_ft_is_the_merging_interpolation():
+    # ZSCL's MTIL WiSE-FT baseline: alpha = 0.8 on the fine-tuned end, the start-of-task
+    # model on the other.
+    assert interpolate is cljax.merging.interpolate
+    start, ft = {"w": jnp.asarray([0.0, 10.0])}, {"w": jnp.asarray([5.0, 0.0])}
+    np.testing.assert_allclose(interpolate(start, ft, 0.8)["w"], [4.0, 2.0], rtol=1e-6)
