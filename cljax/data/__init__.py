@@ -4,3 +4,21 @@ from cljax.data._sources import load_digits, load_mnist1d, load_mnist5k
 from cljax.data._task import Task, split_train_val
 
 __all__ = ["Task", "load_digits", "load_mnist1d", "load_mnist5k", "split_train_val"]
+
+from cljax.data._mtil import (  # noqa: E402
+    MtilSequence,
+    mtil_domain_tasks,
+    mtil_pretraining_data,
+    mtil_reference_images,
+    mtil_sequence,
+    render_strokes,
+)
+
+__all__ += [
+    "MtilSequence",
+    "mtil_domain_tasks",
+    "mtil_pretraining_data",
+    "mtil_reference_images",
+    "mtil_sequence",
+    "render_strokes",
+]
