@@ -15,6 +15,7 @@ from cljax.averaging import (
     init_averages,
     interpolate,
     next_task_from_average,
+    swa,
     weight_ensemble,
 )
 from cljax.train import TrainState, make_step
@@ -92,3 +93,20 @@ def test_wise_ft_is_the_merging_interpolation():
     assert interpolate is cljax.merging.interpolate
     start, ft = {"w": jnp.asarray([0.0, 10.0])}, {"w": jnp.asarray([5.0, 0.0])}
     np.testing.assert_allclose(interpolate(start, ft, 0.8)["w"], [4.0, 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "averager", [ema(0.9, debias=True), weight_ensemble(1), swa(start=0)], ids=["ema", "we", "swa"]
+)
+def test_averages_on_an_8_device_mesh_match_unsharded(rng, averager):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    p0 = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16)}
+    p1 = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16)}
+    update = jax.jit(averager.update)
+    want = update(averager.init(p0), p1, 1)
+    sharded = jax.device_put(p0, spec), jax.device_put(p1, spec)
+    got = update(averager.init(sharded[0]), sharded[1], 1)
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
+    assert got.mean["w"].dtype == jnp.float32
+    assert got.mean["w"].sharding.is_equivalent_to(spec, 2)

@@ -70,6 +70,6 @@ def test_tiny_preset_end_to_end_and_resume(tmp_path, monkeypatch):
     assert on_disk["runs"]["zscl"][0]["accuracy"] == res["runs"]["zscl"][0]["accuracy"]
     assert (tmp_path / "metrics.png").exists() and (tmp_path / "matrices.png").exists()
     # a re-run resumes from the finished checkpoints and reproduces the numbers
-    again = zscl.main(argv)
-    assert again["resumed_from"] == {"finetune": 3, "zscl": 3}
-    assert again["runs"] == res["runs"]
+    again = zscl.main(argv[:-2] + ["zscl"])
+    assert again["resumed_from"] == {"zscl": 3}
+    assert again["runs"]["zscl"] == res["runs"]["zscl"]
