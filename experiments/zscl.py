@@ -4,17 +4,20 @@ zero-shot transfer of a pretrained encoder while it learns a sequence of tasks?
 Command::
 
     python -m experiments.zscl                 # embedded preset, 3 seeds
-    python -m experiments.zscl --preset tiny   # smoke test (seconds)
+    python -m experiments.zscl --preset tiny   # smoke run (3 tasks, 1 seed)
 
-Setting (``cljax.data.mtil_sequence`` on the merging benchmark's tasks): a pretrained encoder
-and one frozen head per task (fitted on the pretrained features: the role of CLIP's
-zero-shot text heads). The encoder is fine-tuned on the tasks one after another, each with
-its own frozen head; after every task every task is evaluated with its head, so the
-accuracy matrix ``A[j, i]`` also holds the "zero-shot" accuracy on tasks not trained yet.
+Setting (``cljax.data.mtil_sequence(mtil_domain_tasks())``: five domain-shifted digit tasks,
+built like the merging benchmark's; the reference set is MNIST-1D drawn as strokes): a small
+MLP encoder pretrained on upright MNIST digits no task uses, and one frozen head per task
+(fitted on the pretrained features: the role of CLIP's zero-shot text heads). The encoder
+is fine-tuned on the tasks one after another, each with its own frozen head; after every
+task every task is evaluated with its head, so the accuracy matrix ``A[j, i]`` also holds
+the "zero-shot" accuracy on tasks not trained yet.
 Methods (METHODS §6, §8):
 
 * ``finetune``: continual fine-tuning, cross-entropy only (label smoothing 0.2 as ZSCL);
-* ``lwf``: + LwF on the previous tasks' outputs (``cljax.continual.LwF``);
+* ``lwf``: + LwF on the previous tasks' heads, teacher = the start-of-task model, T = 2
+  (``cljax.losses.lwf_distillation``);
 * ``wise_ft``: after each task, ``interpolate(theta_start, theta_ft, 0.8)`` (ZSCL's MTIL
   WiSE-FT baseline: ``--wise_merge --wise_ft_model n --wise_ft_alpha 0.8``);
 * ``we``: ZSCL's weight ensemble alone (running mean every ``avg_freq`` iterations, the next
@@ -22,7 +25,8 @@ Methods (METHODS §6, §8):
 * ``distill``: ZSCL's feature distillation alone (teacher = the pretrained encoder, frozen;
   reference images = MNIST-1D strokes; KD at T = 2 over the reference axis + the transposed
   term over the batch axis);
-* ``zscl``: distillation + weight ensemble + L2 to the start-of-task weights (ZSCL.sh).
+* ``zscl``: distillation + weight ensemble + L2 to the start-of-task weights, summed
+  (``cljax.losses.l2_anchor``; ZSCL.sh).
 
 Metrics (METHODS §8.2, ``cljax.continual``): Transfer (mean over i >= 1 of the accuracy on
 task i before it is trained), Avg (mean of the whole matrix), Last (mean of the last row).

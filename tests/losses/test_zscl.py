@@ -46,8 +46,8 @@ def test_kd_minimum_is_the_teacher(rng):
     np.testing.assert_array_equal(jax.jit(jax.grad(lambda t_: kd_loss(t_, s)))(t), 0.0)
 
 
-@pytest.mark.parametrize(("wi", "wt"), [(1.0, 1.0), (0.5, 0.5), (1.0, 0.0), (0.0, 1.0)])
-def test_zscl_distillation_matches_numpy_both_terms(rng, wi, wt):
+def test_zscl_distillation_matches_numpy_both_terms(rng):
+    wi, wt = 0.5, 0.25  # distinct weights: a swapped or dropped term would show
     B, K, D = 5, 11, 8
     s, t = rng.normal(size=(2, B, D))
     g = rng.normal(size=(K, D))
