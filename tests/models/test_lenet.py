@@ -8,25 +8,32 @@ import pytest
 
 from cljax.models import LeNet
 
-
-def _init(model, key, x):
-    return jax.jit(model.init)(key, x)
+FEATURES = (4, 6, 8)  # narrow, so the numpy reference stays fast
+MODEL = LeNet(num_classes=3, features=FEATURES)
+X = np.random.default_rng(0).uniform(size=(2, 28, 28, 1)).astype(np.float32)
+INIT = jax.jit(MODEL.init)
+APPLY = jax.jit(MODEL.apply)
 
 
 def _count(tree):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
+@pytest.fixture(scope="module")
+def params():
+    return INIT(jax.random.key(0), X)["params"]
+
+
 def test_param_count_matches_caffe_lenet():
-    params = jax.eval_shape(
+    shapes = jax.eval_shape(
         LeNet(num_classes=10).init, jax.random.key(0), jnp.zeros((1, 28, 28, 1))
     )["params"]
     conv0 = 5 * 5 * 1 * 20 + 20
     conv1 = 5 * 5 * 20 * 50 + 50
     dense = 4 * 4 * 50 * 500 + 500  # 28 -> 24 -> 12 -> 8 -> 4
     head = 500 * 10 + 10
-    assert _count(params) == conv0 + conv1 + dense + head == 431_080
-    assert set(params) == {"conv_0", "conv_1", "dense_0", "head"}
+    assert _count(shapes) == conv0 + conv1 + dense + head == 431_080
+    assert set(shapes) == {"conv_0", "conv_1", "dense_0", "head"}
 
 
 def _np_forward(params, x):
@@ -52,30 +59,23 @@ def _np_forward(params, x):
     return x @ p["head"]["kernel"] + p["head"]["bias"]
 
 
-def test_forward_matches_numpy(rng):
-    model = LeNet(num_classes=3, features=(4, 6, 8))
-    x = rng.uniform(size=(2, 16, 16, 1)).astype(np.float32)  # 16 -> 12 -> 6 -> 2 -> 1
-    params = _init(model, jax.random.key(0), x)["params"]
-    got = jax.jit(model.apply)({"params": params}, x)
-    chex.assert_trees_all_close(
-        got, _np_forward(params, x).astype(np.float32), rtol=1e-4, atol=1e-5
-    )
+def test_forward_matches_numpy(params):
+    got = APPLY({"params": params}, X)
+    want = _np_forward(params, X).astype(np.float32)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_features_vs_head_and_determinism(rng):
-    x = rng.uniform(size=(3, 28, 28, 1)).astype(np.float32)
-    params = _init(LeNet(num_classes=10), jax.random.key(0), x)["params"]
+def test_features_vs_head_and_determinism(params):
     enc = {k: v for k, v in params.items() if k != "head"}
-    feats = jax.jit(LeNet().apply)({"params": enc}, x)
-    chex.assert_shape(feats, (3, 500))
-    logits = jax.jit(LeNet(num_classes=10).apply)({"params": params}, x)
+    feats = jax.jit(LeNet(features=FEATURES).apply)({"params": enc}, X)
+    chex.assert_shape(feats, (2, FEATURES[-1]))
+    logits = APPLY({"params": params}, X)
     chex.assert_trees_all_close(
         logits, feats @ params["head"]["kernel"] + params["head"]["bias"], rtol=1e-5, atol=1e-5
     )
-    again = _init(LeNet(num_classes=10), jax.random.key(0), x)["params"]
-    chex.assert_trees_all_equal(params, again)
+    chex.assert_trees_all_equal(params, INIT(jax.random.key(0), X)["params"])
 
 
 def test_rejects_flat_input():
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
-        _init(LeNet(), jax.random.key(0), jnp.ones((2, 784)))
+        jax.eval_shape(LeNet().init, jax.random.key(0), jnp.ones((2, 784)))

@@ -1,0 +1,544 @@
+"""Model merging on the embedded digit benchmark: the main job of ``make demo``.
+
+A small analogue of the 8-task CLIP merging benchmark (METHODS.md §1.1, §2): pretrain a ViT
+encoder, give every target task a frozen linear head fitted on the pretrained features (the
+role of CLIP's zero-shot heads; heads are never fine-tuned or merged), fine-tune the encoder
+on each task with its head frozen, and merge the fine-tuned encoders with task arithmetic,
+TIES (both conventions), DARE + task arithmetic and the uniform average. Every merge
+coefficient λ is chosen on held-out validation data (mean normalised accuracy); the test
+splits are used once, for the table.
+
+Command::
+
+    python -m experiments.merging                  # the embedded default preset
+    python -m experiments.merging --preset tiny    # the smoke-test preset (seconds)
+    python -m experiments.merging --finetune_steps 400 --out runs/merging-long
+
+Runtime (default preset, measured on the 2-core development machine): see the README's
+``demo`` section; a re-run restores every checkpoint and only evaluates (about half a minute).
+
+Expected result: fine-tuned accuracy well above the pretrained model on every shifted task;
+each merge in between, with task arithmetic and TIES well above the uniform average in
+normalised accuracy (the README lists the measured table).
+
+Stages are cached under ``<out>/ckpt/`` with :class:`cljax.checkpoint.CheckpointManager`
+(pretraining, heads, one fine-tune per task; each folder name carries a hash of the settings
+it depends on, so a changed setting retrains only what it changes). A killed run resumes from
+the last saved step of the stage it was in.
+
+Reuse by other experiments (aTLAS, ZSCL)::
+
+    from experiments.merging import PRESETS, build_pool
+
+    pool = build_pool(PRESETS["default"], "runs/merging")  # trains or restores from the cache
+    pool.encoder            # the flax ViT module (num_classes=None: features)
+    pool.pretrained         # θ_0, the encoder's params dict
+    pool.heads["rotated"]   # {"kernel": [D, C], "bias": [C]}, frozen
+    pool.tasks              # tuple of cljax.data.Task
+    pool.finetuned          # tuple of θ_t, one per task, in task order
+    pool.task_vectors       # tuple of τ_t = θ_t − θ_0
+    pool.evaluate(params, "rotated", "val")      # accuracy in %
+    pool.evaluate_all(params, "test")            # {task: accuracy}
+    pool.logits(params, "rotated", x)            # jit-able: encoder + frozen head
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from cljax import merging
+from cljax.checkpoint import CheckpointManager
+from cljax.data import Task, merging_benchmark
+from cljax.models import ViT
+from cljax.train import TrainState, make_step
+from experiments import _common
+
+__all__ = ["PRESETS", "Config", "Pool", "build_pool", "main", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the merging experiment (the default is the embedded ``make demo`` preset)."""
+
+    preset: str = "default"
+    out: str = "runs/merging"
+    seed: int = 0
+    # Benchmark (cljax.data.merging_benchmark).
+    tasks: tuple[str, ...] = ("mnist", "rotated", "inverted", "patches", "digits", "parity")
+    train_size: int = 1000
+    test_size: int = 500
+    source_size: int = 1000
+    # Encoder (cljax.models.ViT).
+    patch_size: int = 7
+    hidden_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_dim: int = 128
+    # Pretraining on the source task, with a temporary head (discarded afterwards).
+    pretrain_steps: int = 800
+    pretrain_lr: float = 1e-3
+    pretrain_batch: int = 128
+    # Frozen heads: L2-regularised logistic regression on pretrained features.
+    head_l2: float = 1e-3
+    # Fine-tuning (METHODS §2.1 scaled down: AdamW, cosine with warm-up, clip 1.0, head frozen).
+    finetune_steps: int = 200
+    finetune_lr: float = 3e-4
+    finetune_batch: int = 64
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.1
+    clip_norm: float = 1.0
+    save_every: int = 100
+    # Merging.
+    ties_density: float = 0.2
+    dare_drop_rate: float = 0.5
+    eval_batch: int = 500
+
+
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    "tiny": Config(
+        preset="tiny",
+        out="runs/merging-tiny",
+        tasks=("mnist", "rotated", "parity"),
+        train_size=60,
+        test_size=40,
+        source_size=100,
+        hidden_dim=16,
+        depth=1,
+        num_heads=2,
+        mlp_dim=32,
+        pretrain_steps=10,
+        pretrain_batch=32,
+        finetune_steps=6,
+        finetune_batch=16,
+        save_every=4,
+        eval_batch=64,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool of fine-tuned models.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pool:
+    """A pretrained encoder, frozen per-task heads, and one fine-tuned encoder per task.
+
+    Attributes:
+      config: the settings the pool was built with.
+      encoder: the ViT module (``num_classes=None``): ``encoder.apply({"params": p}, x)``
+        gives ``[N, hidden_dim]`` features.
+      pretrained: θ_0, the pretrained encoder's params dict.
+      heads: ``{task: {"kernel": [D, C], "bias": [C]}}``, fitted on θ_0's features, frozen.
+      tasks: the target tasks (:class:`cljax.data.Task`), in order.
+      finetuned: θ_t per task, in task order.
+      task_vectors: τ_t = θ_t − θ_0 per task, in task order.
+      source: the pretraining task.
+      stages: ``{"trained": [...], "restored": [...]}``: what :func:`build_pool` trained in
+        this call and what it restored from checkpoints.
+    """
+
+    config: Config
+    encoder: ViT
+    pretrained: dict
+    heads: dict[str, dict]
+    tasks: tuple[Task, ...]
+    finetuned: tuple[dict, ...]
+    task_vectors: tuple[dict, ...]
+    source: Task
+    stages: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def task(self, name: str) -> Task:
+        return self.tasks[self.names.index(name)]
+
+    def logits(self, params: dict, task: str, x: jax.Array) -> jax.Array:
+        """Encoder ``params`` followed by the frozen head of ``task`` (jit-able)."""
+        h = self.heads[task]
+        return self.encoder.apply({"params": params}, x) @ h["kernel"] + h["bias"]
+
+    def features(self, params: dict, x: np.ndarray) -> np.ndarray:
+        """Encoder features of a numpy batch, in fixed-size jitted chunks (one compilation)."""
+        return _features(self.encoder, params, x, self.config.eval_batch)
+
+    def evaluate(self, params: dict, task: str, split: str = "test") -> float:
+        """Top-1 accuracy (%) of encoder ``params`` with the frozen head of ``task``."""
+        x, y = self.task(task).split(split)
+        return _accuracy(self.features(params, x), y, self.heads[task])
+
+    def evaluate_all(self, params: dict, split: str = "test") -> dict[str, float]:
+        """``{task: accuracy}`` for every task; one batched pass over all of them."""
+        xs = [t.split(split)[0] for t in self.tasks]
+        feats = self.features(params, np.concatenate(xs))
+        out, start = {}, 0
+        for t, x in zip(self.tasks, xs, strict=True):
+            f = feats[start : start + len(x)]
+            out[t.name] = _accuracy(f, t.split(split)[1], self.heads[t.name])
+            start += len(x)
+        return out
+
+
+@functools.cache
+def _features_fn(encoder: ViT) -> Callable:
+    return jax.jit(lambda p, x: encoder.apply({"params": p}, x))
+
+
+def _features(encoder: ViT, params: dict, x: np.ndarray, batch: int) -> np.ndarray:
+    fn = _features_fn(encoder)
+    out = []
+    for i in range(0, len(x), batch):
+        chunk = x[i : i + batch]
+        n = len(chunk)
+        if n < batch:  # pad so every call has the compiled shape
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(fn(params, chunk))[:n])
+    return np.concatenate(out) if out else np.zeros((0, encoder.hidden_dim), np.float32)
+
+
+def _accuracy(features: np.ndarray, labels: np.ndarray, head: dict) -> float:
+    logits = features @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+    return 100.0 * float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def _hash(cfg: Config, fields: tuple[str, ...], extra: str = "") -> str:
+    blob = json.dumps({f: getattr(cfg, f) for f in fields}, sort_keys=True) + extra
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+_DATA = ("seed", "train_size", "test_size", "source_size")
+_MODEL = ("patch_size", "hidden_dim", "depth", "num_heads", "mlp_dim")
+_PRETRAIN = ("pretrain_steps", "pretrain_lr", "pretrain_batch", "weight_decay", "warmup_fraction")
+_PRETRAIN += ("clip_norm",)
+_HEADS = ("head_l2",)
+_FINETUNE = ("finetune_steps", "finetune_lr", "finetune_batch", "weight_decay")
+_FINETUNE += ("warmup_fraction", "clip_norm")
+
+
+def _optimizer(cfg: Config, lr: float, steps: int) -> optax.GradientTransformation:
+    warmup = max(1, int(cfg.warmup_fraction * steps))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay),
+    )
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _train(
+    ckpt_dir: Path,
+    state: TrainState,
+    step_fn: Callable,
+    batch_at: Callable[[int], dict],
+    steps: int,
+    *,
+    save_every: int,
+    desc: str,
+) -> tuple[TrainState, bool]:
+    """Runs ``steps`` steps from the last checkpoint in ``ckpt_dir``; returns (state, trained)."""
+    manager = CheckpointManager(ckpt_dir, keep=1)
+    restored = manager.restore_latest(state)
+    start = 0
+    if restored is not None:
+        start, state, _ = restored
+    if start >= steps:
+        return state, False
+    for s in _common.progress(range(start, steps), desc=desc, total=steps, initial=start):
+        state, metrics = step_fn(state, batch_at(s))
+        done = s + 1
+        if done == steps or done % save_every == 0:
+            manager.save(done, state, metadata={"loss": float(metrics["loss"])})
+    return state, True
+
+
+def _strip_head(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k != "head"}
+
+
+def _fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, l2: float) -> dict:
+    """Multinomial logistic regression, ``mean CE + l2/2·‖W‖²``, by L-BFGS (deterministic).
+
+    scikit-learn minimises ``C·Σ CE + ½‖W‖²``, the same objective with ``C = 1/(l2·N)``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    classes = np.unique(labels)
+    if len(classes) != num_classes:
+        raise ValueError(f"head: the train split has classes {classes}, expected {num_classes}")
+    clf = LogisticRegression(C=1.0 / (l2 * len(labels)), max_iter=1000, tol=1e-6)
+    clf.fit(features.astype(np.float64), labels)
+    kernel, bias = clf.coef_.T, clf.intercept_
+    if num_classes == 2:  # scikit-learn keeps one logit for binary problems
+        kernel = np.concatenate([-kernel / 2, kernel / 2], axis=1)
+        bias = np.array([-bias[0] / 2, bias[0] / 2])
+    return {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+
+
+def _pad_head(head: dict, width: int) -> dict:
+    """Pads a head to ``width`` classes; the padded logits are -1e9 (probability 0)."""
+    c = head["bias"].shape[0]
+    return {
+        "kernel": jnp.pad(head["kernel"], ((0, 0), (0, width - c))),
+        "bias": jnp.pad(head["bias"], (0, width - c), constant_values=-1e9),
+    }
+
+
+def build_pool(
+    config: Config, out_dir: str | os.PathLike | None = None, *, log: Callable = print
+) -> Pool:
+    """Pretrains, fits the frozen heads and fine-tunes, restoring every finished stage.
+
+    Args:
+      config: the experiment settings (e.g. ``PRESETS["default"]``).
+      out_dir: output folder; checkpoints go to ``<out_dir>/ckpt``. Default ``config.out``.
+      log: where progress lines go.
+
+    Returns:
+      The :class:`Pool`; ``pool.stages`` says which stages were trained and which restored.
+    """
+    out = Path(out_dir if out_dir is not None else config.out)
+    ckpt = out / "ckpt"
+    stats: dict[str, Any] = {"trained": [], "restored": []}
+    bench = merging_benchmark(
+        config.seed,
+        tasks=config.tasks,
+        train_size=config.train_size,
+        test_size=config.test_size,
+        source_size=config.source_size,
+    )
+    model_kw = {f: getattr(config, f) for f in _MODEL}
+    encoder = ViT(**model_kw)
+    key = jax.random.key(config.seed)
+    x0 = bench.source.x_train[:1]
+
+    # 1. Pretraining: encoder + a temporary 10-way head on the source task.
+    full = ViT(**model_kw, num_classes=bench.source.num_classes)
+    params = jax.jit(full.init)(key, x0)["params"]
+    tx = _optimizer(config, config.pretrain_lr, config.pretrain_steps)
+    state = TrainState.create(params, tx, rng=jax.random.fold_in(key, 1))
+
+    def pretrain_loss(p, batch, rng):
+        return _cross_entropy(full.apply({"params": p}, batch["x"]), batch["y"])
+
+    tag = _hash(config, _DATA + _MODEL + _PRETRAIN)
+    state, trained = _train(
+        ckpt / f"pretrain-{tag}",
+        state,
+        make_step(pretrain_loss),
+        lambda s: bench.source.batch_at(s, config.pretrain_batch, seed=config.seed),
+        config.pretrain_steps,
+        save_every=config.save_every,
+        desc="pretrain",
+    )
+    stats["trained" if trained else "restored"].append("pretrain")
+    pretrained = _strip_head(state.params)
+
+    # 2. Frozen heads on the pretrained features (the zero-shot heads' role).
+    head_dir = ckpt / f"heads-{_hash(config, _HEADS + ('tasks',), tag)}"
+    target = {
+        t.name: {
+            "kernel": jnp.zeros((config.hidden_dim, t.num_classes), jnp.float32),
+            "bias": jnp.zeros((t.num_classes,), jnp.float32),
+        }
+        for t in bench.tasks
+    }
+    manager = CheckpointManager(head_dir, keep=1)
+    restored = manager.restore_latest(target)
+    if restored is None:
+        heads = {}
+        for t in _common.progress(bench.tasks, desc="heads"):
+            feats = _features(encoder, pretrained, t.x_train, config.eval_batch)
+            heads[t.name] = _fit_head(feats, t.y_train, t.num_classes, config.head_l2)
+        manager.save(0, heads)
+        stats["trained"].append("heads")
+    else:
+        heads = restored[1]
+        stats["restored"].append("heads")
+
+    # 3. Fine-tuning: the encoder on each task, its head frozen. The head travels with the
+    # batch, padded to the largest number of classes (padded logits get a -1e9 bias, so their
+    # probability is exactly 0): one compiled step serves every task.
+    def finetune_loss(p, batch, rng):
+        feats = encoder.apply({"params": p}, batch["x"])
+        return _cross_entropy(feats @ batch["kernel"] + batch["bias"], batch["y"])
+
+    step_fn = make_step(finetune_loss)
+    tx = _optimizer(config, config.finetune_lr, config.finetune_steps)  # one static tx: no retrace
+    width = max(t.num_classes for t in bench.tasks)
+    finetuned = []
+    ft_tag = _hash(config, _FINETUNE, tag + head_dir.name)
+    for i, t in enumerate(bench.tasks):
+        start = jax.tree.map(jnp.copy, pretrained)  # the step donates its state's buffers
+        state = TrainState.create(start, tx, rng=jax.random.fold_in(key, 100 + i))
+        head = _pad_head(heads[t.name], width)
+
+        def batch_at(s, t=t, head=head, i=i):
+            return {**t.batch_at(s, config.finetune_batch, seed=config.seed + 1 + i), **head}
+
+        state, trained = _train(
+            ckpt / f"finetune-{t.name}-{ft_tag}",
+            state,
+            step_fn,
+            batch_at,
+            config.finetune_steps,
+            save_every=config.save_every,
+            desc=f"fine-tune {t.name}",
+        )
+        stats["trained" if trained else "restored"].append(f"finetune-{t.name}")
+        finetuned.append(state.params)
+
+    task_vectors = tuple(merging.task_vector(f, pretrained) for f in finetuned)
+    log(f"pool: trained {stats['trained'] or 'nothing'}, restored {stats['restored'] or 'nothing'}")
+    return Pool(
+        config,
+        encoder,
+        pretrained,
+        heads,
+        bench.tasks,
+        tuple(finetuned),
+        task_vectors,
+        bench.source,
+        stats,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging and evaluation.
+
+TIES_MEAN_GRID: tuple[float, ...] = tuple(round(0.8 + 0.1 * i, 1) for i in range(18))  # 0.8..2.5
+
+
+def _normalized(acc: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    return {k: 100.0 * acc[k] / max(reference[k], 1e-9) for k in acc}
+
+
+def _mean(d: dict[str, float]) -> float:
+    return float(np.mean(list(d.values())))
+
+
+def run(config: Config) -> dict:
+    """Builds the pool, merges, evaluates; writes ``results.json`` and the chart; returns results."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = Path(config.out)
+    pool = build_pool(config, out)
+    t_pool = time.perf_counter() - t0
+    names = pool.names
+
+    ft_val = {n: pool.evaluate(p, n, "val") for n, p in zip(names, pool.finetuned, strict=True)}
+    ft_test = {n: pool.evaluate(p, n, "test") for n, p in zip(names, pool.finetuned, strict=True)}
+    taus = pool.task_vectors
+    theta0 = pool.pretrained
+
+    def val_score(params) -> float:
+        return _mean(_normalized(pool.evaluate_all(params, "val"), ft_val))
+
+    # Merges run on the raveled parameter vector (one leaf of N entries; a stacked [T, N]
+    # array for the task vectors). Global TIES is the same method on a tree or on its raveled
+    # vector; DARE draws its independent Bernoulli masks per task over all N entries at once.
+    # One leaf instead of dozens keeps the merges' compile time small on a CPU.
+    flat0, unravel = ravel_pytree(theta0)
+    flat_taus = jnp.stack([ravel_pytree(t)[0] for t in taus])
+    flat_ft = jnp.stack([ravel_pytree(p)[0] for p in pool.finetuned])
+    # Every method below is θ_0 + λ·τ_m with τ_m computed once at λ = 1 (they are linear in
+    # λ), so TIES trimming and DARE masks run once per method, not once per grid point.
+    at = jax.jit(lambda tau_m, lam: unravel(merging.apply(flat0, tau_m, lam)))
+    density = config.ties_density
+    dropped = merging.dare(flat_taus, drop_rate=config.dare_drop_rate, key=config.seed)
+    directions = {
+        "task arithmetic": (merging.task_arithmetic(flat0, flat_taus, 1.0), None),
+        "TIES (mean)": (merging.ties(flat0, flat_taus, density=density), TIES_MEAN_GRID),
+        "TIES (sum)": (merging.ties(flat0, flat_taus, density=density, merge="sum"), None),
+        "DARE + TA": (merging.task_arithmetic(flat0, dropped, 1.0), None),
+    }
+    rows: dict[str, dict] = {
+        "pretrained": {"scale": None, "test": pool.evaluate_all(theta0, "test")},
+        "fine-tuned": {"scale": None, "test": ft_test},
+    }
+    for name, (merged, grid) in _common.progress(directions.items(), desc="merge"):
+        tau_m = merged - flat0
+        lam, scores = merging.select_scale(lambda s, t=tau_m: val_score(at(t, s)), grid)
+        rows[name] = {
+            "scale": float(lam),
+            "grid": list(merging.DEFAULT_GRID if grid is None else grid),
+            "val_scores": [float(s) for s in scores],
+            "test": pool.evaluate_all(at(tau_m, lam), "test"),
+        }
+    average = unravel(merging.average(flat_ft))
+    rows["average"] = {"scale": None, "test": pool.evaluate_all(average, "test")}
+    for r in rows.values():
+        r["mean"] = _mean(r["test"])
+        r["normalized"] = _normalized(r["test"], ft_test)
+        r["normalized_mean"] = _mean(r["normalized"])
+
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    results = {
+        "config": dataclasses.asdict(config),
+        "tasks": list(names),
+        "methods": rows,
+        "stages": pool.stages,
+        "time": {"wall_s": wall, "cpu_s": cpu, "pool_wall_s": t_pool},
+    }
+    if _common.is_primary():
+        _common.write_json(out / "results.json", results)
+        _common.bar_chart(
+            out / "accuracy.png",
+            [*names, "mean"],
+            {m: [*r["test"].values(), r["mean"]] for m, r in rows.items()},
+            title="Merging on the embedded digit benchmark (test accuracy)",
+        )
+        print(format_results(results))
+        print(f"\nwall {wall:.0f} s, CPU {cpu:.0f} s; wrote {out / 'results.json'}")
+    return results
+
+
+def format_results(results: dict) -> str:
+    """Two markdown tables: absolute test accuracy and normalised accuracy (%), per task."""
+    names = results["tasks"]
+    absolute, normalized = [], []
+    for method, r in results["methods"].items():
+        lam = "" if r["scale"] is None else f"{r['scale']:.2f}"
+        absolute.append({"method": method, **r["test"], "mean": r["mean"], "λ": lam})
+        normalized.append({"method": method, **r["normalized"], "mean": r["normalized_mean"]})
+    return (
+        "Absolute test accuracy (%)\n\n"
+        + _common.format_table(absolute, ["method", *names, "mean", "λ"])
+        + "\n\nNormalised accuracy (% of each task's fine-tuned model)\n\n"
+        + _common.format_table(normalized, ["method", *names, "mean"])
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parses flags (``--preset``, then any field of :class:`Config`) and runs."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    _common.add_config_flags(parser, Config)
+    args = parser.parse_args(argv)
+    preset = args.preset or ("tiny" if os.environ.get("CLJAX_TINY") == "1" else "default")
+    if preset not in PRESETS:
+        parser.error(f"--preset {preset!r} is not one of {sorted(PRESETS)}")
+    config = _common.config_from_flags(PRESETS[preset], args)
+    return run(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Smoke test of the main job (``experiments/merging.py``) on its tiny preset."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cljax.checkpoint import tree_fingerprint
+from cljax.train import TrainState, make_step
+from experiments import merging as exp
+
+
+@pytest.mark.slow
+def test_main_tiny_then_resume(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    out = tmp_path / "run"
+    first = exp.main(["--preset", "tiny", "--out", str(out)])
+    printed = capsys.readouterr().out
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"config", "tasks", "methods", "stages", "time"}
+    assert results["tasks"] == ["mnist", "rotated", "parity"]
+    methods = results["methods"]
+    want = {"pretrained", "fine-tuned", "task arithmetic", "TIES (mean)", "TIES (sum)"}
+    assert set(methods) == want | {"DARE + TA", "average"}
+    for name, r in methods.items():
+        assert set(r["test"]) == set(results["tasks"]), name
+        assert all(0.0 <= v <= 100.0 for v in r["test"].values())
+        np.testing.assert_allclose(r["mean"], np.mean(list(r["test"].values())))
+        ratios = [100 * r["test"][t] / methods["fine-tuned"]["test"][t] for t in results["tasks"]]
+        np.testing.assert_allclose(r["normalized_mean"], np.mean(ratios))
+    assert methods["fine-tuned"]["normalized_mean"] == pytest.approx(100.0)
+    assert methods["TIES (mean)"]["scale"] in exp.TIES_MEAN_GRID
+    assert methods["task arithmetic"]["scale"] in exp.merging.DEFAULT_GRID
+    assert len(methods["TIES (sum)"]["val_scores"]) == len(exp.merging.DEFAULT_GRID)
+    assert results["stages"]["restored"] == []
+    assert "| method" in printed and "| TIES (mean)" in printed and "Normalised" in printed
+    assert (out / "accuracy.png").stat().st_size > 1000
+
+    # A second run restores every stage from the checkpoints and reproduces the numbers.
+    second = exp.main(["--preset", "tiny", "--out", str(out)])
+    assert second["stages"]["trained"] == []
+    assert set(second["stages"]["restored"]) == {
+        "pretrain",
+        "heads",
+        "finetune-mnist",
+        "finetune-rotated",
+        "finetune-parity",
+    }
+    for name in methods:
+        assert second["methods"][name]["test"] == first["methods"][name]["test"], name
+
+
+def test_train_resumes_after_a_crash_bitwise(tmp_path):
+    """A run killed mid-stage continues from its last checkpoint to the same final state."""
+    w = jnp.array([[0.5, -1.0], [2.0, 0.0]])
+    data = np.random.default_rng(0).normal(size=(16, 4, 2)).astype(np.float32)
+
+    def loss_fn(p, batch, rng):
+        return jnp.mean((batch["x"] @ p["w"] - batch["x"] @ w) ** 2)
+
+    step = make_step(loss_fn)
+    tx = optax.adamw(1e-2)
+    fresh = lambda: TrainState.create({"w": jnp.zeros((2, 2))}, tx, rng=0)
+    batch_at = lambda s: {"x": data[s]}
+
+    straight, trained = exp._train(
+        tmp_path / "a", fresh(), step, batch_at, 10, save_every=3, desc="a"
+    )
+    assert trained
+
+    def crashing(s):
+        if s == 7:
+            raise KeyboardInterrupt
+        return batch_at(s)
+
+    with pytest.raises(KeyboardInterrupt):
+        exp._train(tmp_path / "b", fresh(), step, crashing, 10, save_every=3, desc="b")
+    resumed, trained = exp._train(
+        tmp_path / "b", fresh(), step, batch_at, 10, save_every=3, desc="b"
+    )
+    assert trained and int(resumed.step) == 10
+    assert tree_fingerprint(resumed.params) == tree_fingerprint(straight.params)
+    # Finished: a third call restores and does not train.
+    again, trained = exp._train(tmp_path / "b", fresh(), step, batch_at, 10, save_every=3, desc="b")
+    assert not trained
+    chex.assert_trees_all_equal(again.params, resumed.params)
+
+
+def test_fit_head_and_padding():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(200, 5)).astype(np.float32)
+    labels = (feats[:, 0] + 0.5 * feats[:, 1] > 0).astype(np.int32)
+    head = exp._fit_head(feats, labels, 2, l2=1e-3)
+    chex.assert_shape(head["kernel"], (5, 2))
+    acc = np.mean(np.argmax(feats @ head["kernel"] + head["bias"], -1) == labels)
+    assert acc > 0.95
+    padded = exp._pad_head(head, 4)
+    logits = jnp.asarray(feats) @ padded["kernel"] + padded["bias"]
+    probs = jax.nn.softmax(logits)
+    np.testing.assert_array_equal(np.asarray(probs[:, 2:]), 0.0)
+    chex.assert_trees_all_close(logits[:, :2], feats @ head["kernel"] + head["bias"], rtol=1e-6)
+    with pytest.raises(ValueError, match="expected 3"):
+        exp._fit_head(feats, labels, 3, l2=1e-3)
+
+
+def test_presets_and_flags():
+    assert set(exp.PRESETS) >= {"default", "tiny"}
+    with pytest.raises(SystemExit):
+        exp.main(["--preset", "nope"])
