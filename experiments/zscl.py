@@ -6,9 +6,10 @@ Command::
     python -m experiments.zscl                 # embedded preset, 3 seeds
     python -m experiments.zscl --preset tiny   # smoke run (3 tasks, 1 seed)
 
-Setting (``cljax.data.mtil_sequence(mtil_domain_tasks())``: five domain-shifted digit tasks,
-built like the merging benchmark's; the reference set is MNIST-1D drawn as strokes): a small
-MLP encoder pretrained on upright MNIST digits no task uses, and one frozen head per task
+Setting (``cljax.data.mtil_sequence(mtil_domain_tasks())``: the merging benchmark's five
+domain-shifted digit tasks; the reference set is MNIST-1D drawn as strokes): a small MLP
+encoder pretrained on the benchmark's source task (upright MNIST digits no task uses) and
+one frozen head per task
 (fitted on the pretrained features: the role of CLIP's zero-shot text heads). The encoder
 is fine-tuned on the tasks one after another, each with its own frozen head; after every
 task every task is evaluated with its head, so the accuracy matrix ``A[j, i]`` also holds
@@ -32,13 +33,13 @@ Metrics (METHODS §8.2, ``cljax.continual``): Transfer (mean over i >= 1 of the 
 task i before it is trained), Avg (mean of the whole matrix), Last (mean of the last row).
 
 Expected runtime: the embedded preset (6 methods x 3 seeds x 5 tasks x 150 steps) took
-634 s wall, about 2 minutes of CPU time, on 2 cores shared with ~10 other jobs; on idle
+550 s wall, about 2 minutes of CPU time, on 2 cores shared with ~10 other jobs; on idle
 cores, a few minutes. ``--preset tiny`` (3 tasks, 6 steps) takes CPU seconds, plus compiles.
 
 Expected result. The paper (MTIL order I): ZSCL keeps the best Transfer (68.1 vs 44.6 for
 continual fine-tuning) while its Last stays near or above fine-tuning (83.6 vs 77.3).
-Measured here (3 seeds): Transfer / Avg / Last = 85.9 / 85.7 / 84.3 for ZSCL, 76.8 / 73.3 /
-64.2 for fine-tuning, zero-shot 88.6 / 87.9 / 87.9 (full table in the README).
+Measured here (3 seeds): Transfer / Avg / Last = 75.1 / 76.1 / 74.3 for ZSCL, 63.7 / 68.0 /
+64.7 for fine-tuning, zero-shot 84.8 / 83.8 / 83.8 (full table in the README).
 """
 
 from __future__ import annotations
@@ -156,8 +157,8 @@ def _fit_probe(f, y, num_classes: int, steps: int) -> dict:
 def _build_pool(cfg: Config, tasks) -> dict[str, Any]:
     """The pretrained encoder and one frozen linear head per task, cached under ``out/pool``.
 
-    The encoder is pretrained on 2,000 upright MNIST digits that no task uses; each task's
-    head is a linear probe fitted on the frozen pretrained features of its training split:
+    The encoder is pretrained on the merging benchmark's source task (upright, translated
+    MNIST digits that no task uses); each task's head is a linear probe fitted on the frozen pretrained features of its training split:
     the role of CLIP's zero-shot text heads (pretrained encoder + this head = the task's
     zero-shot classifier).
     """

@@ -11,6 +11,7 @@ from cljax.data._continual import permuted_mnist, rotated_mnist, split_mnist  # 
 __all__ += ["permuted_mnist", "rotated_mnist", "split_mnist"]
 
 from cljax.data._mtil import (  # noqa: E402
+    MTIL_TASKS,
     MtilSequence,
     mtil_domain_tasks,
     mtil_pretraining_data,
@@ -20,6 +21,7 @@ from cljax.data._mtil import (  # noqa: E402
 )
 
 __all__ += [
+    "MTIL_TASKS",
     "MtilSequence",
     "mtil_domain_tasks",
     "mtil_pretraining_data",

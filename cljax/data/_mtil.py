@@ -24,10 +24,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cljax.data._sources import load_digits, load_mnist1d, load_mnist5k
+from cljax.data._benchmarks import merging_benchmark
+from cljax.data._sources import load_mnist1d
 from cljax.data._task import Task
 
 __all__ = [
+    "MTIL_TASKS",
     "MtilSequence",
     "mtil_domain_tasks",
     "mtil_pretraining_data",
@@ -36,90 +38,39 @@ __all__ = [
     "render_strokes",
 ]
 
-DIGITS = tuple(str(d) for d in range(10))
-# MNIST-5k is sorted by label: a fixed shuffle, then the first part is the pretraining
-# source and the rest feeds the domain-shifted tasks (no image is in both).
-_NUM_PRETRAIN = 2000
-
-
-def _mnist_split(
-    seed: int = 0,
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    x, y = load_mnist5k()
-    perm = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[perm][..., None], y[perm]
-    return (x[:_NUM_PRETRAIN], y[:_NUM_PRETRAIN]), (x[_NUM_PRETRAIN:], y[_NUM_PRETRAIN:])
+#: The domain-shifted tasks of the merging benchmark used as the MTIL sequence (its upright
+#: ``mnist`` task is left out: it is the pretraining domain).
+MTIL_TASKS = ("rotated", "inverted", "patches", "digits", "parity")
 
 
 def mtil_pretraining_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The pretraining source: 2,000 upright MNIST-5k digits (none is in a task).
+    """The pretraining source: the merging benchmark's source task (upright, translated MNIST
+    on images of its own), train split.
+
+    Args:
+      seed: the benchmark's seed.
 
     Returns:
-      ``(x, y)``: float32 ``[2000, 28, 28, 1]`` in [0, 1], int32 labels.
+      ``(x, y)``: float32 ``[N, 28, 28, 1]`` in [0, 1], int32 labels.
     """
-    return _mnist_split(seed)[0]
-
-
-def _patch_permute(x: np.ndarray, patch: int, seed: int) -> np.ndarray:
-    n, h, w, c = x.shape
-    g = h // patch
-    blocks = (
-        x.reshape(n, g, patch, g, patch, c)
-        .transpose(0, 1, 3, 2, 4, 5)
-        .reshape(n, g * g, patch, patch, c)
-    )
-    blocks = blocks[:, np.random.default_rng(seed).permutation(g * g)]
-    return blocks.reshape(n, g, g, patch, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
-
-
-def _upscale_digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 8x8 digits, bilinearly upscaled to 20x20 and centred on 28x28 as MNIST."""
-    x, y = load_digits()
-    src = np.linspace(0, 7, 20)
-    i0 = np.clip(np.floor(src).astype(int), 0, 6)
-    f = src - i0
-    rows = x[:, i0] * (1 - f)[None, :, None] + x[:, i0 + 1] * f[None, :, None]
-    img = rows[:, :, i0] * (1 - f)[None, None, :] + rows[:, :, i0 + 1] * f[None, None, :]
-    out = np.zeros((len(x), 28, 28, 1), np.float32)
-    out[:, 4:24, 4:24, 0] = img
-    return out, y
-
-
-def _task(name, classes, x, y, seed, n_val, n_test) -> Task:
-    perm = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[perm].astype(np.float32), y[perm].astype(np.int32)
-    te, va = slice(0, n_test), slice(n_test, n_test + n_val)
-    tr = slice(n_test + n_val, None)
-    return Task(name, classes, x[tr], y[tr], x[va], y[va], x[te], y[te])
+    src = merging_benchmark(seed, tasks=MTIL_TASKS).source
+    return src.x_train, src.y_train
 
 
 def mtil_domain_tasks(seed: int = 0) -> tuple[Task, ...]:
-    """Five digit tasks from different domains, none sharing an image with pretraining.
+    """The five domain-shifted digit tasks of :func:`~cljax.data.merging_benchmark`.
 
-    * ``rotated``: MNIST rotated by 90 degrees;
-    * ``inverted``: MNIST with inverted intensities;
-    * ``patches``: MNIST with its 7x7 patches shuffled by a fixed permutation;
-    * ``digits``: scikit-learn's digits upscaled to 28x28 (another source);
-    * ``parity``: upright MNIST relabelled even/odd (2 classes).
-
-    MNIST tasks hold 2,200 train, 200 val, 600 test images (the 3,000 MNIST-5k images
-    left after pretraining, shuffled per task); ``digits`` 1,147 / 150 / 500.
+    ``rotated``, ``inverted`` and ``patches`` (7x7 patches shuffled) MNIST, scikit-learn's
+    ``digits`` upscaled to 28x28, and MNIST ``parity`` (2 classes); none shares an image with
+    the pretraining source (:func:`mtil_pretraining_data`).
 
     Args:
-      seed: seed of the splits.
+      seed: the benchmark's seed.
 
     Returns:
       The tasks, in this order.
     """
-    _, (x, y) = _mnist_split(0)
-    dx, dy = _upscale_digits()
-    return (
-        _task("rotated", DIGITS, np.rot90(x, 1, axes=(1, 2)), y, seed + 1, 200, 600),
-        _task("inverted", DIGITS, 1.0 - x, y, seed + 2, 200, 600),
-        _task("patches", DIGITS, _patch_permute(x, 7, 12345), y, seed + 3, 200, 600),
-        _task("digits", DIGITS, dx, dy, seed + 4, 150, 500),
-        _task("parity", ("even", "odd"), x, y % 2, seed + 5, 200, 600),
-    )
+    return tuple(merging_benchmark(seed, tasks=MTIL_TASKS).tasks)
 
 
 def render_strokes(
