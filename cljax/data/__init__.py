@@ -2,13 +2,24 @@
 
 from cljax.data._benchmarks import MergingBenchmark, merging_benchmark
 from cljax.data._continual import permuted_mnist, rotated_mnist, split_mnist
+from cljax.data._mtil import (
+    MTIL_TASKS,
+    MtilSequence,
+    mtil_domain_tasks,
+    mtil_pretraining_data,
+    mtil_reference_images,
+    mtil_sequence,
+    render_strokes,
+)
 from cljax.data._sources import load_digits, load_mnist1d, load_mnist5k
 from cljax.data._task import Task, split_train_val
 from cljax.data._tfds import DATASETS, TFDSTask, clip_preprocess, tfds_task
 
 __all__ = [
     "DATASETS",
+    "MTIL_TASKS",
     "MergingBenchmark",
+    "MtilSequence",
     "TFDSTask",
     "Task",
     "clip_preprocess",
@@ -16,7 +27,12 @@ __all__ = [
     "load_mnist1d",
     "load_mnist5k",
     "merging_benchmark",
+    "mtil_domain_tasks",
+    "mtil_pretraining_data",
+    "mtil_reference_images",
+    "mtil_sequence",
     "permuted_mnist",
+    "render_strokes",
     "rotated_mnist",
     "split_mnist",
     "split_train_val",
