@@ -7,6 +7,7 @@ Which leaves take part is data: path rules ``[(regex, bool), ...]`` (first match
 default: every floating leaf); excluded and integer leaves keep the pre-trained value.
 """
 
+from cljax.merging import atlas
 from cljax.merging._dare import dare
 from cljax.merging._select import DEFAULT_GRID, select_scale
 from cljax.merging._soups import average, greedy_soup, interpolate
@@ -15,6 +16,7 @@ from cljax.merging._task_vectors import apply, task_arithmetic, task_vector
 from cljax.merging._ties import ties
 
 __all__ = [
+    "atlas",
     "DEFAULT_GRID",
     "apply",
     "average",
