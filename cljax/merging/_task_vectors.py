@@ -1,0 +1,149 @@
+"""Task vectors and task arithmetic (Ilharco et al., 2023)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from cljax import tree as ct
+from cljax.merging import _common
+
+__all__ = ["apply", "task_arithmetic", "task_vector"]
+
+
+def task_vector(finetuned: ct.Params, pretrained: ct.Params, *, rules: ct.Rules | None = None):
+    """The task vector τ = θ_ft − θ_0, leaf by leaf.
+
+    Differences are taken in float32 (float64 for float64 leaves) and stored in the dtype of
+    ``finetuned``. Integer leaves (step counters, position ids) and leaves excluded by
+    ``rules`` give zeros, as in the reference, which skips int64/uint8 buffers.
+
+    Args:
+      finetuned: fine-tuned parameters, any pytree of arrays.
+      pretrained: the parameters it was fine-tuned from, same structure and shapes.
+      rules: optional path rules ``[(regex, bool), ...]``; first match wins; leaves that no
+        rule matches take part.
+
+    Returns:
+      A tree shaped like ``finetuned``.
+
+    Raises:
+      ValueError: if the trees differ in structure or shape (names the first path).
+
+    Example:
+      >>> tau = task_vector({"w": jnp.ones(3)}, {"w": jnp.zeros(3)})
+      >>> tau["w"]
+      Array([1., 1., 1.], dtype=float32)
+
+    References:
+      Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
+    """
+    ct.check_same_structure(pretrained, finetuned, names=("pretrained", "finetuned"))
+    mask = _common.participating(pretrained, rules)
+    ft, treedef = jax.tree.flatten(finetuned)
+    pre = jax.tree.leaves(pretrained)
+    out = [
+        (_common.accum(f) - _common.accum(p)).astype(f.dtype) if m else jnp.zeros_like(f)
+        for f, p, m in zip(ft, pre, mask, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def apply(
+    pretrained: ct.Params,
+    task_vector: ct.Params,
+    scale: ArrayLike = 1.0,
+    *,
+    rules: ct.Rules | None = None,
+):
+    """Adds a scaled task vector: θ = θ_0 + scale·τ (negation: a negative ``scale``).
+
+    Args:
+      pretrained: θ_0.
+      task_vector: τ, same structure and shapes.
+      scale: λ, a Python number or a (traced) scalar.
+      rules: optional path rules selecting the leaves that change; excluded and integer
+        leaves keep the value of ``pretrained``.
+
+    Returns:
+      A tree with the structure and dtypes of ``pretrained``; arithmetic in float32.
+
+    Raises:
+      ValueError: if the trees differ in structure or shape.
+
+    Example:
+      >>> forget = apply(theta0, tau, scale=-1.0)  # task negation
+
+    References:
+      Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
+    """
+    ct.check_same_structure(pretrained, task_vector, names=("pretrained", "task_vector"))
+    mask = _common.participating(pretrained, rules)
+    pre, treedef = jax.tree.flatten(pretrained)
+    tau = jax.tree.leaves(task_vector)
+    out = [
+        (_common.accum(p) + scale * _common.accum(t)).astype(p.dtype) if m else p
+        for p, t, m in zip(pre, tau, mask, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def task_arithmetic(
+    pretrained: ct.Params,
+    task_vectors: Sequence[ct.Params] | ct.Params,
+    scale: ArrayLike = 1.0,
+    *,
+    rules: ct.Rules | None = None,
+):
+    """Multi-task model by task arithmetic: θ = θ_0 + λ·Σ_t τ_t.
+
+    One shared λ for all tasks, applied to the *sum* of the task vectors (not their mean):
+    for 8 CLIP tasks the best λ is about 0.3–0.4 (chosen on validation, see
+    :func:`select_scale`).
+
+    Args:
+      pretrained: θ_0, any pytree of arrays.
+      task_vectors: T task vectors, as a list of trees or one stacked tree (leading axis T).
+      scale: λ, a Python number or a (traced) scalar.
+      rules: optional path rules ``[(regex, bool), ...]`` selecting the merged leaves;
+        excluded and integer leaves keep the value of ``pretrained`` (e.g. ``[("head",
+        False)]`` keeps the heads).
+
+    Returns:
+      The merged tree, with the structure and dtypes of ``pretrained``; the sum is
+      accumulated in float32.
+
+    Raises:
+      ValueError: on an empty list of task vectors or mismatched trees (first path named).
+
+    Example:
+      >>> merged = task_arithmetic(theta0, [tau_a, tau_b], scale=0.3)
+
+    References:
+      Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
+    """
+    ts = _common.read_task_set(task_vectors, pretrained)
+    mask = tuple(_common.participating(pretrained, rules))
+    pre, treedef = jax.tree.flatten(pretrained)
+    out = _task_arithmetic_core(pre, ts.leaves, scale, mask=mask, num_tasks=ts.num_tasks)
+    return jax.tree.unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "form"))
+def _task_arithmetic_core(pre, tv_leaves, scale, *, mask, num_tasks, form="slices"):
+    ts = _common.TaskSet(tv_leaves, num_tasks)
+    out = []
+    for i, (p, m) in enumerate(zip(pre, mask, strict=True)):
+        if not m:
+            out.append(p)
+            continue
+        if form == "slices":
+            total = _common.sum_slices(ts.slices(i))
+        else:  # "reduce": one reduction over the leading axis of the stacked leaf
+            total = jnp.sum(_common.accum(ts.stacked(i)), axis=0)
+        out.append((_common.accum(p) + scale * total).astype(p.dtype))
+    return out

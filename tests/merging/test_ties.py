@@ -1,0 +1,221 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cljax import tree as ct
+from cljax.merging import ties
+
+
+def _tree(rng, dtype=np.float32, scales=(1.0, 1.0, 1.0)):
+    return {
+        "enc": {
+            "kernel": jnp.asarray(rng.normal(size=(6, 5)) * scales[0], dtype),
+            "bias": jnp.asarray(rng.normal(size=(5,)) * scales[1], dtype),
+        },
+        "head": {"kernel": jnp.asarray(rng.normal(size=(5, 3)) * scales[2], dtype)},
+        "step": jnp.asarray([3, 4], jnp.int32),
+    }
+
+
+def _reference(pre, taus, *, density, scale, merge, scope, excluded=()):
+    """Slow numpy TIES after the reference code: flatten, sort per task, vote, merge."""
+    paths = [
+        p
+        for p, x in ct.leaves_with_paths(pre)
+        if ct.is_float(x) and not any(e in p for e in excluded)
+    ]
+    tv = {
+        p: np.stack([np.asarray(dict(ct.leaves_with_paths(t))[p], np.float32) for t in taus])
+        for p in paths
+    }
+    T = len(taus)
+    groups = [paths] if scope == "global" else [[p] for p in paths]
+    trimmed = {}
+    for group in groups:
+        flat = np.concatenate([tv[p].reshape(T, -1) for p in group], axis=1)
+        n = flat.shape[1]
+        k = max(1, int(np.floor(density * n + 0.5)))
+        for t in range(T):
+            thr = np.sort(np.abs(flat[t]))[::-1][k - 1]
+            for p in group:
+                trimmed.setdefault(p, np.zeros_like(tv[p]))[t] = np.where(
+                    np.abs(tv[p][t]) >= thr, tv[p][t], 0
+                )
+    gammas = {p: np.sign(trimmed[p].sum(0)) for p in paths}
+    majority = np.sign(sum(g.sum() for g in gammas.values()))
+    out = {p: np.asarray(x) for p, x in ct.leaves_with_paths(pre)}
+    for p in paths:
+        g = np.where(gammas[p] == 0, majority, gammas[p])
+        merged = np.zeros(g.shape)
+        count = np.zeros(g.shape)
+        for idx in np.ndindex(g.shape):  # the disjoint merge, one coordinate at a time
+            for t in range(T):
+                v = trimmed[p][(t, *idx)]
+                if (g[idx] > 0 and v > 0) or (g[idx] <= 0 and v < 0):
+                    merged[idx] += v
+                    count[idx] += 1
+        if merge == "mean":
+            merged = merged / np.maximum(count, 1)
+        out[p] = (
+            np.asarray(pre_leaf := dict(ct.leaves_with_paths(pre))[p], np.float64) + scale * merged
+        )
+        del pre_leaf
+    return out
+
+
+def _check(got, ref, rtol=1e-5, atol=1e-6):
+    for p, x in ct.leaves_with_paths(got):
+        np.testing.assert_allclose(
+            np.asarray(x, np.float64), ref[p], rtol=rtol, atol=atol, err_msg=p
+        )
+
+
+@pytest.mark.parametrize(
+    "density,merge,scope",
+    [(0.2, "mean", "global"), (0.5, "sum", "global"), (0.3, "mean", "leaf"), (0.1, "sum", "leaf")],
+)
+def test_ties_matches_numpy_reference(rng, density, merge, scope):
+    pre = _tree(rng)
+    taus = [_tree(rng, scales=(1.0, 3.0, 0.2)) for _ in range(4)]
+    got = ties(pre, taus, density=density, scale=0.7, merge=merge, scope=scope)
+    _check(got, _reference(pre, taus, density=density, scale=0.7, merge=merge, scope=scope))
+
+
+def test_ties_stacked_input_and_rules(rng):
+    pre = _tree(rng)
+    taus = [_tree(rng) for _ in range(3)]
+    got = ties(pre, ct.stack(taus), density=0.25, rules=[("^head/", False)])
+    np.testing.assert_array_equal(got["head"]["kernel"], pre["head"]["kernel"])
+    np.testing.assert_array_equal(got["step"], pre["step"])
+    # Excluded leaves do not count in N and do not vote.
+    ref = _reference(
+        pre, taus, density=0.25, scale=1.0, merge="mean", scope="global", excluded=("head",)
+    )
+    _check(got, ref)
+
+
+def test_density_one_with_agreeing_signs_is_the_mean(rng):
+    pre = _tree(rng)
+    taus = [
+        jax.tree.map(lambda x: jnp.abs(x) + 0.1 if ct.is_float(x) else x, _tree(rng))
+        for _ in range(3)
+    ]
+    got = ties(pre, taus, density=1.0)
+    for p, x in ct.leaves_with_paths(got):
+        if ct.is_float(x):
+            mean = np.mean([np.asarray(dict(ct.leaves_with_paths(t))[p]) for t in taus], axis=0)
+            np.testing.assert_allclose(
+                x, np.asarray(dict(ct.leaves_with_paths(pre))[p]) + mean, rtol=1e-6, err_msg=p
+            )
+
+
+@pytest.mark.parametrize("majority", [1.0, -1.0])
+def test_sign_election_hand_example(majority):
+    # Coordinate 0: votes 1, -2, 0.5 sum to -0.5 -> negative; only -2 agrees.
+    # Coordinate 1: 1, -1, 0 sum to 0 -> takes the majority sign of the other coordinates.
+    # Coordinates 2, 3 set the majority: both elected with sign `majority`.
+    m = majority
+    taus = [
+        {"w": jnp.array([1.0, 1.0, 3 * m, 2 * m])},
+        {"w": jnp.array([-2.0, -1.0, 3 * m, -1 * m])},
+        {"w": jnp.array([0.5, 0.0, 3 * m, 0.0])},
+    ]
+    pre = {"w": jnp.zeros(4)}
+    got = ties(pre, taus, density=1.0, merge="mean")
+    np.testing.assert_allclose(got["w"], [-2.0, m, 3 * m, 2 * m])
+    got = ties(pre, taus, density=1.0, merge="sum", scale=0.5)
+    np.testing.assert_allclose(got["w"], [-1.0, 0.5 * m, 4.5 * m, 1.0 * m])
+
+
+def test_global_and_leaf_scope_differ_where_they_should(rng):
+    # "big" holds every large value: a global top-50% keeps only big entries, so "small"
+    # is trimmed to zero and keeps theta0; per leaf, half of "small" survives.
+    pre = {"big": jnp.zeros((10,)), "small": jnp.zeros((10,))}
+    taus = [
+        {
+            "big": jnp.asarray(rng.uniform(10, 20, 10), jnp.float32),
+            "small": jnp.asarray(rng.uniform(0.01, 0.02, 10), jnp.float32),
+        }
+    ]
+    glob = ties(pre, taus, density=0.5, scope="global")
+    leaf = ties(pre, taus, density=0.5, scope="leaf")
+    np.testing.assert_array_equal(glob["small"], 0)
+    np.testing.assert_array_equal(glob["big"], taus[0]["big"])
+    assert int((np.asarray(leaf["small"]) != 0).sum()) == 5
+    assert int((np.asarray(leaf["big"]) != 0).sum()) == 5
+
+
+def test_threshold_ties_are_kept():
+    # density 0.4 of 5 entries: k = 2, the 2nd largest magnitude is 2, held by three entries.
+    taus = [{"w": jnp.array([3.0, -2.0, 2.0, 2.0, 1.0])}]
+    got = ties({"w": jnp.zeros(5)}, taus, density=0.4)
+    np.testing.assert_array_equal(got["w"], [3.0, -2.0, 2.0, 2.0, 0.0])
+
+
+def test_scale_zero_returns_pretrained(rng):
+    pre = _tree(rng)
+    got = ties(pre, [_tree(rng), _tree(rng)], scale=0.0)
+    chex.assert_trees_all_equal(got, pre)
+
+
+def test_jit_and_no_jit_agree(rng):
+    pre = _tree(rng)
+    taus = ct.stack([_tree(rng) for _ in range(3)])
+    eager = ties(pre, taus, density=0.3, scale=1.2)
+    jitted = jax.jit(lambda p, t, s: ties(p, t, density=0.3, scale=s))(pre, taus, 1.2)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_stays_bfloat16(rng):
+    pre = _tree(rng, jnp.bfloat16)
+    taus = [_tree(rng, jnp.bfloat16) for _ in range(3)]
+    got = ties(pre, taus, density=0.3, merge="sum", scale=0.3)
+    up = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32) if ct.is_float(x) else x, t)
+    f32 = ties(up(pre), [up(t) for t in taus], density=0.3, merge="sum", scale=0.3)
+    for (p, g), r in zip(ct.leaves_with_paths(got), jax.tree.leaves(f32), strict=True):
+        if ct.is_float(g):
+            assert g.dtype == jnp.bfloat16, p
+            np.testing.assert_allclose(
+                np.asarray(g, np.float32), np.asarray(r), rtol=1e-2, atol=1e-2
+            )
+
+
+def test_nnx_state():
+    from flax import nnx
+
+    pre = nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.Param)
+    taus = [
+        jax.tree.map(
+            lambda a, b: b - a, pre, nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(i)), nnx.Param)
+        )
+        for i in (1, 2, 3)
+    ]
+    got = ties(pre, taus, density=0.5)
+    assert isinstance(got, nnx.State)
+    _check(got, _reference(pre, taus, density=0.5, scale=1.0, merge="mean", scope="global"))
+
+
+def test_bad_inputs(rng):
+    pre = _tree(rng)
+    taus = [_tree(rng)]
+    for density in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"density=.* must be in \(0, 1\]"):
+            ties(pre, taus, density=density)
+    with pytest.raises(ValueError, match="merge='max' must be one of"):
+        ties(pre, taus, merge="max")
+    with pytest.raises(ValueError, match="scope='layer' must be one of"):
+        ties(pre, taus, scope="layer")
+    with pytest.raises(ValueError, match="empty list"):
+        ties(pre, [])
+    bad = _tree(rng)
+    bad["enc"]["kernel"] = bad["enc"]["kernel"].at[2, 1].set(jnp.nan)
+    with pytest.raises(
+        ValueError, match=r"task_vectors\[1\] has 1 non-finite value\(s\) at path 'enc/kernel'"
+    ):
+        ties(pre, [_tree(rng), bad], check_finite=True)
+    wrong = _tree(rng)
+    wrong["head"]["kernel"] = jnp.zeros((3, 5))
+    with pytest.raises(ValueError, match="shape mismatch at path 'head/kernel'"):
+        ties(pre, [wrong])
