@@ -1,0 +1,75 @@
+"""Stochastic weight averaging: a uniform running mean of snapshots taken every k steps."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from cljax.averaging._base import Averager, _copy_accum, _move_toward
+from cljax.tree import Params
+
+__all__ = ["SwaState", "swa"]
+
+
+class SwaState(NamedTuple):
+    """State of :func:`swa`.
+
+    Attributes:
+      mean: the uniform mean of the snapshots (the initial parameters until the first).
+      count: int32, the number of snapshots in the mean.
+    """
+
+    mean: Params
+    count: jax.Array
+
+
+def swa(start: int = 0, every: int = 1) -> Averager:
+    """Stochastic weight averaging: the uniform mean of the parameters after update ``s``
+    for every ``s >= start`` with ``(s - start) % every == 0``.
+
+    ``s`` is ``TrainState.step`` after the update (1 after the first update). The initial
+    parameters are not part of the mean: the first snapshot replaces them.
+
+    Args:
+      start: first update count eligible for a snapshot (``>= 0``).
+      every: snapshot period in updates (``>= 1``).
+
+    Returns:
+      An :class:`Averager` whose state is :class:`SwaState`.
+
+    Raises:
+      ValueError: for a negative ``start`` or ``every < 1``.
+
+    Example:
+      >>> avg = swa(start=100, every=10)
+      >>> s = avg.init({"w": jnp.zeros(2)})
+      >>> s = avg.update(s, {"w": jnp.ones(2)}, 100)
+      >>> int(s.count)
+      1
+
+    References:
+      Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
+      Generalization", UAI 2018.
+    """
+    if start < 0:
+        raise ValueError(f"swa: {start=} must be >= 0")
+    if every < 1:
+        raise ValueError(f"swa: {every=} must be >= 1")
+
+    def init(params: Params) -> SwaState:
+        return SwaState(mean=_copy_accum(params), count=jnp.zeros((), jnp.int32))
+
+    def update(state: SwaState, params: Params, step: jax.Array | int) -> SwaState:
+        step = jnp.asarray(step, jnp.int32)
+        take = (step >= start) & ((step - start) % every == 0)
+
+        def snapshot(s: SwaState) -> SwaState:
+            count = s.count + 1
+            weight = 1.0 / count.astype(jnp.float32)
+            return SwaState(mean=_move_toward(s.mean, params, weight), count=count)
+
+        return jax.lax.cond(take, snapshot, lambda s: s, state)
+
+    return Averager(init, update)
