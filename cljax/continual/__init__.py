@@ -6,6 +6,7 @@ every task into the accuracy matrix ``A[j, i]`` (after task j, on task i), and c
 its whole state at task boundaries. The metrics read that matrix.
 """
 
+from cljax.continual._methods import EWC, GPM, OSFT, CoSO, L2Anchor, LwF, Naive
 from cljax.continual._metrics import (
     average_incremental_accuracy,
     backward_transfer,
@@ -17,8 +18,29 @@ from cljax.continual._metrics import (
     mtil_transfer,
     summarize,
 )
+from cljax.continual._runner import (
+    ContinualResult,
+    HeadLayout,
+    Method,
+    TaskContext,
+    cross_entropy_loss,
+    run_sequence,
+)
 
 __all__ = [
+    "EWC",
+    "GPM",
+    "OSFT",
+    "CoSO",
+    "ContinualResult",
+    "HeadLayout",
+    "L2Anchor",
+    "LwF",
+    "Method",
+    "Naive",
+    "TaskContext",
+    "cross_entropy_loss",
+    "run_sequence",
     "average_incremental_accuracy",
     "backward_transfer",
     "final_average_accuracy",

@@ -1,0 +1,427 @@
+"""The task-sequence runner: train tasks one after another, evaluate all of them after each.
+
+A run is a loop over tasks ``j = 0..T-1``::
+
+    begin_task hooks -> steps_per_task jitted train steps -> end_task hooks
+    -> evaluate every task i -> A[j, i] -> checkpoint (state, A) at the boundary
+
+Methods are objects with pure hooks (:class:`Method`): they may wrap the optimiser (a
+projection transform after it), add a loss term, keep a state in ``TrainState.methods``
+and change the train state between tasks. The runner owns the scenario -- how the local
+labels of a task map onto the model's outputs -- through a :class:`HeadLayout`:
+
+* ``"task"`` (task-incremental): one head per task, i.e. a slice of the output per task;
+  training and evaluation use the task's slice only (the task id is known);
+* ``"class"`` (class-incremental): one head over the classes of all tasks; evaluation takes
+  the argmax over every output (no task id);
+* ``"domain"`` (domain-incremental): every task has the same label space and one head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cljax.checkpoint import CheckpointManager
+from cljax.continual._metrics import summarize
+from cljax.data import Task
+from cljax.projection._common import find_state
+from cljax.train import TrainState
+
+__all__ = [
+    "ContinualResult",
+    "HeadLayout",
+    "Method",
+    "TaskContext",
+    "cross_entropy_loss",
+    "run_sequence",
+]
+
+SCENARIOS = ("task", "class", "domain")
+_NEG = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+    """How each task's local labels map onto the model's outputs.
+
+    Attributes:
+      scenario: ``"task"``, ``"class"`` or ``"domain"``.
+      offsets: first output of each task.
+      sizes: number of classes of each task.
+      num_outputs: width of the model's output.
+    """
+
+    scenario: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    num_outputs: int
+
+    @classmethod
+    def build(cls, scenario: str, tasks: Sequence[Task]) -> HeadLayout:
+        """The layout of a task sequence under a scenario.
+
+        Raises:
+          ValueError: on an unknown scenario or an empty task sequence.
+        """
+        if scenario not in SCENARIOS:
+            raise ValueError(f"{scenario=} must be one of {SCENARIOS}")
+        if len(tasks) == 0:
+            raise ValueError("the task sequence is empty; need at least one task")
+        sizes = tuple(t.num_classes for t in tasks)
+        if scenario == "domain":
+            return cls(scenario, (0,) * len(sizes), sizes, max(sizes))
+        offsets = tuple(int(v) for v in np.cumsum((0, *sizes[:-1])))
+        return cls(scenario, offsets, sizes, int(sum(sizes)))
+
+    def _range(self, i: int) -> np.ndarray:
+        m = np.zeros(self.num_outputs, bool)
+        m[self.offsets[i] : self.offsets[i] + self.sizes[i]] = True
+        return m
+
+    def train_mask(self, i: int) -> np.ndarray:
+        """Outputs the loss of task ``i`` sees (its own head for ``"task"``, all otherwise)."""
+        if self.scenario == "task":
+            return self._range(i)
+        return np.ones(self.num_outputs, bool)
+
+    def eval_mask(self, i: int) -> np.ndarray:
+        """Outputs among which task ``i`` is evaluated (no task id unless ``"task"``)."""
+        return self.train_mask(i)
+
+    def old_mask(self, i: int) -> np.ndarray:
+        """Outputs of tasks before ``i`` (all outputs in ``"domain"``): what LwF distills."""
+        if self.scenario == "domain":
+            return np.full(self.num_outputs, i > 0)
+        m = np.zeros(self.num_outputs, bool)
+        for k in range(i):
+            m |= self._range(k)
+        return m
+
+    def global_labels(self, y: np.ndarray, i: int) -> np.ndarray:
+        return (np.asarray(y) + self.offsets[i]).astype(np.int32)
+
+    def batch(self, raw: dict, i: int) -> dict:
+        """A runner batch: ``x``, global ``y``, the masks and the task index."""
+        return {
+            "x": raw["x"],
+            "y": self.global_labels(raw["y"], i),
+            "mask": self.train_mask(i),
+            "old_mask": self.old_mask(i),
+            "task": np.asarray(i, np.int32),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskContext:
+    """What a between-task hook is told about the task at hand.
+
+    Attributes:
+      index: task index ``j``.
+      tasks: the whole sequence.
+      layout: the :class:`HeadLayout`.
+      apply_fn: ``apply_fn(params, x) -> logits``.
+      seed: the run's seed.
+    """
+
+    index: int
+    tasks: tuple[Task, ...]
+    layout: HeadLayout
+    apply_fn: Callable[[Any, jax.Array], jax.Array]
+    seed: int
+
+    @property
+    def task(self) -> Task:
+        return self.tasks[self.index]
+
+    def train_batch(self, n: int) -> dict:
+        """The first ``n`` training examples of the task as a runner batch (for hooks)."""
+        x, y = self.task.split("train")
+        n = min(n, len(y))
+        return self.layout.batch({"x": x[:n], "y": y[:n]}, self.index)
+
+
+class Method:
+    """Base class of continual-learning methods: every hook is the identity (naive fine-tuning).
+
+    Subclasses override what they need. All hooks are pure: they take and return values.
+
+    Attributes:
+      name: key of the method's state in ``TrainState.methods`` (unique within a run).
+      persistent_states: optax sub-state types to carry over when the runner resets the
+        optimiser between tasks (a projection memory must survive a reset).
+    """
+
+    name: str = "naive"
+    persistent_states: tuple[type, ...] = ()
+
+    def wrap_optimizer(self, optimizer: optax.GradientTransformation) -> Any:
+        """The optimiser actually used (e.g. ``optax.chain(optimizer, projection)``)."""
+        return optimizer
+
+    def init(self, params: Any) -> Any:
+        """The method's state, stored in ``TrainState.methods[self.name]`` (fixed structure)."""
+        return {}
+
+    def loss(
+        self, params: Any, batch: dict, logits: jax.Array, mstate: Any, apply_fn: Callable
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """An extra loss term (traced inside the jitted step) and scalar metrics."""
+        return jnp.zeros((), jnp.float32), {}
+
+    def post_step(self, state: TrainState) -> TrainState:
+        """Applied after every optimiser update, inside the jit (e.g. a weight average)."""
+        return state
+
+    def begin_task(self, state: TrainState, ctx: TaskContext) -> TrainState:
+        """Between-task hook before training task ``ctx.index``."""
+        return state
+
+    def end_task(self, state: TrainState, ctx: TaskContext) -> TrainState:
+        """Between-task hook after training task ``ctx.index`` (before evaluation)."""
+        return state
+
+
+class _Naive(Method):
+    name = "naive"
+
+
+def cross_entropy_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    """Mean cross-entropy over the outputs in ``batch["mask"]`` with global labels."""
+    z = jnp.where(batch["mask"], logits.astype(jnp.float32), _NEG)
+    return optax.softmax_cross_entropy_with_integer_labels(z, batch["y"]).mean()
+
+
+@dataclasses.dataclass
+class ContinualResult:
+    """The outcome of :func:`run_sequence`.
+
+    Attributes:
+      accuracy: ``[T, T]`` accuracy matrix, ``accuracy[j, i]`` after task j on task i.
+      initial: ``[T]`` accuracies before any training (FWT baseline), or None.
+      metrics: :func:`cljax.continual.summarize` of ``accuracy`` (with FWT if ``initial``).
+      state: the final :class:`TrainState`.
+      losses: per task, the mean training loss of its last 10 % steps.
+      resumed_from: task index the run resumed at (0 for a fresh run).
+    """
+
+    accuracy: np.ndarray
+    initial: np.ndarray | None
+    metrics: dict[str, float]
+    state: TrainState
+    losses: list[float]
+    resumed_from: int
+
+
+def _carry_states(fresh: Any, old: Any, types: Sequence[type]) -> Any:
+    for cls in types:
+        olds = iter(find_state(old, cls))
+        fresh = jax.tree.map(
+            lambda x, cls=cls, olds=olds: next(olds) if isinstance(x, cls) else x,
+            fresh,
+            is_leaf=lambda x, cls=cls: isinstance(x, cls),
+        )
+    return fresh
+
+
+def _accuracy_fn(apply_fn):
+    @jax.jit
+    def correct(params, x, y, mask):
+        z = jnp.where(mask, apply_fn(params, x).astype(jnp.float32), _NEG)
+        return jnp.sum(jnp.argmax(z, -1) == y)
+
+    return correct
+
+
+def run_sequence(
+    tasks: Sequence[Task],
+    *,
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    steps_per_task: int,
+    batch_size: int,
+    methods: Method | Sequence[Method] = (),
+    scenario: str = "domain",
+    task_loss: Callable[[jax.Array, dict], jax.Array] = cross_entropy_loss,
+    eval_fn: Callable[[Any, int, Task], float] | None = None,
+    eval_split: str = "test",
+    eval_batch_size: int = 1000,
+    evaluate_initial: bool = False,
+    reset_optimizer: bool = True,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: Callable[[Iterable, str, int], Iterable] | None = None,
+) -> ContinualResult:
+    """Trains on ``tasks`` in order and returns the accuracy matrix and final state.
+
+    Args:
+      tasks: the task sequence (:class:`cljax.data.Task`).
+      apply_fn: ``apply_fn(params, x) -> logits [B, layout.num_outputs]``.
+      params: initial parameters.
+      optimizer: base optax optimiser; each method may wrap it (:meth:`Method.wrap_optimizer`).
+      steps_per_task: optimiser steps per task.
+      batch_size: training batch size.
+      methods: one method or several (hooks run in order, losses add up); none = naive.
+      scenario: ``"task"``, ``"class"`` or ``"domain"`` (module docstring).
+      task_loss: ``task_loss(logits, batch) -> scalar`` (default: masked cross-entropy).
+      eval_fn: ``eval_fn(params, i, task) -> accuracy`` replacing the default argmax
+        accuracy on ``eval_split`` with the scenario's masks (e.g. zero-shot CLIP heads).
+      eval_split: split evaluated by the default ``eval_fn``.
+      eval_batch_size: batch size of the default evaluation.
+      evaluate_initial: also evaluate the initial model (the FWT baseline).
+      reset_optimizer: re-initialise the optimiser state at each task start (as a fresh
+        optimiser per task in the references), carrying over the methods'
+        ``persistent_states`` (projection memories).
+      seed: seeds the PRNG of the train state and the data order.
+      checkpoint_dir: if given, the whole state (train state with method states, the
+        accuracy matrix so far) is saved there at every task boundary, and a re-run with
+        the same folder resumes after the last completed task.
+      progress: optional ``progress(iterable, desc, total)`` wrapper (e.g. tqdm).
+
+    Returns:
+      A :class:`ContinualResult`.
+
+    Raises:
+      ValueError: on an empty sequence, an unknown scenario, a non-positive step count or
+        batch size, or duplicate method names.
+
+    Example::
+
+      tasks = cljax.data.permuted_mnist(10)
+      result = run_sequence(tasks, apply_fn=lambda p, x: model.apply({"params": p}, x),
+                            params=params, optimizer=optax.adam(1e-3), steps_per_task=200,
+                            batch_size=32, methods=[GPM(...)], scenario="domain")
+      print(result.metrics["acc"], result.metrics["bwt"])
+
+    References:
+      Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017
+      (the accuracy matrix); van de Ven & Tolias, "Three scenarios for continual learning",
+      2019 (task-, domain- and class-incremental).
+    """
+    tasks = tuple(tasks)
+    layout = HeadLayout.build(scenario, tasks)
+    if steps_per_task < 1:
+        raise ValueError(f"{steps_per_task=} must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"{batch_size=} must be >= 1")
+    methods = [methods] if isinstance(methods, Method) else list(methods)
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique; got {names}")
+    progress = progress or (lambda it, desc, total: it)
+
+    tx = optimizer
+    for m in methods:
+        tx = m.wrap_optimizer(tx)
+    keep_types = tuple(t for m in methods for t in m.persistent_states)
+    # The step donates the state: work on a copy so the caller's arrays stay alive.
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    state = TrainState.create(
+        params, tx, rng=seed, methods={m.name: m.init(params) for m in methods}
+    )
+    n_tasks = len(tasks)
+    acc = np.zeros((n_tasks, n_tasks), np.float64)
+    initial = np.zeros(n_tasks, np.float64) if evaluate_initial else None
+    losses: list[float] = []
+
+    correct = _accuracy_fn(apply_fn)
+
+    def evaluate(p, i):
+        if eval_fn is not None:
+            return float(eval_fn(p, i, tasks[i]))
+        hits, n = 0, 0
+        mask = layout.eval_mask(i)
+        for b in tasks[i].eval_batches(eval_batch_size, eval_split):
+            hits += int(correct(p, b["x"], layout.global_labels(b["y"], i), mask))
+            n += len(b["y"])
+        return hits / max(n, 1)
+
+    start = 0
+    ckpt = CheckpointManager(checkpoint_dir, keep=2) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        target = {
+            "state": state,
+            "acc": acc,
+            "initial": np.zeros(n_tasks) if initial is None else initial,
+            "losses": np.zeros(n_tasks),
+        }
+        restored = ckpt.restore_latest(target)
+        if restored is not None:
+            start, tree, meta = restored
+            if meta.get("num_tasks") != n_tasks:
+                raise ValueError(
+                    f"checkpoint in {checkpoint_dir} is of a {meta.get('num_tasks')}-task run; "
+                    f"this run has {n_tasks} tasks (use another folder)"
+                )
+            state = tree["state"].replace(tx=tx)
+            acc = np.asarray(tree["acc"], np.float64)
+            if initial is not None:
+                initial = np.asarray(tree["initial"], np.float64)
+            losses = [float(v) for v in np.asarray(tree["losses"])[:start]]
+
+    if initial is not None and start == 0:
+        initial[:] = [evaluate(state.params, i) for i in range(n_tasks)]
+
+    def loss_fn(p, batch, rng, mstates):
+        del rng
+        logits = apply_fn(p, batch["x"])
+        loss = task_loss(logits, batch)
+        aux = {"task_loss": loss}
+        for m in methods:
+            extra, a = m.loss(p, batch, logits, mstates[m.name], apply_fn)
+            loss = loss + extra
+            aux.update({f"{m.name}/{k}": v for k, v in a.items()})
+        return loss, aux
+
+    def step(st: TrainState, batch: dict):
+        rng, sub = jax.random.split(st.rng)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            st.params, batch, sub, st.methods
+        )
+        st = st.apply_gradients(grads)
+        for m in methods:
+            st = m.post_step(st)
+        return st.replace(rng=rng), {"loss": loss, **aux}
+
+    step = jax.jit(step, donate_argnums=(0,))
+
+    for j in range(start, n_tasks):
+        ctx = TaskContext(j, tasks, layout, apply_fn, seed)
+        if reset_optimizer and j > 0:
+            fresh = tx.init(state.params)
+            state = state.replace(opt_state=_carry_states(fresh, state.opt_state, keep_types))
+        for m in methods:
+            state = m.begin_task(state, ctx)
+        tail = []
+        for s in progress(range(steps_per_task), f"task {j}", steps_per_task):
+            raw = tasks[j].batch_at(s, batch_size, seed=seed * 1000 + j)
+            state, metrics = step(state, layout.batch(raw, j))
+            if s >= steps_per_task - max(1, steps_per_task // 10):
+                tail.append(metrics["loss"])
+        losses.append(float(np.mean(jax.device_get(tail))))
+        for m in methods:
+            state = m.end_task(state, ctx)
+        acc[j] = [evaluate(state.params, i) for i in range(n_tasks)]
+        if ckpt is not None:
+            padded = np.zeros(n_tasks)
+            padded[: len(losses)] = losses
+            ckpt.save(
+                j + 1,
+                {
+                    "state": state,
+                    "acc": acc,
+                    "initial": np.zeros(n_tasks) if initial is None else initial,
+                    "losses": padded,
+                },
+                metadata={"num_tasks": n_tasks, "completed": j + 1, "scenario": scenario},
+            )
+    metrics = summarize(acc, baseline=initial)
+    return ContinualResult(acc, initial, metrics, state, losses, start)

@@ -1,0 +1,190 @@
+"""The task-sequence runner: scenarios, hook order, accuracy matrix, checkpoint and resume."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cljax import continual as cl
+from cljax import projection as pj
+from cljax.data import Task
+
+
+def _tasks(num_tasks=3, classes=2, dim=6, n=96, seed=0):
+    """Linearly separable toy tasks: each task its own random class means."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(num_tasks):
+        means = rng.normal(size=(classes, dim)) * 3
+        y = rng.integers(0, classes, size=n).astype(np.int32)
+        x = (means[y] + rng.normal(size=(n, dim))).astype(np.float32)
+        names = tuple(f"c{t}{k}" for k in range(classes))
+        out.append(Task(f"t{t}", names, x[:64], y[:64], x[64:80], y[64:80], x[80:], y[80:]))
+    return out
+
+
+class _MLP(nn.Module):
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(16)(x))
+        return nn.Dense(self.out)(x)
+
+
+def _setup(out):
+    model = _MLP(out)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+    return model, params, (lambda p, x: model.apply({"params": p}, x))
+
+
+def test_head_layouts():
+    tasks = _tasks(3, classes=2)
+    lt = cl.HeadLayout.build("task", tasks)
+    assert lt.num_outputs == 6 and lt.offsets == (0, 2, 4)
+    np.testing.assert_array_equal(lt.train_mask(1), [0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(lt.old_mask(2), [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(lt.global_labels(np.array([0, 1]), 2), [4, 5])
+    lc = cl.HeadLayout.build("class", tasks)
+    assert lc.eval_mask(1).all() and lc.num_outputs == 6
+    ld = cl.HeadLayout.build("domain", tasks)
+    assert ld.num_outputs == 2 and ld.offsets == (0, 0, 0)
+    assert not ld.old_mask(0).any() and ld.old_mask(1).all()
+
+
+class _Recorder(cl.Method):
+    name = "rec"
+
+    def __init__(self):
+        self.calls = []
+
+    def init(self, params):
+        return {"n": jnp.zeros((), jnp.int32)}
+
+    def begin_task(self, state, ctx):
+        self.calls.append(("begin", ctx.index, int(state.step)))
+        return state
+
+    def end_task(self, state, ctx):
+        self.calls.append(("end", ctx.index, int(state.step)))
+        return state
+
+    def post_step(self, state):
+        m = state.methods["rec"]
+        return state.replace(methods={**state.methods, "rec": {"n": m["n"] + 1}})
+
+
+def test_hooks_run_in_order_and_matrix_is_filled():
+    tasks = _tasks(3)
+    _, params, apply_fn = _setup(6)
+    rec = _Recorder()
+    res = cl.run_sequence(
+        tasks,
+        apply_fn=apply_fn,
+        params=params,
+        optimizer=optax.adam(1e-2),
+        steps_per_task=5,
+        batch_size=16,
+        methods=[rec],
+        scenario="task",
+        evaluate_initial=True,
+    )
+    assert rec.calls == [
+        ("begin", 0, 0),
+        ("end", 0, 5),
+        ("begin", 1, 5),
+        ("end", 1, 10),
+        ("begin", 2, 10),
+        ("end", 2, 15),
+    ]
+    assert int(res.state.methods["rec"]["n"]) == 15
+    assert res.accuracy.shape == (3, 3) and res.initial.shape == (3,)
+    assert ((res.accuracy >= 0) & (res.accuracy <= 1)).all()
+    assert set(res.metrics) >= {"acc", "bwt", "fwt", "mtil_transfer"}
+    assert res.metrics["acc"] == pytest.approx(res.accuracy[-1].mean())
+
+
+def test_default_eval_is_the_masked_argmax_accuracy():
+    tasks = _tasks(2)
+    _, params, apply_fn = _setup(4)
+    res = cl.run_sequence(
+        tasks,
+        apply_fn=apply_fn,
+        params=params,
+        optimizer=optax.adam(1e-2),
+        steps_per_task=20,
+        batch_size=16,
+        scenario="task",
+    )
+    p = res.state.params
+    for i, t in enumerate(tasks):
+        z = np.asarray(apply_fn(p, t.x_test))[:, 2 * i : 2 * i + 2]
+        assert res.accuracy[1, i] == pytest.approx(np.mean(z.argmax(1) == t.y_test))
+    custom = cl.run_sequence(
+        tasks,
+        apply_fn=apply_fn,
+        params=params,
+        optimizer=optax.adam(1e-2),
+        steps_per_task=2,
+        batch_size=16,
+        scenario="task",
+        eval_fn=lambda p, i, t: 0.25 * (i + 1),
+    )
+    np.testing.assert_allclose(custom.accuracy, [[0.25, 0.5], [0.25, 0.5]])
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    tasks = _tasks(3)
+    model, params, apply_fn = _setup(2)
+    rec = jax.jit(lambda p, x: pj.record_layer_inputs(model, {"params": p}, x))
+    make = lambda: [
+        cl.GPM([("kernel", True)], rec, threshold=0.9, num_samples=32),
+        cl.EWC(1.0, fisher_samples=16),
+    ]
+    kw = dict(
+        apply_fn=apply_fn,
+        params=params,
+        optimizer=optax.adam(1e-2),
+        steps_per_task=8,
+        batch_size=16,
+        scenario="domain",
+    )
+    d = tmp_path / "ckpt"
+    full = cl.run_sequence(tasks, **kw, methods=make(), checkpoint_dir=d)
+    # Simulate a crash after task 1: drop the last boundary checkpoint and run again.
+    import shutil
+
+    shutil.rmtree(d / "step_3")
+    again = cl.run_sequence(tasks, **kw, methods=make(), checkpoint_dir=d)
+    assert again.resumed_from == 2
+    np.testing.assert_allclose(again.accuracy, full.accuracy, atol=1e-6)
+    g_full = pj.find_state(full.state.opt_state, pj.GPMState)[0]
+    g_again = pj.find_state(again.state.opt_state, pj.GPMState)[0]
+    np.testing.assert_allclose(g_again.memory[0], g_full.memory[0], atol=1e-5)
+    assert int(g_again.task) == 3
+    np.testing.assert_allclose(
+        again.state.methods["ewc"].fisher["Dense_0"]["kernel"],
+        full.state.methods["ewc"].fisher["Dense_0"]["kernel"],
+        rtol=1e-5,
+    )
+
+
+def test_bad_inputs(tmp_path):
+    _, params, apply_fn = _setup(2)
+    kw = dict(
+        apply_fn=apply_fn, params=params, optimizer=optax.sgd(0.1), steps_per_task=1, batch_size=4
+    )
+    with pytest.raises(ValueError, match=r"task sequence is empty"):
+        cl.run_sequence([], **kw)
+    with pytest.raises(ValueError, match=r"scenario='multi' must be one of"):
+        cl.run_sequence(_tasks(1), **kw, scenario="multi")
+    with pytest.raises(ValueError, match=r"method names must be unique"):
+        cl.run_sequence(_tasks(1), **kw, methods=[cl.EWC(1.0), cl.EWC(2.0)])
+    with pytest.raises(ValueError, match=r"steps_per_task=0"):
+        cl.run_sequence(_tasks(1), **{**kw, "steps_per_task": 0})
+    cl.run_sequence(_tasks(2), **kw, checkpoint_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match=r"2-task run; this run has 3 tasks"):
+        cl.run_sequence(_tasks(3), **kw, checkpoint_dir=tmp_path / "c")
