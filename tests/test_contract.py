@@ -36,7 +36,7 @@ import numpy as np
 import optax
 import pytest
 
-from cljax import averaging, losses, merging
+from cljax import averaging, losses, merging, projection
 from cljax import sharding as cs
 from cljax import tree as ct
 from cljax.merging import atlas
@@ -57,12 +57,15 @@ class Case(NamedTuple):
       like: ``like(args, out) -> (expected, got)``: the trees whose structure and dtypes
         must agree (by default the first ``params``/``state``/``stacked`` argument and the
         output).
+      canon: maps an output to what must agree across shardings, where the output holds
+        quantities defined up to a symmetry (the signs of singular vectors).
     """
 
     fn: Callable[..., Any]
     args: tuple
     roles: tuple[str, ...]
     like: Callable[[tuple, Any], tuple[Any, Any]] | None = None
+    canon: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,8 @@ def _batch(rng, n=16):
 
 def _logits(p, x):
     h = jnp.tanh(x.astype(p["dense"]["kernel"].dtype) @ p["dense"]["kernel"] + p["dense"]["bias"])
-    return (h @ p["head"]["kernel"]).astype(jnp.float32) + p["ln"].sum().astype(jnp.float32)
+    bias3 = jnp.pad(p["ln"], (0, 5)).astype(jnp.float32)  # a bias on 3 of the 8 classes
+    return (h @ p["head"]["kernel"]).astype(jnp.float32) + bias3
 
 
 def _ce(p, batch, rng=None):
@@ -261,6 +265,111 @@ def _case_zscl_distillation(rng, dtype):
     )
 
 
+# ----------------------------------------------------------------------------- continual learning
+
+_TARGETS = [(r"dense/kernel", True)]
+
+
+def _projection_step(tx: optax.GradientTransformation, hook, rng, dtype, canon=None) -> Case:
+    """A train step whose optimizer ends in a projection with a non-empty memory."""
+    params = _params(rng, dtype)
+    state = TrainState.create(params, tx, rng=0)
+    state = state.replace(opt_state=hook(state.opt_state, params, rng))
+    step = make_step(_ce, jit=False)
+    return Case(
+        step, (state, _batch(rng)), ("state", "batch"), like=lambda a, o: (a[0], o[0]), canon=canon
+    )
+
+
+def _coso_canon(out):
+    """CoSO's bases are singular vectors (signs arbitrary): compare their projectors."""
+    gram = lambda ms: tuple(m @ m.T for m in ms)
+
+    def canon(s):
+        return s._replace(
+            projector=gram(s.projector),
+            sketch=gram(s.sketch),
+            history=gram(s.history),
+            mu=tuple(m @ p.T for m, p in zip(s.mu, s.projector, strict=True)),
+        )
+
+    state, metrics = out
+    opt = projection.map_state(state.opt_state, projection.CoSOState, canon)
+    return state.replace(opt_state=opt), metrics
+
+
+def _case_gpm(rng, dtype):
+    def hook(opt_state, params, rng):
+        reps = [rng.normal(size=(12, 16)) @ np.diag([4.0] * 4 + [0.01] * 12)]
+        return projection.map_state(
+            opt_state, projection.GPMState, lambda s: projection.gpm_update_memory(s, reps, 0.97)
+        )
+
+    tx = optax.chain(optax.adam(1e-2), projection.gpm(_TARGETS, freeze_1d=True))
+    return _projection_step(tx, hook, rng, dtype)
+
+
+def _case_osft(rng, dtype):
+    def hook(opt_state, params, rng):
+        weights = projection.target_leaves(params, _TARGETS)
+        return projection.map_state(
+            opt_state, projection.OSFTState, lambda s: projection.osft_begin_task(s, weights, 0.5)
+        )
+
+    tx = optax.chain(optax.adam(1e-2), projection.osft(_TARGETS))
+    return _projection_step(tx, hook, rng, dtype)
+
+
+def _case_coso(rng, dtype):
+    not_targets = lambda p: ct.rule_mask(p, [(r"dense/kernel", False)], default=True)
+    tx = optax.chain(
+        optax.masked(optax.adam(1e-2), not_targets),
+        projection.coso(1e-2, _TARGETS, proj_rank=2, sketch_rank=4),
+    )
+    return _projection_step(tx, lambda o, p, r: o, rng, dtype, canon=_coso_canon)
+
+
+def _case_l2_anchor(rng, dtype):
+    return Case(
+        losses.l2_anchor,
+        (_params(rng, dtype), _params(rng, dtype)),
+        ("params", "params"),
+        like=lambda a, o: (jnp.zeros((), jnp.float32), o),
+    )
+
+
+def _case_ewc_penalty(rng, dtype):
+    params = _params(rng, dtype)
+    fisher = jax.tree.map(lambda x: jnp.abs(x).astype(jnp.float32), _params(rng, dtype))
+    ewc = losses.ewc_update(None, _params(rng, dtype), fisher)
+    return Case(
+        lambda p, s: losses.ewc_penalty(p, s, strength=10.0),
+        (params, ewc),
+        ("params", "params"),
+        like=lambda a, o: (jnp.zeros((), jnp.float32), o),
+    )
+
+
+def _case_diagonal_fisher(rng, dtype):
+    nll = lambda p, ex: _ce(p, jax.tree.map(lambda x: x[None], ex))
+    return Case(
+        lambda p, b: losses.diagonal_fisher(nll, p, b),
+        (_params(rng, dtype), _batch(rng)),
+        ("params", "batch"),
+        like=lambda a, o: (jax.tree.map(lambda x: x.astype(jnp.float32), a[0]), o),
+    )
+
+
+def _case_lwf_distillation(rng, dtype):
+    s, t = (jnp.asarray(rng.normal(size=(16, 8)), dtype) for _ in range(2))
+    return Case(
+        losses.lwf_distillation,
+        (s, t),
+        ("batch", "batch"),
+        like=lambda a, o: (jnp.zeros((), jnp.float32), o),
+    )
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -281,6 +390,13 @@ METHODS: list[Method] = [
     Method("entropy_loss", _case_entropy_loss),
     Method("kd_loss", _case_kd_loss),
     Method("zscl_distillation", _case_zscl_distillation),
+    Method("gpm", _case_gpm),
+    Method("osft", _case_osft),
+    Method("coso", _case_coso),
+    Method("l2_anchor", _case_l2_anchor),
+    Method("ewc_penalty", _case_ewc_penalty),
+    Method("diagonal_fisher", _case_diagonal_fisher),
+    Method("lwf_distillation", _case_lwf_distillation),
 ]
 NAMES = [m.name for m in METHODS]
 BY_NAME = {m.name: m for m in METHODS}
@@ -311,7 +427,11 @@ def _compiled(name: str) -> Any:
 @functools.cache
 def _reference(name: str) -> Any:
     case = _case(name)
-    return jax.device_get(_compiled(name)(*case.args))
+    return _canon(case, _compiled(name)(*case.args))
+
+
+def _canon(case: Case, out: Any) -> Any:
+    return jax.device_get(case.canon(out) if case.canon else out)
 
 
 def _like(case: Case, out: Any) -> tuple[Any, Any]:
@@ -405,7 +525,7 @@ def test_stacked_and_list_agree(name):
     listed = tuple(
         ct.unstack(a) if r == "stacked" else a for a, r in zip(case.args, case.roles, strict=True)
     )
-    _close(jax.jit(case.fn)(*listed), _reference(name), **_tol(jnp.float32))
+    _close(_canon(case, jax.jit(case.fn)(*listed)), _reference(name), **_tol(jnp.float32))
 
 
 def _modes(name: str) -> list[str]:
@@ -417,7 +537,7 @@ def _modes(name: str) -> list[str]:
 def test_sharded_equals_unsharded(name, mode):
     compiled, args, out_sh = _sharded(name, mode)
     out = compiled(*args)
-    _close(jax.device_get(out), _reference(name), rtol=2e-5, atol=2e-5)
+    _close(_canon(_case(name), out), _reference(name), rtol=2e-5, atol=2e-5)
     # outputs come back with the shardings asked for (method states sharded like params)
     for leaf, s in zip(jax.tree.leaves(out), jax.tree.leaves(out_sh), strict=True):
         assert leaf.sharding.is_equivalent_to(s, leaf.ndim), (name, mode, leaf.shape)
