@@ -62,6 +62,7 @@ __all__ = [
     "cluster_environment",
     "collective_bytes",
     "create_sharded_state",
+    "data_parallel_value_and_grad",
     "describe_shardings",
     "fsdp_spec",
     "hlo_collectives",
@@ -638,6 +639,63 @@ def sharded_step(
 
     step.lower = jitted.lower  # type: ignore[attr-defined]
     return step
+
+
+def data_parallel_value_and_grad(
+    loss_fn: Callable[..., Any],
+    mesh: Mesh,
+    *,
+    axis: AxisNames = "data",
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """``value_and_grad`` of ``loss_fn(x, batch, *rest)`` that all-reduces only the gradient of x.
+
+    Each device differentiates the mean loss of its own slice of the batch and the results
+    are averaged over ``axis`` (``pmean`` inside ``jax.shard_map``): the gradient is the
+    global-batch gradient (slices are equal, so the mean of slice means is the global mean),
+    and only ``x``'s gradient crosses the wire. Under plain ``jit``, XLA all-reduces the
+    batch contraction where it happens, e.g. the full parameter cotangent ``dL/dθ`` of an
+    aTLAS step before the per-block dot products ``<dL/dθ_b, τ_t,b>``; here the reduction
+    is of the T x B coefficient gradient alone. Use it when ``x`` is much smaller than the
+    model (aTLAS coefficients, a learned soup's weights, a head) and ``rest`` is replicated.
+
+    Args:
+      loss_fn: ``loss_fn(x, batch, *rest) -> loss`` (or ``(loss, aux)`` with ``has_aux``),
+        a mean over the batch's examples.
+      mesh: the mesh.
+      axis: the mesh axis (or axes) the batch is split over.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is averaged too.
+
+    Returns:
+      ``fn(x, batch, *rest) -> (value, grad)``, to call inside ``jit``; ``x`` and ``rest``
+      enter replicated, the batch split over ``axis``; outputs are replicated.
+
+    Raises:
+      ValueError: if ``axis`` is not an axis of ``mesh``.
+
+    Example:
+      >>> vg = data_parallel_value_and_grad(
+      ...     lambda c, b, p0, tv: loss(atlas.compose(p0, tv, c), b), mesh)
+      >>> loss_value, coef_grad = vg(coefs, batch, pretrained, task_vectors)
+    """
+    _axis_size(mesh, axis, f"data_parallel_value_and_grad {axis=}")
+    names = _axes(axis)
+    vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    def local(x: Any, batch: Any, *rest: Any) -> Any:
+        return jax.lax.pmean(vg(x, batch, *rest), names)
+
+    def fn(x: Any, batch: Any, *rest: Any) -> Any:
+        mapped = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec(axis), *[PartitionSpec()] * len(rest)),
+            out_specs=PartitionSpec(),
+            check_vma=False,
+        )
+        return mapped(x, batch, *rest)
+
+    return fn
 
 
 # ----------------------------------------------------------------------------- compiled HLO

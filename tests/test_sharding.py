@@ -357,3 +357,22 @@ def test_named_shardings_are_namedshardings(rng):
     sh = cs.named_shardings(_params(rng), mesh, default=cs.FSDP)
     assert all(isinstance(s, NamedSharding) for s in jax.tree.leaves(sh))
     assert cs.replicated(mesh).spec == P()
+
+
+def test_data_parallel_value_and_grad_reduces_only_the_small_gradient(rng):
+    mesh = cs.make_mesh({"data": 8}, DEVICES)
+    params, batch = _params(rng), _batch(rng)
+    scale = {"s": jnp.ones((4,), jnp.float32)}  # a few trained scalars over a frozen model
+
+    def loss(sc, b, p):
+        h = jnp.tanh(b["x"] @ p["dense"]["kernel"]) @ p["head"]["kernel"]
+        return jnp.mean((h * sc["s"] - b["y"]) ** 2), {"mean_h": jnp.mean(h)}
+
+    want = jax.jit(jax.value_and_grad(loss, has_aux=True))(scale, batch, params)
+    vg = cs.data_parallel_value_and_grad(loss, mesh, has_aux=True)
+    rep, bsh = cs.replicated(mesh), cs.batch_sharding(mesh)
+    f = jax.jit(vg, in_shardings=(rep, bsh, rep), out_shardings=rep)
+    compiled = f.lower(scale, batch, params).compile()
+    chex.assert_trees_all_close(compiled(scale, batch, params), want, rtol=1e-5, atol=1e-6)
+    reduced = sum(c.result_bytes for c in cs.hlo_collectives(compiled))
+    assert reduced <= 4 * (4 + 2)  # the 4 scalars' gradient, the loss and the aux
