@@ -2,6 +2,7 @@
 
 from cljax.models._lenet import LeNet
 from cljax.models._mlp import MLP
+from cljax.models._resnet import BasicBlock, ResNet, ResNet18
 from cljax.models._vit import ViT
 
-__all__ = ["MLP", "LeNet", "ViT"]
+__all__ = ["MLP", "BasicBlock", "LeNet", "ResNet", "ResNet18", "ViT"]
