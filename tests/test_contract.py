@@ -36,7 +36,7 @@ import numpy as np
 import optax
 import pytest
 
-from cljax import averaging, losses, merging, projection
+from cljax import averaging, losses, merging, mtl, projection
 from cljax import sharding as cs
 from cljax import tree as ct
 from cljax.merging import atlas
@@ -75,6 +75,11 @@ class Method:
     dtypes: tuple = (jnp.float32, jnp.bfloat16)
     # collective kinds the FSDP-sharded program must not hold (None: not checked)
     fsdp_forbids: tuple[str, ...] | None = None
+    # also check a listed (unstacked) input and the task-axis layout; off for rows whose
+    # stacked input goes through the same code path as a row that checks them, to keep
+    # the table fast (every check is one more compile)
+    lists: bool = True
+    task_axis: bool = True
 
 
 # ----------------------------------------------------------------------------- tiny problems
@@ -370,6 +375,45 @@ def _case_lwf_distillation(rng, dtype):
     )
 
 
+# ----------------------------------------------------------------------------- multi-task learning
+
+
+def _aggregator(agg, needs_key: bool = False):
+    def build(rng, dtype):
+        grads = _stacked(rng, dtype, 1.0)
+        one = lambda a, o: (jax.tree.map(lambda x: x[0], a[0]), o)
+        if needs_key:
+            return Case(
+                lambda g, k: agg(g, key=k),
+                (grads, jax.random.key(1)),
+                ("stacked", "replicated"),
+                one,
+            )
+        return Case(agg, (grads,), ("stacked",), one)
+
+    return build
+
+
+def _task_losses(p, batch, rng=None):
+    """Two tasks: the classes 0-3 and 4-7 of the tiny classifier, cross-entropy each."""
+    logits = _logits(p, batch["x"])
+    y = batch["y"] % 4
+    ce = lambda z: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1))
+    return jnp.stack([ce(logits[:, :4]), ce(logits[:, 4:])])
+
+
+def _mtl_grad(grad_fn):
+    def build(rng, dtype):
+        return Case(
+            lambda p, b: grad_fn(p, b),
+            (_params(rng, dtype), _batch(rng)),
+            ("params", "batch"),
+            like=lambda a, o: (a[0], o[0]),
+        )
+
+    return build
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -378,8 +422,8 @@ METHODS: list[Method] = [
     Method("apply", _case_apply, fsdp_forbids=("all-gather", "all-reduce")),
     Method("task_arithmetic", _case_task_arithmetic, fsdp_forbids=("all-gather",)),
     Method("ties", _case_ties),
-    Method("ties_leaf", _case_ties_leaf, fsdp_forbids=("all-gather",)),
-    Method("dare", _case_dare, fsdp_forbids=("all-gather",)),
+    Method("ties_leaf", _case_ties_leaf, fsdp_forbids=("all-gather",), lists=False),
+    Method("dare", _case_dare, fsdp_forbids=("all-gather",), lists=False),
     Method("average", _case_average, fsdp_forbids=("all-gather",)),
     Method("interpolate", _case_interpolate, fsdp_forbids=("all-gather", "all-reduce")),
     Method("atlas_compose", _case_atlas_compose, fsdp_forbids=("all-gather",)),
@@ -397,6 +441,16 @@ METHODS: list[Method] = [
     Method("ewc_penalty", _case_ewc_penalty),
     Method("diagonal_fisher", _case_diagonal_fisher),
     Method("lwf_distillation", _case_lwf_distillation),
+    Method("linear", _aggregator(mtl.linear), fsdp_forbids=("all-gather",)),
+    Method("mgda", _aggregator(mtl.mgda), task_axis=False),
+    Method("pcgrad", _aggregator(mtl.pcgrad, needs_key=True)),
+    Method("cagrad", _aggregator(mtl.cagrad), lists=False, task_axis=False),
+    Method("imtl_g", _aggregator(mtl.imtl_g), lists=False, task_axis=False),
+    Method("nash_mtl", _aggregator(mtl.nash_mtl), lists=False, task_axis=False),
+    Method("aligned_mtl", _aggregator(mtl.aligned_mtl), lists=False, task_axis=False),
+    Method("graddrop", _aggregator(mtl.graddrop, needs_key=True), lists=False),
+    Method("mtl_grad_fn", _mtl_grad(mtl.mtl_grad_fn(_task_losses, mtl.mgda))),
+    Method("fmtl", _mtl_grad(mtl.fmtl(_task_losses, mtl.linear, rho=0.05))),
 ]
 NAMES = [m.name for m in METHODS]
 BY_NAME = {m.name: m for m in METHODS}
@@ -519,7 +573,9 @@ def test_keeps_structure_and_dtypes(name):
         chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if "stacked" in _case(n).roles])
+@pytest.mark.parametrize(
+    "name", [m.name for m in METHODS if m.lists and "stacked" in _case(m.name).roles]
+)
 def test_stacked_and_list_agree(name):
     case = _case(name)
     listed = tuple(
@@ -530,7 +586,8 @@ def test_stacked_and_list_agree(name):
 
 def _modes(name: str) -> list[str]:
     roles = _case(name).roles
-    return ["fsdp"] + ["dp"] * ("batch" in roles) + ["task"] * ("stacked" in roles)
+    task = BY_NAME[name].task_axis and "stacked" in roles
+    return ["fsdp"] + ["dp"] * ("batch" in roles) + ["task"] * task
 
 
 @pytest.mark.parametrize("name, mode", [(n, m) for n in NAMES for m in _modes(n)])

@@ -27,28 +27,48 @@ VIT_L14_PARAMS = 303_966_208  # CLIP ViT-L/14 image encoder
 VIT_L14_BLOCKS = 24 * 12 + 8  # aTLAS blocks: one per tensor (roughly)
 
 
-def predicted_bytes(method: str, mode: str, n: int, p_bytes: float, t: int, extra: float = 0.0):
-    """Per-device bytes sent per step (ring algorithms), from docs/scaling.md's model.
+def predicted_bytes(
+    method: str,
+    mode: str,
+    n: int,
+    p_bytes: float,
+    t: int,
+    extra: float = 0.0,
+    *,
+    reduce_scatter: bool = True,
+) -> float:
+    """Per-device bytes sent per step (ring algorithms), the model of docs/scaling.md.
 
-    ``p_bytes``: bytes of the trained parameters (float32); ``t``: tasks; ``extra``: the
-    bytes of small replicated quantities (coefficients' gradients) a method reduces.
+    Args:
+      method, mode: the row.
+      n: devices.
+      p_bytes: bytes of the parameters (float32).
+      t: tasks (per-task gradients).
+      extra: bytes of the small replicated gradient a method reduces (aTLAS coefficients).
+      reduce_scatter: whether a sharded gradient is reduced by a reduce-scatter (TPU and
+        GPU: ``(n-1)/n`` of it) or, as XLA:CPU compiles it, by an all-reduce and a slice
+        (``2 (n-1)/n``).
     """
     r = (n - 1) / n
-    if method in ("train", "ema", "gpm"):
-        return {"dp": 2 * r * p_bytes, "fsdp": 2 * r * p_bytes}[mode]
-    if method == "per_task_grads":
-        return {"dp": 2 * r * t * p_bytes, "fsdp": r * p_bytes + r * t * p_bytes}[mode]
-    if method == "task_arithmetic":
-        return {"fsdp": 0.0, "task": r * p_bytes}[mode]
-    if method == "ties":  # plus the threshold search's small counting all-reduces
-        return {"fsdp": 0.0, "task": r * p_bytes}[mode]
-    if method == "atlas_step":  # plain jit all-reduces dL/dθ; dp_local only the coefficients'
-        return {
-            "dp": 2 * r * p_bytes,
-            "dp_local": 2 * r * extra,
-            "fsdp": r * p_bytes + 2 * r * extra,
-        }[mode]
-    raise ValueError(f"{method=}")
+    rs = (lambda x: r * x) if reduce_scatter else (lambda x: 2 * r * x)
+    table = {
+        ("train", "dp"): 2 * r * p_bytes,
+        ("train", "fsdp"): r * p_bytes + rs(p_bytes),
+        ("ema", "dp"): 2 * r * p_bytes,
+        ("ema", "fsdp"): r * p_bytes + rs(p_bytes),
+        ("gpm", "dp"): 2 * r * p_bytes,
+        ("gpm", "fsdp"): r * p_bytes + rs(p_bytes),  # memories replicated
+        ("per_task_grads", "dp"): 2 * r * t * p_bytes,
+        ("per_task_grads", "fsdp"): r * p_bytes + rs(t * p_bytes),
+        ("task_arithmetic", "fsdp"): 0.0,
+        ("task_arithmetic", "task"): r * p_bytes,
+        ("ties", "fsdp"): 0.0,  # plus the threshold search's counts
+        ("ties", "task"): r * p_bytes,
+        ("atlas_step", "dp"): 2 * r * p_bytes,  # plain jit reduces dL/dθ
+        ("atlas_step", "dp_local"): 2 * r * extra,  # data_parallel_value_and_grad
+        ("atlas_step", "fsdp"): r * p_bytes + rs(p_bytes) + 2 * r * extra,
+    }
+    return table[(method, mode)]
 
 
 def _problems(n: int, t: int):
@@ -88,11 +108,13 @@ def _problems(n: int, t: int):
     bsh = cs.batch_sharding(mesh)
     out = []
 
-    def step_problem(method, tx, post=None, methods=None, grad_loss=loss):
+    def step_problem(method, tx, post=None, methods=None, grad_loss=loss, rules=()):
         for mode in ("dp", "fsdp"):
             init = lambda p: TrainState.create(p, tx, 0, methods=methods(p) if methods else None)
             default = cs.FSDP if mode == "fsdp" else cs.REPLICATED
-            state, sh = cs.create_sharded_state(init, params, mesh=mesh, default=default)
+            state, sh = cs.create_sharded_state(
+                init, params, mesh=mesh, rules=rules, default=default
+            )
             step = cs.sharded_step(make_step(grad_loss, post_update=post, jit=False), sh, bsh)
             compiled = step.lower(state, cs.shard_batch(batch, mesh)).compile()
             out.append((method, mode, compiled, p_bytes, 0.0))
@@ -105,7 +127,8 @@ def _problems(n: int, t: int):
         post=averaging.averaging_hook(avgs),
         methods=lambda p: averaging.init_averages(avgs, p),
     )
-    step_problem("gpm", optax.chain(optax.sgd(0.1), projection.gpm([(r"l[01]/kernel", True)])))
+    gpm_tx = optax.chain(optax.sgd(0.1), projection.gpm([(r"l[01]/kernel", True)]))
+    step_problem("gpm", gpm_tx, rules=[(r"memory", None)])  # memories replicated
 
     def per_task_loss(p, b, rng=None):  # T task losses, equal weights, gradients per task
         def task_loss(q, i):
@@ -194,7 +217,7 @@ def measure(sizes: Sequence[int], t: int = 4) -> list[dict]:
         for method, mode, compiled, p_bytes, extra in _problems(n, t):
             colls = cs.collective_bytes(compiled)
             got = sum(colls.values())
-            want = predicted_bytes(method, mode, n, p_bytes, t if method != "ties" else n, extra)
+            want = predicted_bytes(method, mode, n, p_bytes, t, extra, reduce_scatter=False)
             rows.append(
                 {
                     "method": method,
@@ -211,8 +234,21 @@ def measure(sizes: Sequence[int], t: int = 4) -> list[dict]:
     return rows
 
 
+NOTES = {
+    ("train", "dp"): "all-reduce of the gradient",
+    ("train", "fsdp"): "all-gather params + reduce-scatter grads",
+    ("per_task_grads", "dp"): "T per-task gradients all-reduced",
+    ("per_task_grads", "fsdp"): "gather once, reduce-scatter T gradients",
+    ("atlas_step", "dp"): "plain jit: dL/dθ all-reduced",
+    ("atlas_step", "dp_local"): "T x blocks coefficient gradient only",
+    ("atlas_step", "fsdp"): "gather θ, reduce-scatter dL/dθ, coefficients",
+    ("task_arithmetic", "task"): "one merge: all-to-all over tasks",
+    ("ties", "task"): "one merge: all-to-all + counts",
+}
+
+
 def project(chips: Sequence[int] = (8, 16, 32, 64, 128, 256), t: int = 8) -> list[dict]:
-    """Per-chip bytes per step for ViT-L/14 (float32 gradients, bf16 would halve them)."""
+    """Per-chip GB per step for ViT-L/14 (float32; bfloat16 gradients halve them)."""
     p = 4 * VIT_L14_PARAMS
     coef = 4 * t * VIT_L14_BLOCKS
     rows = []
@@ -230,6 +266,7 @@ def project(chips: Sequence[int] = (8, 16, 32, 64, 128, 256), t: int = 8) -> lis
         row = {"method": method, "mode": mode}
         for n in chips:
             row[f"{n} chips (GB)"] = predicted_bytes(method, mode, n, p, t, coef) / 1e9
+        row["note"] = NOTES.get((method, mode), "")
         rows.append(row)
     return rows
 
@@ -251,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not a.project_only:
         print("## Measured on simulated CPU devices (bytes sent per device per step)\n")
         print(format_table(measure(a.sizes, a.tasks), floatfmt=".2f"))
-    print("\n## Projected for ViT-L/14 (304M parameters, float32), T = 8 tasks\n")
+    print("\n## Projected for ViT-L/14 (304M parameters, float32, reduce-scatter), T = 8\n")
     print(format_table(project(t=8), floatfmt=".3f"))
 
 
