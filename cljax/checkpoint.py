@@ -88,9 +88,20 @@ def _to_storable(tree: Any) -> Any:
     def conv(x):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jax.random.key_data(x)
+        if isinstance(x, jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key
+        ):  # an abstract restore target: the key data's shape, with the key's sharding
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
         return x
 
     return jax.tree.map(conv, tree)
+
+
+def _key_impl(t: Any) -> Any:
+    if isinstance(t, jax.Array):
+        return jax.random.key_impl(t)
+    return t.dtype._impl  # abstract target: the implementation its key dtype names
 
 
 def _from_storable(restored: Any, target: Any) -> Any:
@@ -98,10 +109,21 @@ def _from_storable(restored: Any, target: Any) -> Any:
         if isinstance(t, jax.Array | jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(
             t.dtype, jax.dtypes.prng_key
         ):
-            return jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+            return jax.random.wrap_key_data(r, impl=_key_impl(t))
         return r
 
     return jax.tree.map(conv, restored, target)
+
+
+def _shared_token() -> str:
+    """A random name part, the same on every process (all must write to one folder)."""
+    token = uuid.uuid4().int % (1 << 31)
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        token = int(multihost_utils.broadcast_one_to_all(np.int32(token)))
+    return f"{token:08x}"
 
 
 class CheckpointManager:
@@ -211,7 +233,7 @@ class CheckpointManager:
         if final.exists():
             raise ValueError(f"checkpoint {final} already exists")
         meta_json = json.dumps(metadata or {})  # fail before writing anything
-        tmp = self.directory / f".tmp-{step}-{uuid.uuid4().hex[:8]}"
+        tmp = self.directory / f".tmp-{step}-{_shared_token()}"
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "state", _to_storable(tree))
         ckptr.wait_until_finished()
@@ -230,6 +252,10 @@ class CheckpointManager:
             os.replace(tmp, final)
             _fsync_dir(self.directory)
             self._prune()
+        if jax.process_count() > 1:  # the others return once the checkpoint is in place
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"cljax-checkpoint-save-{step}")
         return final
 
     def _prune(self) -> None:

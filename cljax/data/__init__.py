@@ -11,6 +11,7 @@ from cljax.data._mtil import (
     mtil_sequence,
     render_strokes,
 )
+from cljax.data._multi_mnist import load_mnist_attributes, load_multi_mnist
 from cljax.data._sources import load_digits, load_mnist1d, load_mnist5k
 from cljax.data._task import Task, split_train_val
 from cljax.data._tfds import DATASETS, TFDSTask, clip_preprocess, tfds_task
@@ -26,6 +27,8 @@ __all__ = [
     "load_digits",
     "load_mnist1d",
     "load_mnist5k",
+    "load_mnist_attributes",
+    "load_multi_mnist",
     "merging_benchmark",
     "mtil_domain_tasks",
     "mtil_pretraining_data",

@@ -907,10 +907,12 @@ def fit(
     _compose_jit(pretrained, tvs, coefs, spec, masks=masks)  # validates eagerly
     score_fn = (lambda m: float(m[score])) if isinstance(score, str) else score
     tx = default_optimizer() if optimizer is None else optimizer
+    first = batch_at(0)  # outside the trace: batch_at may do host work (decoding, resizing)
     probe = jax.eval_shape(
-        lambda c, k: loss_fn(compose(pretrained, tvs, c, spec, masks=masks), batch_at(0), k),
+        lambda c, k, b: loss_fn(compose(pretrained, tvs, c, spec, masks=masks), b, k),
         coefs,
         jax.random.key(0),
+        first,
     )
     step = _train_step(loss_fn, spec, isinstance(probe, tuple))
     state = TrainState.create(jax.tree.map(jnp.array, coefs), tx, rng=seed)

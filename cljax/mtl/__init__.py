@@ -1,1 +1,71 @@
-"""cljax.mtl (in progress)."""
+"""Multi-task learning: per-task gradients, their aggregators, loss weightings, SAM and F-MTL.
+
+Aggregators take a stacked tree of per-task gradients of the shared parameters (leading
+axis T, or a list of T trees) and return one gradient tree; they are pure and jit-able and
+share one signature ``aggregator(task_grads, *, key=None, **hyperparameters)``. Each
+docstring states its scale convention (mean or sum). Gram-based ones compute the T×T Gram
+matrix of global dot products once, in float32.
+"""
+
+from cljax.mtl._aligned import aligned_mtl
+from cljax.mtl._cagrad import cagrad
+from cljax.mtl._fmtl import fmtl, mtl_grad_fn
+from cljax.mtl._graddrop import graddrop
+from cljax.mtl._gram import combine, gram
+from cljax.mtl._harness import (
+    HEAD_RULES,
+    MultiHead,
+    classification_losses,
+    delta_m,
+    evaluate_accuracy,
+    make_mtl_step,
+    multitask_batch,
+)
+from cljax.mtl._imtl import imtl_g
+from cljax.mtl._linear import linear
+from cljax.mtl._mgda import mgda
+from cljax.mtl._nash import nash_mtl
+from cljax.mtl._pcgrad import pcgrad
+from cljax.mtl._per_task import TaskGrads, head_mask, per_task_grads
+from cljax.mtl._sam import sam_gradient, sam_perturbation
+from cljax.mtl._weighting import (
+    DWAState,
+    LossWeighting,
+    UWState,
+    dwa,
+    random_loss_weighting,
+    uncertainty_weighting,
+)
+
+__all__ = [
+    "DWAState",
+    "HEAD_RULES",
+    "LossWeighting",
+    "MultiHead",
+    "TaskGrads",
+    "UWState",
+    "aligned_mtl",
+    "cagrad",
+    "classification_losses",
+    "combine",
+    "delta_m",
+    "dwa",
+    "evaluate_accuracy",
+    "fmtl",
+    "graddrop",
+    "gram",
+    "head_mask",
+    "imtl_g",
+    "linear",
+    "make_mtl_step",
+    "mgda",
+    "mtl_grad_fn",
+    "multitask_batch",
+    "nash_mtl",
+    "pcgrad",
+    "per_task_grads",
+    "random_loss_weighting",
+    "sam_gradient",
+    "sam_perturbation",
+    "uncertainty_weighting",
+]
