@@ -63,6 +63,7 @@ class Config:
     adaptive: bool = False
     normalization: str = "joint"
     trunk: str = "mlp"  # "mlp" or "lenet"
+    train: bool = True  # False: only summarise the runs found in the checkpoint
     width: int = 8
     out: str = "runs/mtl"
 
@@ -185,7 +186,11 @@ def run(cfg: Config) -> dict:
     ckpt = CheckpointManager(out / "ckpt", keep=2)
     done: dict = {}
     restored = ckpt.restore_latest({"count": np.zeros((), np.int32)})
-    if restored is not None:
+    # Runs are reused only if everything that shapes a run is unchanged.
+    fields = ("num_samples", "attribute_samples", "epochs", "batch_size", "learning_rate")
+    fields += ("rho", "adaptive", "normalization", "trunk", "width")
+    fingerprint = {f: getattr(cfg, f) for f in fields}
+    if restored is not None and restored[2].get("config", fingerprint) == fingerprint:
         done = dict(restored[2].get("runs", {}))
     count = 0 if restored is None else restored[0]
 
@@ -193,7 +198,8 @@ def run(cfg: Config) -> dict:
         nonlocal count
         done[key] = value
         count += 1
-        ckpt.save(count, {"count": np.asarray(count, np.int32)}, metadata={"runs": done})
+        meta = {"runs": done, "config": fingerprint}
+        ckpt.save(count, {"count": np.asarray(count, np.int32)}, metadata=meta)
 
     fmtl_kw = dict(rho=cfg.rho, adaptive=cfg.adaptive, normalization=cfg.normalization)
     summary = {}
@@ -202,7 +208,7 @@ def run(cfg: Config) -> dict:
         t = len(tasks)
         ncls = [task.num_classes for task in tasks]
         variants = [("stl", k) for k in range(t)]
-        variants += [(m, None) for m in cfg.methods] + [(f"f-{m}", None) for m in cfg.methods]
+        variants += [(p + m, None) for m in cfg.methods for p in ("", "f-")]
         for name, k in C.progress(variants, desc=ds):
             ids = (k,) if name == "stl" else tuple(range(t))
             trunk = MLPTrunk(cfg.width) if cfg.trunk == "mlp" else Trunk(cfg.width)
@@ -220,7 +226,7 @@ def run(cfg: Config) -> dict:
             predict = jax.jit(lambda p, x, model=model: model.apply({"params": p}, x))
             for seed in cfg.seeds:
                 key = f"{ds}/{name}{'' if k is None else k}/{seed}"
-                if key in done:
+                if key in done or not cfg.train:
                     continue
                 t0 = time.perf_counter()
                 res = train_one(cfg, tasks, ids, step_fn, predict, model, seed)
@@ -232,12 +238,19 @@ def run(cfg: Config) -> dict:
 
 def summarize(cfg: Config, ds: str, tasks, done: dict) -> list[dict]:
     t = len(tasks)
-    base = [np.mean([done[f"{ds}/stl{k}/{s}"]["test"][0] for s in cfg.seeds]) for k in range(t)]
+
+    def runs(name):  # the finished seeds of a variant
+        return [done[f"{ds}/{name}/{s}"] for s in cfg.seeds if f"{ds}/{name}/{s}" in done]
+
+    if not all(runs(f"stl{k}") for k in range(t)):
+        return []
+    base = [np.mean([r["test"][0] for r in runs(f"stl{k}")]) for k in range(t)]
     rows = [
         {
             "dataset": ds,
             "method": "single-task",
             **{tasks[k].name: f"{base[k]:.2f}" for k in range(t)},
+            "seeds": len(runs("stl0")),
             "mean acc": f"{np.mean(base):.2f}",
             "Δm%": "0",
             "_dm": 0.0,
@@ -246,10 +259,17 @@ def summarize(cfg: Config, ds: str, tasks, done: dict) -> list[dict]:
     ]
     for m in cfg.methods:
         for prefix in ("", "f-"):
-            accs = np.array([done[f"{ds}/{prefix}{m}/{s}"]["test"] for s in cfg.seeds])
+            found = runs(prefix + m)
+            if not found:
+                continue
+            accs = np.array([r["test"] for r in found])
             dms = [mtl.delta_m(a, base) for a in accs]
             dm, dm_s = C.mean_std(dms)
-            row = {"dataset": ds, "method": ("F-" if prefix else "") + LABELS[m]}
+            row = {
+                "dataset": ds,
+                "method": ("F-" if prefix else "") + LABELS[m],
+                "seeds": len(found),
+            }
             for k in range(t):
                 mu, sd = C.mean_std(accs[:, k])
                 row[tasks[k].name] = f"{mu:.2f} ± {sd:.2f}"
@@ -272,19 +292,23 @@ def main(argv=None) -> dict:
     out = Path(cfg.out)
     if C.is_primary():
         for ds, rows in results["summary"].items():
+            if not rows:
+                continue
             cols = [c for c in rows[0] if not c.startswith("_") and c != "dataset"]
             print(f"\n### {ds} (test accuracy %, mean ± std over seeds {list(cfg.seeds)})\n")
             print(C.format_table(rows, cols))
+            pairs = {r["method"]: r for r in rows[1:]}
+            shown = [m for m in cfg.methods if LABELS[m] in pairs and "F-" + LABELS[m] in pairs]
             C.bar_chart(
                 out / f"mtl_{ds}.png",
-                [LABELS[m] for m in cfg.methods],
+                [LABELS[m] for m in shown],
                 {
-                    "base": [r["_dm"] for r in rows[1::2]],
-                    "F-MTL": [r["_dm"] for r in rows[2::2]],
+                    "base": [pairs[LABELS[m]]["_dm"] for m in shown],
+                    "F-MTL": [pairs["F-" + LABELS[m]]["_dm"] for m in shown],
                 },
                 errors={
-                    "base": [r["_dm_std"] for r in rows[1::2]],
-                    "F-MTL": [r["_dm_std"] for r in rows[2::2]],
+                    "base": [pairs[LABELS[m]]["_dm_std"] for m in shown],
+                    "F-MTL": [pairs["F-" + LABELS[m]]["_dm_std"] for m in shown],
                 },
                 ylabel="Δm% vs single-task (higher is better)",
                 title=f"{ds}: mean ± std over {len(cfg.seeds)} seeds",

@@ -39,7 +39,7 @@ def test_matches_per_task_jax_grad(rng, task_batch_size):
         chex.assert_trees_all_close(
             tg.heads[f"head_{i}"]["w"], gi[f"head_{i}"]["w"], rtol=1e-5, atol=1e-6
         )
-    assert tg.shared["head_0"] is None and tg.heads["trunk"] is None
+    assert tg.shared["head_0"]["w"] is None and tg.heads["trunk"]["w"] is None
     np.testing.assert_allclose(tg.losses, loss_fn(params, x), rtol=1e-6)
 
 
