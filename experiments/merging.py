@@ -529,7 +529,20 @@ def format_results(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parses flags (``--preset``, then any field of :class:`Config`) and runs."""
+    """Parses flags (``--preset``, then any field of :class:`Config`) and runs.
+
+    ``--preset clip-vit-b32`` (or ``clip-tiny``) runs the real-scale CLIP benchmark of
+    :mod:`experiments.clip_merging` with its own flags.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    known, _ = pre.parse_known_args(argv)
+    if known.preset and known.preset.startswith("clip-"):
+        from experiments import clip_merging
+
+        clip_parser = argparse.ArgumentParser(description=clip_merging.__doc__.split("\n", 1)[0])
+        _common.add_config_flags(clip_parser, clip_merging.ClipConfig)
+        return clip_merging.main(known.preset, clip_parser.parse_args(argv))
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     _common.add_config_flags(parser, Config)
     args = parser.parse_args(argv)
