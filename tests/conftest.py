@@ -2,6 +2,10 @@
 
 import os
 
+# BLAS/LAPACK thread pools oversubscribe the 2 cores that the test workers share (a small SVD
+# took seconds instead of milliseconds): one thread each, before numpy loads.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
