@@ -17,9 +17,10 @@ Command::
 Runtime (default preset, measured on the 2-core development machine): see the README's
 ``demo`` section; a re-run restores every checkpoint and only evaluates (about half a minute).
 
-Expected result: fine-tuned accuracy well above the pretrained model on every shifted task;
-each merge in between, with task arithmetic and TIES well above the uniform average in
-normalised accuracy (the README lists the measured table).
+Expected result (intended): fine-tuned accuracy above the pretrained model on every task and
+each merge in between. Measured so far (README, ``demo`` section): fine-tuning helps every task
+(mean 65.4 -> 79.2 %), but every merge direction lowers validation accuracy from λ = 0 on, so
+λ = 0 is selected; the preset needs recalibration (smaller task vectors, a stronger source).
 
 Stages are cached under ``<out>/ckpt/`` with :class:`cljax.checkpoint.CheckpointManager`
 (pretraining, heads, one fine-tune per task; each folder name carries a hash of the settings
@@ -94,7 +95,7 @@ class Config:
     pretrain_lr: float = 1e-3
     pretrain_batch: int = 128
     # Frozen heads: L2-regularised logistic regression on pretrained features.
-    head_l2: float = 1e-3
+    head_l2: float = 1e-2
     # Fine-tuning (METHODS §2.1 scaled down: AdamW, cosine with warm-up, clip 1.0, head frozen).
     finetune_steps: int = 200
     finetune_lr: float = 3e-4
@@ -102,7 +103,7 @@ class Config:
     weight_decay: float = 0.1
     warmup_fraction: float = 0.1
     clip_norm: float = 1.0
-    save_every: int = 100
+    save_every: int = 200
     # Merging.
     ties_density: float = 0.2
     dare_drop_rate: float = 0.5
@@ -286,7 +287,7 @@ def _fit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, l2: fl
     classes = np.unique(labels)
     if len(classes) != num_classes:
         raise ValueError(f"head: the train split has classes {classes}, expected {num_classes}")
-    clf = LogisticRegression(C=1.0 / (l2 * len(labels)), max_iter=1000, tol=1e-6)
+    clf = LogisticRegression(C=1.0 / (l2 * len(labels)), max_iter=300, tol=1e-4)
     clf.fit(features.astype(np.float64), labels)
     kernel, bias = clf.coef_.T, clf.intercept_
     if num_classes == 2:  # scikit-learn keeps one logit for binary problems
