@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cljax import losses as cl_losses
@@ -215,7 +216,7 @@ class GPM(Method):
         self.targets, self.record_fn, self.threshold = list(targets), record_fn, threshold
         self.num_samples, self.freeze_1d, self.name = num_samples, freeze_1d, name
         if not callable(threshold):
-            pj._gpm._check_threshold(threshold, 1 if jnp.ndim(threshold) == 0 else len(threshold))
+            pj._gpm._check_threshold(threshold, 1 if np.ndim(threshold) == 0 else len(threshold))
 
     def wrap_optimizer(self, optimizer):
         return optax.chain(optimizer, pj.gpm(self.targets, freeze_1d=self.freeze_1d))

@@ -139,7 +139,7 @@ def test_recorded_inputs_reproduce_each_layer(rng):
     net = _Net()
     x = jnp.asarray(rng.normal(size=(3, 7, 7, 2)), jnp.float32)
     v = net.init(jax.random.key(0), x)
-    rec = pj.record_layer_inputs(net, v, x)
+    rec = jax.jit(lambda v, x: pj.record_layer_inputs(net, v, x))(v, x)  # also traceable
     assert sorted(rec) == ["Conv_0/kernel", "Dense_0/kernel", "Dense_1/kernel"]
     reps = pj.gpm_representations(v, TARGETS, rec)  # target order: Conv_0, Dense_0, Dense_1
     assert [r.shape for r in reps] == [(3 * 9, 18), (3, 36), (3, 6)]
