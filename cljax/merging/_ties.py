@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from cljax import tree as ct
@@ -97,19 +98,20 @@ def _ties_core(pre, tv_leaves, scale, *, mask, num_tasks, ks, merge):
     idx = [i for i, m in enumerate(mask) if m]
     slices = {i: ts.slices(i) for i in idx}
 
-    # 1. Trim: per-task thresholds (bit patterns of the k-th largest magnitude).
+    # 1. Trim: per-task thresholds, the k-th largest magnitude (exact, see _kth.py).
     if len(ks) == 1:  # global scope
-        thr = _kth.kth_largest_bits([slices[i] for i in idx], ks[0])
+        thr = _kth.kth_largest_bits([tv_leaves[i] for i in idx], ks[0], num_tasks=num_tasks)
         thresholds = dict.fromkeys(idx, thr)
     else:
         thresholds = {
-            i: _kth.kth_largest_bits([slices[i]], k) for i, k in zip(idx, ks, strict=True)
+            i: _kth.kth_largest_bits([tv_leaves[i]], k, num_tasks=num_tasks)
+            for i, k in zip(idx, ks, strict=True)
         }
 
     def trimmed(i):
-        thr = thresholds[i]
+        thr = lax.bitcast_convert_type(thresholds[i], jnp.float32)
         return [
-            jnp.where(_kth.magnitude_bits(x) >= thr[t], _common.accum(x), 0)
+            jnp.where(jnp.abs(x.astype(jnp.float32)) >= thr[t], _common.accum(x), 0)
             for t, x in enumerate(slices[i])
         ]
 
