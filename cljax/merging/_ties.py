@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -85,27 +86,37 @@ def ties(
         return pretrained
     sizes = [p.size for p, m in zip(pre, mask, strict=True) if m]
     if scope == "global":
-        ks = (_common.keep_count(density, sum(sizes)),)
+        ks = [_common.keep_count(density, sum(sizes))]
     else:
-        ks = tuple(_common.keep_count(density, n) for n in sizes)
-    out = _ties_core(pre, ts.leaves, scale, mask=mask, num_tasks=ts.num_tasks, ks=ks, merge=merge)
+        ks = [_common.keep_count(density, n) for n in sizes]
+    # The ranks are data (uint32), so a new density does not recompile.
+    out = _ties_core(
+        pre,
+        ts.leaves,
+        scale,
+        np.asarray(ks, np.uint32),
+        mask=mask,
+        num_tasks=ts.num_tasks,
+        scope=scope,
+        merge=merge,
+    )
     return jax.tree.unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "ks", "merge"))
-def _ties_core(pre, tv_leaves, scale, *, mask, num_tasks, ks, merge):
+@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "scope", "merge"))
+def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge):
     ts = _common.TaskSet(tv_leaves, num_tasks)
     idx = [i for i, m in enumerate(mask) if m]
     slices = {i: ts.slices(i) for i in idx}
 
     # 1. Trim: per-task thresholds, the k-th largest magnitude (exact, see _kth.py).
-    if len(ks) == 1:  # global scope
+    if scope == "global":
         thr = _kth.kth_largest_bits([tv_leaves[i] for i in idx], ks[0], num_tasks=num_tasks)
         thresholds = dict.fromkeys(idx, thr)
     else:
         thresholds = {
-            i: _kth.kth_largest_bits([tv_leaves[i]], k, num_tasks=num_tasks)
-            for i, k in zip(idx, ks, strict=True)
+            i: _kth.kth_largest_bits([tv_leaves[i]], ks[j], num_tasks=num_tasks)
+            for j, i in enumerate(idx)
         }
 
     def trimmed(i):
