@@ -90,10 +90,9 @@ def _row_split(shape: tuple[int, ...]) -> int:
 
 def _sample(leaf: Any, share: int) -> jax.Array:
     """About ``share`` strided entries of each task's slice of a leaf, ``(T, m)``."""
-    x = jnp.stack(leaf) if isinstance(leaf, tuple) else leaf
-    flat = x.reshape(x.shape[0], -1)
-    stride = max(1, flat.shape[1] // max(share, 1))
-    return jnp.abs(flat[:, ::stride].astype(jnp.float32))
+    per_task = leaf if isinstance(leaf, tuple) else [leaf[t] for t in range(leaf.shape[0])]
+    stride = max(1, per_task[0].size // max(share, 1))
+    return jnp.stack([jnp.abs(x.reshape(-1)[::stride].astype(jnp.float32)) for x in per_task])
 
 
 def kth_largest_bits(
