@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.typing import ArrayLike
 
 from cljax import kernels
@@ -89,9 +91,9 @@ def ties(
         return pretrained
     sizes = [p.size for p, m in zip(pre, mask, strict=True) if m]
     if scope == "global":
-        ks = (_common.keep_count(density, sum(sizes)),)
+        ks = [_common.keep_count(density, sum(sizes))]
     else:
-        ks = tuple(_common.keep_count(density, n) for n in sizes)
+        ks = [_common.keep_count(density, n) for n in sizes]
     impl = kernels.resolve_implementation(implementation, where="ties")
     if impl == "pallas" and scope == "global":
         idx = [i for i, m in enumerate(mask) if m]
@@ -107,29 +109,40 @@ def ties(
         for i in idx:
             out[i] = merged[i]
         return jax.tree.unflatten(treedef, out)
-    out = _ties_core(pre, ts.leaves, scale, mask=mask, num_tasks=ts.num_tasks, ks=ks, merge=merge)
+    # The ranks are data (uint32), so a new density does not recompile.
+    out = _ties_core(
+        pre,
+        ts.leaves,
+        scale,
+        np.asarray(ks, np.uint32),
+        mask=mask,
+        num_tasks=ts.num_tasks,
+        scope=scope,
+        merge=merge,
+    )
     return jax.tree.unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "ks", "merge"))
-def _ties_core(pre, tv_leaves, scale, *, mask, num_tasks, ks, merge):
+@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "scope", "merge"))
+def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge):
     ts = _common.TaskSet(tv_leaves, num_tasks)
     idx = [i for i, m in enumerate(mask) if m]
     slices = {i: ts.slices(i) for i in idx}
 
-    # 1. Trim: per-task thresholds (bit patterns of the k-th largest magnitude).
-    if len(ks) == 1:  # global scope
-        thr = _kth.kth_largest_bits([slices[i] for i in idx], ks[0])
+    # 1. Trim: per-task thresholds, the k-th largest magnitude (exact, see _kth.py).
+    if scope == "global":
+        thr = _kth.kth_largest_bits([tv_leaves[i] for i in idx], ks[0], num_tasks=num_tasks)
         thresholds = dict.fromkeys(idx, thr)
     else:
         thresholds = {
-            i: _kth.kth_largest_bits([slices[i]], k) for i, k in zip(idx, ks, strict=True)
+            i: _kth.kth_largest_bits([tv_leaves[i]], ks[j], num_tasks=num_tasks)
+            for j, i in enumerate(idx)
         }
 
     def trimmed(i):
-        thr = thresholds[i]
+        thr = lax.bitcast_convert_type(thresholds[i], jnp.float32)
         return [
-            jnp.where(_kth.magnitude_bits(x) >= thr[t], _common.accum(x), 0)
+            jnp.where(jnp.abs(x.astype(jnp.float32)) >= thr[t], _common.accum(x), 0)
             for t, x in enumerate(slices[i])
         ]
 
