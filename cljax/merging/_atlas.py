@@ -897,7 +897,9 @@ def fit(
     spec = blocks(pretrained) if spec is None else spec
     tvs = ct.as_stacked(task_vectors)
     coefs = init(pretrained, tvs, spec) if coefficients is None else coefficients
-    masks = partition_masks(pretrained, spec) if any(spec.partitioned) else None
+    masks = None
+    if any(spec.partitioned):  # on the device once, not with every step's arguments
+        masks = [None if m is None else jnp.asarray(m) for m in partition_masks(pretrained, spec)]
     _compose_jit(pretrained, tvs, coefs, spec, masks=masks)  # validates eagerly
     score_fn = (lambda m: float(m[score])) if isinstance(score, str) else score
     tx = default_optimizer() if optimizer is None else optimizer
