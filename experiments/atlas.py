@@ -140,7 +140,8 @@ def load_pool(cfg: Config, out_dir: Path) -> Pool:
         merging_exp = None
     if merging_exp is None or not hasattr(merging_exp, "build_pool"):
         print("experiments.merging.build_pool is not available: using the stand-in pool")
-        return standin_pool(out_dir / "pool", tiny=cfg.preset == "tiny")
+        pool_dir = Path(cfg.pool_dir) if cfg.pool_dir else out_dir / "pool"
+        return standin_pool(pool_dir, tiny=cfg.preset == "tiny")
     mcfg = merging_exp.PRESETS[cfg.preset]
     pool_dir = Path(cfg.pool_dir or mcfg.out)
     mp = merging_exp.build_pool(mcfg, pool_dir)
