@@ -619,7 +619,8 @@ def supervised_objective(logits_fn: LogitsFn) -> LossFn:
     """Cross-entropy on labelled batches ``{"x", "y"}`` (few-shot aTLAS).
 
     Args:
-      logits_fn: ``logits_fn(params, x) -> [batch, classes]`` (model and frozen head).
+      logits_fn: ``logits_fn(params, batch) -> [batch, classes]`` (model and frozen head;
+        the batch dict may carry more than ``"x"``, e.g. the head's parameters).
 
     Returns:
       ``loss_fn(params, batch, rng) -> (loss, {"accuracy"})`` for :func:`fit`.
@@ -630,7 +631,7 @@ def supervised_objective(logits_fn: LogitsFn) -> LossFn:
 
     def loss_fn(params, batch, rng):
         del rng
-        logits = logits_fn(params, batch["x"])
+        logits = logits_fn(params, batch)
         return _ce(logits, batch["y"]), {"accuracy": _acc(logits, batch["y"])}
 
     return loss_fn
@@ -640,7 +641,8 @@ def task_addition_objective(apply_fns: Sequence[LogitsFn]) -> LossFn:
     """Σ_t CE_t: each task's sub-batch goes through its own frozen head.
 
     Args:
-      apply_fns: one ``logits_fn(params, x)`` per task (shared encoder, task head).
+      apply_fns: one ``logits_fn(params, sub_batch)`` per task (shared encoder, task head);
+        the same function may serve every task when the sub-batch carries its head.
 
     Returns:
       ``loss_fn(params, batches, rng)`` where ``batches`` is a sequence of ``{"x", "y"}``,
@@ -660,7 +662,7 @@ def task_addition_objective(apply_fns: Sequence[LogitsFn]) -> LossFn:
         del rng
         if len(batches) != len(apply_fns):
             raise ValueError(f"got {len(batches)} sub-batches for {len(apply_fns)} tasks")
-        ces = [_ce(f(params, b["x"]), b["y"]) for f, b in zip(apply_fns, batches, strict=True)]
+        ces = [_ce(f(params, b), b["y"]) for f, b in zip(apply_fns, batches, strict=True)]
         return sum(ces), {f"ce_{i}": c for i, c in enumerate(ces)}
 
     return loss_fn
@@ -670,8 +672,8 @@ def task_negation_objective(target_fn: LogitsFn, control_fn: LogitsFn) -> LossFn
     """−CE(target) + CE(control): forget the target task, keep the control task.
 
     Args:
-      target_fn: ``logits_fn(params, x)`` of the task to forget.
-      control_fn: ``logits_fn(params, x)`` of the control task.
+      target_fn: ``logits_fn(params, batch)`` of the task to forget.
+      control_fn: ``logits_fn(params, batch)`` of the control task.
 
     Returns:
       ``loss_fn(params, {"target": batch, "control": batch}, rng)``.
@@ -682,8 +684,8 @@ def task_negation_objective(target_fn: LogitsFn, control_fn: LogitsFn) -> LossFn
 
     def loss_fn(params, batch, rng):
         del rng
-        ce_t = _ce(target_fn(params, batch["target"]["x"]), batch["target"]["y"])
-        ce_c = _ce(control_fn(params, batch["control"]["x"]), batch["control"]["y"])
+        ce_t = _ce(target_fn(params, batch["target"]), batch["target"]["y"])
+        ce_c = _ce(control_fn(params, batch["control"]), batch["control"]["y"])
         return -ce_t + ce_c, {"ce_target": ce_t, "ce_control": ce_c}
 
     return loss_fn
@@ -698,7 +700,7 @@ def entropy_objective(logits_fn: LogitsFn) -> LossFn:
 
     def loss_fn(params, batch, rng):
         del rng
-        return entropy_loss(logits_fn(params, batch["x"]))
+        return entropy_loss(logits_fn(params, batch))
 
     return loss_fn
 
@@ -712,7 +714,8 @@ def pseudo_label_objective(
 ) -> LossFn:
     """Unsupervised FixMatch-style objective on batches ``{"weak", "strong"}`` (two views).
 
-    See :func:`cljax.losses.pseudo_label_loss` for the arguments.
+    ``logits_fn(params, batch)`` is called with the batch whose ``"x"`` is each view in
+    turn. See :func:`cljax.losses.pseudo_label_loss` for the arguments.
 
     Raises:
       ValueError: on a threshold outside [0, 1).
@@ -725,8 +728,8 @@ def pseudo_label_objective(
 
     def loss_fn(params, batch, rng):
         del rng
-        weak = logits_fn(params, batch["weak"])
-        strong = logits_fn(params, batch["strong"])
+        weak = logits_fn(params, {**batch, "x": batch["weak"]})
+        strong = logits_fn(params, {**batch, "x": batch["strong"]})
         loss = pseudo_label_loss(weak, strong, threshold=threshold, hard=hard, normalize=normalize)
         conf = jnp.mean(jnp.max(jax.nn.softmax(weak.astype(jnp.float32), -1), -1) > threshold)
         return loss, {"confident": conf}
@@ -903,7 +906,9 @@ def fit(
     spec = blocks(pretrained) if spec is None else spec
     tvs = ct.as_stacked(task_vectors)
     coefs = init(pretrained, tvs, spec) if coefficients is None else coefficients
-    masks = partition_masks(pretrained, spec) if any(spec.partitioned) else None
+    masks = None
+    if any(spec.partitioned):  # on the device once, not with every step's arguments
+        masks = [None if m is None else jnp.asarray(m) for m in partition_masks(pretrained, spec)]
     _compose_jit(pretrained, tvs, coefs, spec, masks=masks)  # validates eagerly
     score_fn = (lambda m: float(m[score])) if isinstance(score, str) else score
     tx = default_optimizer() if optimizer is None else optimizer

@@ -485,17 +485,17 @@ def test_fit_keeps_best_epoch_and_stops(rng):
 
 
 def test_objectives(rng):
-    logits = lambda p, x: x @ p["w"]
+    logits = lambda p, b: b["x"] @ p["w"]
     params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
     x = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 4, 5))
     ce = lambda z, y: float(optax.softmax_cross_entropy_with_integer_labels(z, y).mean())
     l, aux = jax.jit(atlas.supervised_objective(logits))(params, {"x": x, "y": y}, None)
     np.testing.assert_allclose(l, ce(x @ params["w"], y), rtol=1e-6)
-    add = atlas.task_addition_objective([logits, lambda p, x: 2 * logits(p, x)])
+    add = atlas.task_addition_objective([logits, lambda p, b: 2 * logits(p, b)])
     l, aux = jax.jit(add)(params, [{"x": x, "y": y}, {"x": x, "y": y}], None)
     np.testing.assert_allclose(l, ce(x @ params["w"], y) + ce(2 * x @ params["w"], y), rtol=1e-6)
-    neg = atlas.task_negation_objective(logits, lambda p, x: 2 * logits(p, x))
+    neg = atlas.task_negation_objective(logits, lambda p, b: 2 * logits(p, b))
     l, aux = jax.jit(neg)(params, {"target": {"x": x, "y": y}, "control": {"x": x, "y": y}}, None)
     np.testing.assert_allclose(l, -ce(x @ params["w"], y) + ce(2 * x @ params["w"], y), rtol=1e-6)
     assert float(jax.jit(atlas.entropy_objective(logits))(params, {"x": x}, None)) > 0
