@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -244,17 +245,211 @@ def _rows() -> list[Row]:
             r"keep=0",
         ),
     ]
-    if _imports("cljax.safetensors"):
-        rows.append(
-            Row(
-                "safetensors",
-                "a truncated safetensors file",
-                _corrupt_safetensors,
-                ValueError,
-                r"bad\.safetensors.*truncated",
-            )
+    rows.append(
+        Row(
+            "safetensors",
+            "a truncated safetensors file",
+            _corrupt_safetensors,
+            ValueError,
+            r"bad\.safetensors.*truncated",
         )
-    return rows
+    )
+    return rows + _method_rows()
+
+
+def _tv():
+    return jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), _params())
+
+
+def _mesh_rows() -> list[Row]:
+    from cljax import sharding
+
+    devices = jax.devices()[:8]
+    mesh4 = lambda: sharding.make_mesh({"data": 4}, devices[:4])
+    return [
+        Row(
+            "sharding",
+            "a mesh shape that does not divide the devices",
+            lambda _: sharding.make_mesh({"data": 3}, devices),
+            ValueError,
+            r"3",
+        ),
+        Row(
+            "sharding",
+            "a batch not divisible by the data axis",
+            lambda _: sharding.check_batch({"x": jnp.ones((6, 2))}, mesh4()),
+            ValueError,
+            r"6",
+        ),
+        Row(
+            "sharding",
+            "a partition rule naming an unknown mesh axis",
+            lambda _: sharding.partition_specs(
+                _params(), mesh4(), [(".*", jax.sharding.PartitionSpec("nope"))]
+            ),
+            ValueError,
+            r"nope",
+        ),
+    ]
+
+
+def _method_rows() -> list[Row]:
+    from cljax import averaging, merging, mtl
+    from cljax import continual as cl
+    from cljax.merging import atlas
+    from cljax.models import clip
+
+    two = jnp.stack([jnp.ones(4), -jnp.ones(4)])
+    tvs2 = lambda: [_tv(), _tv()]
+    rows = [
+        Row(
+            "merging",
+            "TIES density outside (0, 1]",
+            lambda _: merging.ties(_params(), [_tv()], density=0.0),
+            ValueError,
+            r"density=0.0",
+        ),
+        Row(
+            "merging",
+            "DARE drop rate outside [0, 1)",
+            lambda _: merging.dare([_tv()], drop_rate=1.0, key=jax.random.key(0)),
+            ValueError,
+            r"drop_rate=1.0",
+        ),
+        Row(
+            "merging",
+            "an empty list of task vectors",
+            lambda _: merging.task_arithmetic(_params(), []),
+            ValueError,
+            r"empty",
+        ),
+        Row(
+            "merging",
+            "a task vector of another shape",
+            lambda _: merging.task_arithmetic(_params(), [_other_shape()]),
+            ValueError,
+            r"enc/kernel",
+        ),
+        Row(
+            "merging",
+            "NaN in a task vector with `check_finite=True`",
+            lambda _: merging.ties(_params(), [_nan_tree()], check_finite=True),
+            ValueError,
+            r"non-finite",
+        ),
+        Row(
+            "merging",
+            "an unknown TIES merge function",
+            lambda _: merging.ties(_params(), [_tv()], merge="max"),
+            ValueError,
+            r"merge='max'",
+        ),
+        Row(
+            "aTLAS",
+            "aTLAS×K with K < 1",
+            lambda _: atlas.blocks(_params(), partitions=0),
+            ValueError,
+            r"partitions=0",
+        ),
+        Row(
+            "aTLAS",
+            "coefficients of the wrong shape",
+            lambda _: atlas.compose(
+                _params(),
+                tvs2(),
+                jax.tree.map(lambda c: jnp.ones(3), atlas.init(_params(), tvs2())),
+            ),
+            ValueError,
+            r"coefficients\['enc/bias'\] has shape \(3,\), expected \(2,\)",
+        ),
+        Row("mtl", "CAGrad with c < 0", lambda _: mtl.cagrad(two, c=-1.0), ValueError, r"c=-1.0"),
+        Row(
+            "mtl",
+            "F-MTL with rho < 0",
+            lambda _: mtl.fmtl(lambda p, b: jnp.zeros(2), rho=-0.1),
+            ValueError,
+            r"rho=-0.1",
+        ),
+        Row(
+            "mtl",
+            "an aggregator given one task",
+            lambda _: mtl.mgda(jnp.ones((1, 4))),
+            ValueError,
+            r"mgda: got T=1 task gradients",
+        ),
+        Row(
+            "continual",
+            "an empty task sequence",
+            lambda _: cl.run_sequence(
+                [], apply_fn=None, params={}, optimizer=None, steps_per_task=1, batch_size=1
+            ),
+            ValueError,
+            r"empty",
+        ),
+        Row(
+            "continual",
+            "a GPM threshold outside (0, 1]",
+            lambda _: cl.GPM([("k", True)], None, threshold=1.5),
+            ValueError,
+            r"1.5",
+        ),
+        Row(
+            "averaging",
+            "an EMA decay outside [0, 1)",
+            lambda _: averaging.ema(1.0),
+            ValueError,
+            r"decay=1.0",
+        ),
+        Row(
+            "averaging",
+            "a weight-ensemble avg_freq < 1",
+            lambda _: averaging.weight_ensemble(0),
+            ValueError,
+            r"avg_freq=0",
+        ),
+        Row(
+            "clip",
+            "an unknown CLIP config",
+            lambda _: clip.clip_config("ViT-H/99"),
+            ValueError,
+            r"unknown CLIP config 'ViT-H/99'",
+        ),
+        Row(
+            "clip",
+            "a prompt template without `{}`",
+            lambda _: clip.zero_shot_head(
+                lambda t: jnp.ones((len(t), 4)), ["a"], ["no placeholder"]
+            ),
+            ValueError,
+            r"templates\[0\]",
+        ),
+        Row(
+            "clip",
+            "a checkpoint with missing and extra keys",
+            lambda _: clip.from_hf_state_dict(
+                {"extra.weight": np.zeros(2)}, clip.CLIPImageEncoder(clip.clip_config("ViT-B/32"))
+            ),
+            ValueError,
+            r"(?s)missing keys \(200\).*unexpected keys \(1\)",
+        ),
+        Row(
+            "data",
+            "an unknown TFDS dataset name",
+            lambda _: __import__("cljax.data", fromlist=["x"]).TFDSTask("imagenet-zz"),
+            ValueError,
+            r"unknown dataset 'imagenet-zz'",
+        ),
+        Row(
+            "experiments",
+            "an unknown preset",
+            lambda tmp: __import__("experiments.merging", fromlist=["x"]).main(
+                ["--preset", "clip-nope", "--out", str(tmp)]
+            ),
+            ValueError,
+            r"clip-nope.*not one of",
+        ),
+    ]
+    return rows + _mesh_rows()
 
 
 CATALOGUE = _rows()
@@ -303,7 +498,10 @@ def test_doc_is_current(tmp_path):
 
 
 if __name__ == "__main__":
+    import sys
     import tempfile
+
+    sys.path.insert(0, str(DOC.parents[1]))  # the experiments package
 
     with tempfile.TemporaryDirectory() as d:
         table = render(Path(d))
