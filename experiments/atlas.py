@@ -430,7 +430,11 @@ def run_addition(
     def evaluate(theta):
         accs = [accuracy(theta, heads[i], tasks[i], "val") for i in range(t)]
         return {
-            "normalized": float(np.mean([a / f for a, f in zip(accs, ft_acc["val"], strict=True)]))
+            "normalized": float(
+                np.nanmean(
+                    [a / f if f > 0 else np.nan for a, f in zip(accs, ft_acc["val"], strict=True)]
+                )
+            )
         }
 
     res = atlas.fit(
@@ -451,7 +455,7 @@ def run_addition(
     return {
         "absolute": 100 * float(np.mean(test)),
         "normalized": 100
-        * float(np.mean([a / f for a, f in zip(test, ft_acc["test"], strict=True)])),
+        * float(np.mean([a / f for a, f in zip(test, ft_acc["test"], strict=True) if f > 0])),
         "per_task": test,
         "best_epoch": res.best_epoch,
         "coefficients": spec.num_coefficients(t),
@@ -465,7 +469,7 @@ def run_task_arithmetic(pool: Pool, cfg: Config, accuracy, ft_acc) -> dict:
     def val_score(lam):
         theta = merge(pool.pretrained, pool.task_vectors, lam)
         accs = [accuracy(theta, heads[i], tasks[i], "val") for i in range(len(tasks))]
-        return float(np.mean([a / f for a, f in zip(accs, ft_acc["val"], strict=True)]))
+        return float(np.mean([a / f for a, f in zip(accs, ft_acc["val"], strict=True) if f > 0]))
 
     lam, _ = select_scale(val_score, _grid(cfg))
     theta = merge(pool.pretrained, pool.task_vectors, lam)
@@ -474,7 +478,7 @@ def run_task_arithmetic(pool: Pool, cfg: Config, accuracy, ft_acc) -> dict:
         "lambda": lam,
         "absolute": 100 * float(np.mean(test)),
         "normalized": 100
-        * float(np.mean([a / f for a, f in zip(test, ft_acc["test"], strict=True)])),
+        * float(np.mean([a / f for a, f in zip(test, ft_acc["test"], strict=True) if f > 0])),
         "per_task": test,
     }
 
@@ -769,7 +773,9 @@ def run(cfg: Config, pool: Pool, out: Path) -> dict:
 
     pre_abs = 100 * float(np.mean(ft_acc["pretrained_test"]))
     pre_norm = 100 * float(
-        np.mean([a / f for a, f in zip(ft_acc["pretrained_test"], ft_acc["test"], strict=True)])
+        np.mean(
+            [a / f for a, f in zip(ft_acc["pretrained_test"], ft_acc["test"], strict=True) if f > 0]
+        )
     )
     ft_abs = 100 * float(np.mean(ft_acc["test"]))
     # --- (1) and (5): task addition

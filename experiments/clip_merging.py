@@ -233,7 +233,9 @@ def run(cfg: ClipConfig) -> dict[str, Any]:
         merges[f"TIES dis-{merge} (λ={lam_t})"] = fn(lam_t)
 
     spec = atlas.blocks(theta0)
-    objective = atlas.task_addition_objective([logits_fns[t] for t in cfg.tasks])
+    objective = atlas.task_addition_objective(
+        [lambda p, b, f=logits_fns[t]: f(p, b["x"]) for t in cfg.tasks]
+    )
     per = cfg.atlas_batch_per_task
     steps = max(1, min(tasks[t].steps_per_epoch(per, "val") for t in cfg.tasks))
     res = atlas.fit(

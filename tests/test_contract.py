@@ -75,6 +75,9 @@ class Method:
     dtypes: tuple = (jnp.float32, jnp.bfloat16)
     # collective kinds the FSDP-sharded program must not hold (None: not checked)
     fsdp_forbids: tuple[str, ...] | None = None
+    # largest all-gather (result bytes) the FSDP program may hold: for methods that gather a
+    # bounded sample by design (the TIES threshold search), never whole parameters
+    fsdp_gather_limit: int | None = None
     # also check a listed (unstacked) input and the task-axis layout; off for rows whose
     # stacked input goes through the same code path as a row that checks them, to keep
     # the table fast (every check is one more compile)
@@ -150,10 +153,21 @@ def _case_ties(rng, dtype):
     )
 
 
+_BIG = {"dense": {"kernel": (256, 128), "bias": (128,)}}  # more entries than the TIES sample
+
+
+def _big_params(rng, dtype, scale=1.0):
+    return jax.tree.map(
+        lambda s: jnp.asarray(scale * rng.normal(size=s), dtype),
+        _BIG,
+        is_leaf=lambda s: isinstance(s, tuple),
+    )
+
+
 def _case_ties_leaf(rng, dtype):
     return Case(
         lambda p, tv: merging.ties(p, tv, density=0.3, merge="sum", scope="leaf"),
-        (_params(rng, dtype), _stacked(rng, dtype)),
+        (_big_params(rng, dtype), ct.stack([_big_params(rng, dtype, 0.1) for _ in range(T)])),
         ("params", "stacked"),
     )
 
@@ -422,7 +436,8 @@ METHODS: list[Method] = [
     Method("apply", _case_apply, fsdp_forbids=("all-gather", "all-reduce")),
     Method("task_arithmetic", _case_task_arithmetic, fsdp_forbids=("all-gather",)),
     Method("ties", _case_ties),
-    Method("ties_leaf", _case_ties_leaf, fsdp_forbids=("all-gather",), lists=False),
+    # the threshold search gathers a strided sample of 2**14 entries per task and leaf
+    Method("ties_leaf", _case_ties_leaf, fsdp_gather_limit=T * (1 << 14) * 4, lists=False),
     Method("dare", _case_dare, fsdp_forbids=("all-gather",), lists=False),
     Method("average", _case_average, fsdp_forbids=("all-gather",)),
     Method("interpolate", _case_interpolate, fsdp_forbids=("all-gather", "all-reduce")),
@@ -600,12 +615,25 @@ def test_sharded_equals_unsharded(name, mode):
         assert leaf.sharding.is_equivalent_to(s, leaf.ndim), (name, mode, leaf.shape)
 
 
-@pytest.mark.parametrize("name", [m.name for m in METHODS if m.fsdp_forbids is not None])
+@pytest.mark.parametrize(
+    "name", [m.name for m in METHODS if m.fsdp_forbids is not None or m.fsdp_gather_limit]
+)
 def test_fsdp_compiles_without_gathering_parameters(name):
-    compiled, _, _ = _sharded(name, "fsdp")
+    compiled, args, _ = _sharded(name, "fsdp")
     colls = cs.hlo_collectives(compiled)
-    found = {c.kind for c in colls} & set(BY_NAME[name].fsdp_forbids)
-    assert not found, f"{name} under FSDP holds {found}: {colls}"
+    method = BY_NAME[name]
+    if method.fsdp_forbids is not None:
+        found = {c.kind for c in colls} & set(method.fsdp_forbids)
+        assert not found, f"{name} under FSDP holds {found}: {colls}"
+    if method.fsdp_gather_limit:
+        largest = max(x.nbytes for x in jax.tree.leaves(args) if hasattr(x, "nbytes"))
+        assert method.fsdp_gather_limit < largest, (
+            "the limit must be able to catch a whole-parameter gather"
+        )
+        big = [
+            c for c in colls if c.kind == "all-gather" and c.result_bytes > method.fsdp_gather_limit
+        ]
+        assert not big, f"{name} under FSDP gathers more than its sample: {big}"
 
 
 def test_averages_are_sharded_like_params():
