@@ -78,7 +78,8 @@ def format_table(
     """A GitHub-markdown table of dict rows (floats formatted with ``floatfmt``)."""
     if not rows:
         return "(no rows)"
-    columns = list(columns or rows[0].keys())
+    if columns is None:  # every key of every row, in order of first appearance
+        columns = list(dict.fromkeys(k for r in rows for k in r))
 
     def fmt(v):
         if isinstance(v, float):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -30,68 +31,95 @@ def _block_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def _kernel(*refs, num_tasks: int, num_groups: int | None):
-    if num_groups is None:
-        g_ref, tau_ref, out_ref = refs
-        grp_ref = None
-    else:
-        g_ref, tau_ref, grp_ref, out_ref = refs
+def _leaf_kernel(j, ins, shared, outs, part, *, num_tasks, num_groups):
+    """Leaf ``j``'s tile: its T (or T·K) partial dot products, in the program's row."""
+    del shared, outs
+    k_j = num_groups[j]
+    g_ref, tau_ref = ins[0], ins[1]
     g = g_ref[...].astype(jnp.float32)
-    width = out_ref.shape[-1]
+    gid = None if k_j is None else ins[2][...].astype(jnp.int32)
+    width = part.shape[-1]
     slot = lax.broadcasted_iota(jnp.int32, (1, width), 1)
-    res = jnp.zeros((1, width), jnp.float32)
-    gid = None if grp_ref is None else grp_ref[...].astype(jnp.int32)
-    for t in range(num_tasks):
+
+    def task(t, res):  # a loop, not unrolled: one reduction per task in the kernel's code
         prod = tau_ref[t].astype(jnp.float32) * g
         if gid is None:
-            res = jnp.where(slot == t, _block_sum(prod), res)
-        else:
-            for k in range(num_groups):
-                part = _block_sum(jnp.where(gid == k, prod, 0.0))
-                res = jnp.where(slot == t * num_groups + k, part, res)
-    out_ref[...] = res
+            return jnp.where(slot == t, _block_sum(prod), res)
+        for k in range(k_j):
+            part_k = _block_sum(jnp.where(gid == k, prod, 0.0))
+            res = jnp.where(slot == t * k_j + k, part_k, res)
+        return res
+
+    part[...] = lax.fori_loop(0, num_tasks, task, jnp.zeros((1, width), jnp.float32))
 
 
-def _pallas_tiles(
-    g: jax.Array,
-    tau: jax.Array,
-    groups: jax.Array | None,
-    num_groups: int | None,
-    tl: _dispatch.Tiling,
-    bs: BlockSizes,
-) -> jax.Array:
-    """Per-block partial dots ``[num_blocks, 1, width]`` of tiled inputs (tests read this)."""
-    from jax.experimental import pallas as pl
-
-    num_tasks = tau.shape[0]
-    width = _dispatch.next_pow2(num_tasks * (num_groups or 1))
-    tile = pl.BlockSpec((tl.block_rows, tl.lanes), lambda i: (i, 0))
-    in_specs = [tile, pl.BlockSpec((num_tasks, tl.block_rows, tl.lanes), lambda i: (0, i, 0))]
-    args = [g, tau]
-    if groups is not None:
-        in_specs.append(tile)
-        args.append(groups)
-    return pl.pallas_call(
-        functools.partial(_kernel, num_tasks=num_tasks, num_groups=num_groups),
-        out_shape=jax.ShapeDtypeStruct((tl.num_blocks, 1, width), jnp.float32),
-        grid=(tl.num_blocks,),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, 1, width), lambda i: (i, 0, 0)),
-        interpret=_dispatch.interpret_mode(),
-        compiler_params=_dispatch.compiler_params(bs),
-        name="cljax_block_dots",
-    )(*args)
+def leaf_sums(parts: jax.Array, tls: Sequence[_dispatch.Tiling], width: int) -> jax.Array:
+    """``[L, width]``: the per-block partial sums of each leaf added up (one small matmul)."""
+    ends = np.cumsum([tl.num_blocks for tl in tls])
+    block = lax.broadcasted_iota(jnp.int32, (len(tls), parts.shape[0]), 1)
+    lo = jnp.asarray(np.concatenate([[0], ends[:-1]]), jnp.int32)[:, None]
+    hi = jnp.asarray(ends, jnp.int32)[:, None]
+    owner = ((block >= lo) & (block < hi)).astype(jnp.float32)
+    return jnp.dot(owner, parts[:, 0, :width], precision=lax.Precision.HIGHEST)
 
 
-def _pallas(g, tau, groups, num_groups, bs):
-    num_tasks = tau.shape[0]
-    tl = _dispatch.tiling(g.size, bs)
-    gr = None if groups is None else _dispatch.to_tiles(groups, tl)
-    parts = _pallas_tiles(
-        _dispatch.to_tiles(g, tl), _dispatch.to_tiles(tau, tl, stacked=True), gr, num_groups, tl, bs
+def _pallas_chunk(gs, taus, groups, num_groups, bs):
+    """Per-block partial dots ``[num_blocks, 1, width]`` of several leaves, and their tilings."""
+    num_tasks = taus[0].shape[0]
+    width = _dispatch.next_pow2(max(num_tasks * (k or 1) for k in num_groups))
+    tls = [_dispatch.tiling(g.size, bs) for g in gs]
+    inputs = []
+    for g, tau, gr, tl in zip(gs, taus, groups, tls, strict=True):
+        xs = [_dispatch.to_tiles(g, tl), _dispatch.to_tiles(tau, tl, stacked=True)]
+        if gr is not None:
+            xs.append(_dispatch.to_tiles(gr, tl))
+        inputs.append(xs)
+    kernel = functools.partial(_leaf_kernel, num_tasks=num_tasks, num_groups=tuple(num_groups))
+    _, parts = _dispatch.multi_call(
+        kernel, tls, inputs, [], bs, partial_width=width, name="cljax_block_dots"
     )
-    out = jnp.sum(parts[:, 0, : num_tasks * (num_groups or 1)], axis=0)
-    return out if num_groups is None else out.reshape(num_tasks, num_groups)
+    return parts, tls
+
+
+def _xla_packed(gs, taus, groups, num_groups):
+    """Small leaves concatenated: one product and one segment sum for all of them."""
+    tau = _dispatch.pack(taus, jnp.float32, stacked=True)
+    g = _dispatch.pack(gs, jnp.float32)
+    seg, first, at = [], [], 0
+    for x, gr, k in zip(gs, groups, num_groups, strict=True):
+        first.append(at)
+        ids = jnp.zeros((x.size,), jnp.int32) if gr is None else gr.reshape(-1).astype(jnp.int32)
+        seg.append(jnp.clip(ids, 0, (k or 1) - 1) + at)
+        at += k or 1
+    prod = tau * g[None, :]  # [T, n]
+    sums = jax.ops.segment_sum(prod.T, jnp.concatenate(seg), num_segments=at)  # [S, T]
+    out = []
+    for f, k in zip(first, num_groups, strict=True):
+        out.append(sums[f] if k is None else sums[f : f + k].T)
+    return out
+
+
+def _pallas(gs, taus, groups, num_groups, bs):
+    num_tasks = taus[0].shape[0]
+    small, chunks = _dispatch.split_leaves([g.size for g in gs], bs)
+    out = [None] * len(gs)
+    pick = lambda xs, idx: [xs[j] for j in idx]  # noqa: E731
+    if small:
+        ys = _xla_packed(
+            pick(gs, small), pick(taus, small), pick(groups, small), pick(num_groups, small)
+        )
+        for j, y in zip(small, ys, strict=True):
+            out[j] = y
+    for idx in chunks:
+        parts, tls = _pallas_chunk(
+            pick(gs, idx), pick(taus, idx), pick(groups, idx), pick(num_groups, idx), bs
+        )
+        sums = leaf_sums(parts, tls, parts.shape[-1])
+        for row, j in enumerate(idx):
+            k = num_groups[j]
+            d = sums[row, : num_tasks * (k or 1)]
+            out[j] = d if k is None else d.reshape(num_tasks, k)
+    return out
 
 
 def _xla(g, tau, groups, num_groups):
@@ -108,51 +136,71 @@ def _xla(g, tau, groups, num_groups):
     return jnp.stack(rows)
 
 
-def _forward(g, tau, groups, num_groups, impl, bs):
+def _forward(gs, taus, groups, num_groups, impl, bs):
+    """Every leaf's ``<g, τ_t>`` (``[T]``, or ``[T, K]`` with groups): lists in, list out."""
     if impl == "pallas":
-        return _pallas(g, tau, groups, num_groups, bs)
-    return _xla(g, tau, groups, num_groups)
+        return _pallas(gs, taus, groups, num_groups, bs)
+    return [_xla(*a) for a in zip(gs, taus, groups, num_groups, strict=True)]
 
 
 @functools.cache
-def _op(impl: str, bs: BlockSizes, num_groups: int | None):
-    """A custom-VJP ``(g, τ, groups) -> dots``; its VJP w.r.t. ``g`` is a weighted sum."""
+def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...]):
+    """A custom-VJP ``(gs, τs, groups) -> dots`` over tuples of leaves."""
     from cljax.kernels import _weighted_sum  # the two ops are each other's transposes
 
     @jax.custom_vjp
-    def op(g, tau, groups):
-        return _forward(g, tau, groups, num_groups, impl, bs)
+    def op(gs, taus, groups):
+        return tuple(_forward(gs, taus, groups, num_groups, impl, bs))
 
-    def fwd(g, tau, groups):
-        groups = None if groups is None else groups.value
-        out = _forward(g.value, tau.value, groups, num_groups, impl, bs)
+    def fwd(gs, taus, groups):
+        gv, tv = [x.value for x in gs], [x.value for x in taus]
+        grv = [None if x is None else x.value for x in groups]
+        out = tuple(_forward(gv, tv, grv, num_groups, impl, bs))
         # Only what the backward needs; zero-size arrays carry the dtypes of what is asked.
         res = (
-            g.value if tau.perturbed else None,
-            tau.value if g.perturbed else None,
-            groups,
-            jnp.zeros((0,), g.value.dtype) if g.perturbed else None,
-            jnp.zeros((0,), tau.value.dtype) if tau.perturbed else None,
+            tuple(g if t.perturbed else None for g, t in zip(gv, taus, strict=True)),
+            tuple(t if g.perturbed else None for t, g in zip(tv, gs, strict=True)),
+            tuple(grv),
+            tuple(jnp.zeros((0,), g.value.dtype) if g.perturbed else None for g in gs),
+            tuple(jnp.zeros((0,), t.value.dtype) if t.perturbed else None for t in taus),
         )
         return out, res
 
-    def bwd(res, ct_out):
-        g, tau, groups, g_flag, tau_flag = res
-        if isinstance(ct_out, SymbolicZero):
-            ct_out = jnp.zeros(ct_out.aval.shape, jnp.float32)
-        ct_out = jnp.asarray(ct_out, jnp.float32)
-        dg = dtau = None
-        if g_flag is not None:  # d<g, τ_t>/dg = Σ_t ct[t] τ_t: a weighted sum, same dispatch
-            dg = _weighted_sum._forward(None, tau, ct_out, groups, num_groups, impl, bs)
-            dg = dg.astype(g_flag.dtype)
-        if tau_flag is not None:  # d<g, τ_t>/dτ_t = ct[t] g
-            g32 = g.astype(jnp.float32)
-            rows = [_weighted_sum.per_entry(ct_out[t], groups) * g32 for t in range(len(ct_out))]
-            dtau = jnp.stack(rows).astype(tau_flag.dtype)
-        return dg, dtau, None
+    def bwd(res, cts):
+        gv, tv, grv, g_flags, tau_flags = res
+        cts = [
+            jnp.zeros(c.aval.shape, jnp.float32) if isinstance(c, SymbolicZero) else c for c in cts
+        ]
+        cts = [jnp.asarray(c, jnp.float32) for c in cts]
+        dgs = [None] * len(cts)
+        want = [j for j, f in enumerate(g_flags) if f is not None]
+        if want:  # d<g, τ_t>/dg = Σ_t ct[t] τ_t: a weighted sum, same dispatch
+            pick = lambda xs: [xs[j] for j in want]  # noqa: E731
+            ys = _weighted_sum._forward(
+                None, pick(tv), pick(cts), pick(grv), pick(num_groups), impl, bs
+            )
+            for j, y in zip(want, ys, strict=True):
+                dgs[j] = y.astype(g_flags[j].dtype)
+        dtaus = []
+        for f, g, c, gr in zip(tau_flags, gv, cts, grv, strict=True):
+            if f is None:
+                dtaus.append(None)
+                continue
+            g32 = g.astype(jnp.float32)  # d<g, τ_t>/dτ_t = ct[t] g
+            rows = [_weighted_sum.per_entry(c[t], gr) * g32 for t in range(len(c))]
+            dtaus.append(jnp.stack(rows).astype(f.dtype))
+        return tuple(dgs), tuple(dtaus), tuple(None for _ in grv)
 
     op.defvjp(fwd, bwd, symbolic_zeros=True)
     return op
+
+
+def _apply(gs, taus, groups, num_groups, implementation, block_sizes, where):
+    for g, t, gr, k in zip(gs, taus, groups, num_groups, strict=True):
+        _check_leaf(g, t, gr, k, where)
+    impl = _dispatch.resolve(implementation, where=where)
+    bs = _dispatch.block_sizes_or_default(block_sizes)
+    return list(_op(impl, bs, tuple(num_groups))(tuple(gs), tuple(taus), tuple(groups)))
 
 
 def _check_leaf(g, tau, groups, num_groups, where):
@@ -213,10 +261,7 @@ def block_dots_leaf(
     """
     g, tau = jnp.asarray(g), jnp.asarray(tau)
     groups = None if groups is None else jnp.asarray(groups)
-    _check_leaf(g, tau, groups, num_groups, "block_dots")
-    impl = _dispatch.resolve(implementation, where="block_dots")
-    bs = _dispatch.block_sizes_or_default(block_sizes)
-    return _op(impl, bs, num_groups)(g, tau, groups)
+    return _apply([g], [tau], [groups], [num_groups], implementation, block_sizes, "block_dots")[0]
 
 
 def block_dots(
@@ -256,17 +301,15 @@ def block_dots(
     ct.check_same_structure(grads, tvs, names=("grads", "task_vectors"), b_leading=(t,))
     leaves, treedef = jax.tree.flatten(grads)
     grp = _per_leaf(groups, len(leaves), "block_dots")
-    out = [
-        block_dots_leaf(
-            g,
-            tau,
-            gi,
-            num_groups=None if gi is None else num_groups,
-            implementation=implementation,
-            block_sizes=block_sizes,
-        )
-        for g, tau, gi in zip(leaves, jax.tree.leaves(tvs), grp, strict=True)
-    ]
+    out = _apply(
+        [jnp.asarray(g) for g in leaves],
+        [jnp.asarray(t) for t in jax.tree.leaves(tvs)],
+        [None if gi is None else jnp.asarray(gi) for gi in grp],
+        [None if gi is None else num_groups for gi in grp],
+        implementation,
+        block_sizes,
+        "block_dots",
+    )
     return jax.tree.unflatten(treedef, out)
 
 

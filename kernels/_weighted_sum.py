@@ -14,6 +14,7 @@ computed only when they are differentiated (``symbolic_zeros``).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -25,7 +26,7 @@ from cljax import tree as ct
 from cljax.kernels import _block_dots, _dispatch
 from cljax.kernels._dispatch import BlockSizes
 
-__all__ = ["weighted_sum", "weighted_sum_leaf"]
+__all__ = ["weighted_sum", "weighted_sum_leaf", "weighted_sum_leaves"]
 
 
 def per_entry(c_row: jax.Array, groups: jax.Array | None) -> jax.Array:
@@ -39,99 +40,127 @@ def _accum(out_dtype, coeff_dtype) -> jnp.dtype:
     return jnp.promote_types(ct.accum_dtype(out_dtype), ct.accum_dtype(coeff_dtype))
 
 
-def _kernel(*refs, num_tasks: int, num_groups: int | None, has_base: bool, acc):
-    refs = list(refs)
-    base_ref = refs.pop(0) if has_base else None
-    tau_ref, c_ref = refs.pop(0), refs.pop(0)
-    grp_ref = refs.pop(0) if num_groups is not None else None
-    out_ref = refs[-1]  # an aliased poison input, if any, sits before it and is not read
+def _leaf_kernel(j, ins, shared, outs, part, *, num_tasks, num_groups, offsets, has_base, acc):
+    """Leaf ``j``'s tile: θ0 + Σ_t c[t]·τ_t (or c[t, group]·τ_t), accumulated in ``acc``."""
+    del part
+    ins = list(ins)
+    base_ref = ins.pop(0) if has_base else None
+    tau_ref = ins.pop(0)
+    k_j = num_groups[j]
+    grp_ref = ins.pop(0) if k_j is not None else None
+    c_ref, out_ref = shared[0], outs[0]
     shape = out_ref.shape
     out = base_ref[...].astype(acc) if has_base else jnp.zeros(shape, acc)
     gid = None if grp_ref is None else grp_ref[...].astype(jnp.int32)
-    for t in range(num_tasks):
+    for t in range(num_tasks):  # unrolled: all T loads in flight at once
         x = tau_ref[t].astype(acc)
         if gid is None:
-            scale = c_ref[t].astype(acc)
+            scale = c_ref[offsets[j] + t].astype(acc)
         else:  # c[t, gid] by selects: T·K cheap VPU ops per entry, no gather
-            k0 = t * num_groups
+            k0 = offsets[j] + t * k_j
             scale = jnp.full(shape, c_ref[k0].astype(acc))
-            for k in range(1, num_groups):
+            for k in range(1, k_j):
                 scale = jnp.where(gid == k, c_ref[k0 + k].astype(acc), scale)
         out = out + scale * x
     out_ref[...] = out.astype(out_ref.dtype)
 
 
-def _pallas_tiles(
-    base: jax.Array | None,
-    tau: jax.Array,
-    coeffs: jax.Array,
-    groups: jax.Array | None,
-    num_groups: int | None,
-    out_dtype,
-    tl: _dispatch.Tiling,
-    bs: BlockSizes,
-    *,
-    poison: jax.Array | None = None,
-) -> jax.Array:
-    """The kernel on tiled inputs ``[rows, lanes]``; ``poison`` (tests) is the aliased output."""
-    from jax.experimental import pallas as pl
+def _entry_coeffs(c: jax.Array, groups: jax.Array | None, n: int, num_tasks: int, acc):
+    """``[T, n]``: the coefficient of every entry of a leaf, for every task."""
+    c = c.astype(acc)
+    if groups is None:
+        return jnp.broadcast_to(c[:, None], (num_tasks, n))
+    return jnp.take(c, groups.reshape(-1).astype(jnp.int32), axis=1, mode="clip")
 
-    num_tasks = tau.shape[0]
-    acc = _accum(out_dtype, coeffs.dtype)
-    n_c = num_tasks * (num_groups or 1)
-    cvec = jnp.pad(coeffs.reshape(-1).astype(acc), (0, _dispatch.next_pow2(n_c) - n_c))
-    tile = pl.BlockSpec((tl.block_rows, tl.lanes), lambda i: (i, 0))
-    in_specs, args = [], []
-    if base is not None:
-        in_specs.append(tile)
-        args.append(base)
-    in_specs += [
-        pl.BlockSpec((num_tasks, tl.block_rows, tl.lanes), lambda i: (0, i, 0)),
-        _dispatch.scalar_spec(),
-    ]
-    args += [tau, cvec]
-    if groups is not None:
-        in_specs.append(tile)
-        args.append(groups)
-    aliases = {}
-    if poison is not None:
-        aliases = {len(args): 0}
-        in_specs.append(tile)
-        args.append(poison)
+
+def _xla_packed(bases, taus, coeffs, groups, out_dtypes):
+    """Small leaves concatenated: one fused XLA pass instead of a kernel launch per leaf."""
+    num_tasks = taus[0].shape[0]
+    acc = functools.reduce(
+        jnp.promote_types, [_accum(o, c.dtype) for o, c in zip(out_dtypes, coeffs, strict=True)]
+    )
+    tau = _dispatch.pack(taus, acc, stacked=True)
+    c = jnp.concatenate(
+        [
+            _entry_coeffs(ci, gi, math.prod(t.shape[1:]), num_tasks, acc)
+            for ci, gi, t in zip(coeffs, groups, taus, strict=True)
+        ],
+        axis=1,
+    )
+    out = jnp.zeros(tau.shape[1:], acc) if bases is None else _dispatch.pack(bases, acc)
+    for t in range(num_tasks):
+        out = out + c[t] * tau[t]
+    ys = _dispatch.unpack(out, [t.shape[1:] for t in taus])
+    return [y.astype(o) for y, o in zip(ys, out_dtypes, strict=True)]
+
+
+def _pallas_chunk(bases, taus, coeffs, groups, num_groups, out_dtypes, bs, *, poison=None):
+    """One kernel over several leaves; ``poison`` (tests) is aliased to the tiled outputs."""
+    num_tasks = taus[0].shape[0]
+    acc = functools.reduce(
+        jnp.promote_types, [_accum(o, c.dtype) for o, c in zip(out_dtypes, coeffs, strict=True)]
+    )
+    tls = [_dispatch.tiling(math.prod(t.shape[1:]), bs) for t in taus]
+    inputs, offsets, at = [], [], 0
+    for j, tl in enumerate(tls):
+        xs = [] if bases is None else [_dispatch.to_tiles(bases[j], tl)]
+        xs.append(_dispatch.to_tiles(taus[j], tl, stacked=True))
+        if groups[j] is not None:
+            xs.append(_dispatch.to_tiles(groups[j], tl))
+        inputs.append(xs)
+        offsets.append(at)
+        at += coeffs[j].size
+    cvec = jnp.concatenate([c.reshape(-1).astype(acc) for c in coeffs])
+    cvec = jnp.pad(cvec, (0, _dispatch.next_pow2(at) - at))
     kernel = functools.partial(
-        _kernel,
+        _leaf_kernel,
         num_tasks=num_tasks,
-        num_groups=num_groups,
-        has_base=base is not None,
+        num_groups=tuple(num_groups),
+        offsets=tuple(offsets),
+        has_base=bases is not None,
         acc=acc,
     )
-    return pl.pallas_call(
+    outs, _ = _dispatch.multi_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((tl.rows, tl.lanes), out_dtype),
-        grid=(tl.num_blocks,),
-        in_specs=in_specs,
-        out_specs=tile,
-        input_output_aliases=aliases,
-        interpret=_dispatch.interpret_mode(),
-        compiler_params=_dispatch.compiler_params(bs),
-        name="cljax_weighted_sum",
-    )(*args)
-
-
-def _pallas(base, tau, coeffs, groups, num_groups, out_dtype, bs):
-    shape = tau.shape[1:]
-    tl = _dispatch.tiling(tau[0].size, bs)
-    y = _pallas_tiles(
-        None if base is None else _dispatch.to_tiles(base, tl),
-        _dispatch.to_tiles(tau, tl, stacked=True),
-        coeffs,
-        None if groups is None else _dispatch.to_tiles(groups, tl),
-        num_groups,
-        out_dtype,
-        tl,
+        tls,
+        inputs,
+        [cvec],
         bs,
+        leaf_outputs=[[o] for o in out_dtypes],
+        poison=None if poison is None else [[p] for p in poison],
+        name="cljax_weighted_sum",
     )
-    return _dispatch.from_tiles(y, tl, shape)
+    return [o[0] for o in outs], tls
+
+
+def _pallas(bases, taus, coeffs, groups, num_groups, out_dtypes, bs):
+    sizes = [math.prod(t.shape[1:]) for t in taus]
+    small, chunks = _dispatch.split_leaves(sizes, bs)
+    out = [None] * len(taus)
+    pick = lambda xs, idx: None if xs is None else [xs[j] for j in idx]  # noqa: E731
+    if small:
+        ys = _xla_packed(
+            pick(bases, small),
+            pick(taus, small),
+            pick(coeffs, small),
+            pick(groups, small),
+            pick(out_dtypes, small),
+        )
+        for j, y in zip(small, ys, strict=True):
+            out[j] = y
+    for idx in chunks:
+        ys, tls = _pallas_chunk(
+            pick(bases, idx),
+            pick(taus, idx),
+            pick(coeffs, idx),
+            pick(groups, idx),
+            pick(num_groups, idx),
+            pick(out_dtypes, idx),
+            bs,
+        )
+        for j, y, tl in zip(idx, ys, tls, strict=True):
+            out[j] = _dispatch.from_tiles(y, tl, taus[j].shape[1:])
+    return out
 
 
 def _xla(base, tau, coeffs, groups, out_dtype):
@@ -144,55 +173,94 @@ def _xla(base, tau, coeffs, groups, out_dtype):
     return out.astype(out_dtype)
 
 
-def _forward(base, tau, coeffs, groups, num_groups, impl, bs, out_dtype=None):
-    if out_dtype is None:
-        out_dtype = tau.dtype if base is None else base.dtype
+def _forward(bases, taus, coeffs, groups, num_groups, impl, bs, out_dtypes=None):
+    """Every leaf's θ0 + Σ_t c·τ_t (``bases`` may be ``None``): lists in, list out."""
+    if out_dtypes is None:
+        out_dtypes = [t.dtype for t in taus] if bases is None else [b.dtype for b in bases]
     if impl == "pallas":
-        return _pallas(base, tau, coeffs, groups, num_groups, out_dtype, bs)
-    return _xla(base, tau, coeffs, groups, out_dtype)
+        return _pallas(bases, taus, coeffs, groups, num_groups, out_dtypes, bs)
+    bases = [None] * len(taus) if bases is None else bases
+    return [
+        _xla(b, t, c, g, o)
+        for b, t, c, g, o in zip(bases, taus, coeffs, groups, out_dtypes, strict=True)
+    ]
 
 
 @functools.cache
-def _op(impl: str, bs: BlockSizes, num_groups: int | None):
-    """A custom-VJP ``(θ0 | None, τ, c, groups) -> θ`` for one leaf."""
+def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...], has_base: bool):
+    """A custom-VJP ``(θ0s | None, τs, cs, groups) -> θs`` over tuples of leaves."""
 
     @jax.custom_vjp
-    def op(base, tau, coeffs, groups):
-        return _forward(base, tau, coeffs, groups, num_groups, impl, bs)
+    def op(bases, taus, coeffs, groups):
+        return tuple(_forward(bases, taus, coeffs, groups, num_groups, impl, bs))
 
-    def fwd(base, tau, coeffs, groups):
-        b = None if base is None else base.value
-        groups = None if groups is None else groups.value
-        out = _forward(b, tau.value, coeffs.value, groups, num_groups, impl, bs)
+    def fwd(bases, taus, coeffs, groups):
+        b = None if bases is None else [x.value for x in bases]
+        tv, cv = [x.value for x in taus], [x.value for x in coeffs]
+        gv = [None if x is None else x.value for x in groups]
+        out = tuple(_forward(b, tv, cv, gv, num_groups, impl, bs))
+        flag = lambda x: jnp.zeros((0,), x.value.dtype) if x.perturbed else None  # noqa: E731
         res = (
-            tau.value,
-            coeffs.value,
-            groups,
-            jnp.zeros((0,), b.dtype) if base is not None and base.perturbed else None,
-            jnp.zeros((0,), tau.value.dtype) if tau.perturbed else None,
-            coeffs.perturbed,
+            tuple(tv),
+            tuple(cv),
+            tuple(gv),
+            None if bases is None else tuple(flag(x) for x in bases),
+            tuple(flag(x) for x in taus),
+            tuple(x.perturbed for x in coeffs),
         )
         return out, res
 
-    def bwd(res, g):
-        tau, coeffs, groups, base_flag, tau_flag, c_perturbed = res
-        if isinstance(g, SymbolicZero):
-            g = jnp.zeros(tau.shape[1:], g.aval.dtype)
-        dc = None
-        if c_perturbed:  # dL/dc[t, k] = <g, τ_t> over the entries of group k: block_dots
-            dc = _block_dots._forward(g, tau, groups, num_groups, impl, bs)
-            dc = dc.astype(coeffs.dtype)
-        dbase = None if base_flag is None else g.astype(base_flag.dtype)
-        dtau = None
-        if tau_flag is not None:  # exact, but T copies of the leaf: only when asked for
-            acc = _accum(g.dtype, coeffs.dtype)
-            c, ga = coeffs.astype(acc), g.astype(acc)
-            dtau = jnp.stack([per_entry(c[t], groups) * ga for t in range(tau.shape[0])])
-            dtau = dtau.astype(tau_flag.dtype)
-        return dbase, dtau, dc, None
+    def bwd(res, gs):
+        tv, cv, gv, base_flags, tau_flags, c_perturbed = res
+        gs = [
+            jnp.zeros(t.shape[1:], g.aval.dtype) if isinstance(g, SymbolicZero) else g
+            for g, t in zip(gs, tv, strict=True)
+        ]
+        dcs = [None] * len(tv)
+        want = [j for j, p in enumerate(c_perturbed) if p]
+        if want:  # dL/dc[t, k] = <g, τ_t> over the entries of group k: block_dots
+            pick = lambda xs: [xs[j] for j in want]  # noqa: E731
+            dots = _block_dots._forward(pick(gs), pick(tv), pick(gv), pick(num_groups), impl, bs)
+            for j, d in zip(want, dots, strict=True):
+                dcs[j] = d.astype(cv[j].dtype)
+        dbases = None
+        if base_flags is not None:
+            dbases = tuple(
+                None if f is None else g.astype(f.dtype)
+                for f, g in zip(base_flags, gs, strict=True)
+            )
+        dtaus = []
+        for f, g, t, c, gi in zip(tau_flags, gs, tv, cv, gv, strict=True):
+            if f is None:  # exact, but T copies of the leaf: only when asked for
+                dtaus.append(None)
+                continue
+            acc = _accum(g.dtype, c.dtype)
+            ca, ga = c.astype(acc), g.astype(acc)
+            rows = [per_entry(ca[i], gi) * ga for i in range(t.shape[0])]
+            dtaus.append(jnp.stack(rows).astype(f.dtype))
+        return dbases, tuple(dtaus), tuple(dcs), tuple(None for _ in gv)
 
     op.defvjp(fwd, bwd, symbolic_zeros=True)
     return op
+
+
+def _apply(bases, taus, coeffs, groups, implementation, block_sizes, where):
+    """Validates every leaf, then runs them all through one custom-VJP op."""
+    num_groups = tuple(
+        _check_leaf(b, t, c, g, where)
+        for b, t, c, g in zip(bases or [None] * len(taus), taus, coeffs, groups, strict=True)
+    )
+    impl = _dispatch.resolve(implementation, where=where)
+    bs = _dispatch.block_sizes_or_default(block_sizes)
+    op = _op(impl, bs, num_groups, bases is not None)
+    return list(
+        op(
+            None if bases is None else tuple(bases),
+            tuple(taus),
+            tuple(coeffs),
+            tuple(groups),
+        )
+    )
 
 
 def _check_leaf(base, tau, coeffs, groups, where) -> int | None:
@@ -266,10 +334,53 @@ def weighted_sum_leaf(
     base = None if base is None else jnp.asarray(base)
     tau, coeffs = jnp.asarray(tau), jnp.asarray(coeffs)
     groups = None if groups is None else jnp.asarray(groups)
-    num_groups = _check_leaf(base, tau, coeffs, groups, "weighted_sum")
-    impl = _dispatch.resolve(implementation, where="weighted_sum")
-    bs = _dispatch.block_sizes_or_default(block_sizes)
-    return _op(impl, bs, num_groups)(base, tau, coeffs, groups)
+    bases = None if base is None else [base]
+    out = _apply(bases, [tau], [coeffs], [groups], implementation, block_sizes, "weighted_sum")
+    return out[0]
+
+
+def weighted_sum_leaves(
+    bases: Sequence[jax.Array] | None,
+    taus: Sequence[jax.Array],
+    coeffs: Sequence[ArrayLike],
+    groups: Sequence[jax.Array | None] | None = None,
+    *,
+    implementation: str | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> list[jax.Array]:
+    """:func:`weighted_sum_leaf` for a list of leaves at once (a few kernels for all of them).
+
+    Args:
+      bases: θ0's leaves, or ``None`` (plain weighted sums).
+      taus: per leaf, its stacked task vectors ``[T, *shape]`` (the same T for all).
+      coeffs: per leaf, ``[T]`` (or ``[T, K]`` with group ids).
+      groups: per leaf, integer group ids or ``None``.
+      implementation: ``None`` | ``"xla"`` | ``"pallas"``.
+      block_sizes: Pallas tile sizes (``leaves_per_call`` leaves share a kernel).
+
+    Returns:
+      The list of output leaves.
+
+    Raises:
+      ValueError: as :func:`weighted_sum_leaf`, naming the leaf's position.
+
+    Example:
+      >>> weighted_sum_leaves([w, b], [tau_w, tau_b], [lam_w, lam_b])
+    """
+    n = len(taus)
+    groups = [None] * n if groups is None else list(groups)
+    if len(groups) != n or len(coeffs) != n or (bases is not None and len(bases) != n):
+        raise ValueError("weighted_sum_leaves: bases, taus, coeffs and groups differ in length")
+    asarray = lambda xs: [None if x is None else jnp.asarray(x) for x in xs]  # noqa: E731
+    return _apply(
+        None if bases is None else asarray(bases),
+        asarray(taus),
+        asarray(coeffs),
+        asarray(groups),
+        implementation,
+        block_sizes,
+        "weighted_sum",
+    )
 
 
 def weighted_sum(
@@ -326,8 +437,14 @@ def weighted_sum(
         )
         c_leaves = jax.tree.leaves(coefficients)
     grp = _block_dots._per_leaf(groups, len(tv_leaves), "weighted_sum")
-    out = [
-        weighted_sum_leaf(b, tau, c, gi, implementation=implementation, block_sizes=block_sizes)
-        for b, tau, c, gi in zip(base_leaves, tv_leaves, c_leaves, grp, strict=True)
-    ]
+    asarray = lambda xs: [None if x is None else jnp.asarray(x) for x in xs]  # noqa: E731
+    out = _apply(
+        None if base is None else asarray(base_leaves),
+        asarray(tv_leaves),
+        asarray(c_leaves),
+        asarray(grp),
+        implementation,
+        block_sizes,
+        "weighted_sum",
+    )
     return jax.tree.unflatten(treedef, out)

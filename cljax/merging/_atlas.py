@@ -584,16 +584,26 @@ def compose(
     names = spec.names
     impl = kernels.resolve_implementation(implementation, where="atlas.compose")
     out = []
+    if impl == "pallas":  # every composed leaf in one call: a few kernels for the whole model
+        idx = [i for i, b in enumerate(spec.block_of) if b >= 0]
+        ys = kernels.weighted_sum_leaves(
+            [jnp.asarray(leaves[i][1]) for i in idx],
+            [tv_leaves[i] for i in idx],
+            [flat[names[spec.block_of[i]]] for i in idx],
+            [jnp.asarray(masks[i]) if spec.partitioned[spec.block_of[i]] else None for i in idx],
+            implementation="pallas",
+        )
+        out = [x for _, x in leaves]
+        for i, y in zip(idx, ys, strict=True):
+            out[i] = y
+        return jax.tree.unflatten(jax.tree.structure(pretrained), out)
     for i, ((_, x), tau, b) in enumerate(zip(leaves, tv_leaves, spec.block_of, strict=True)):
         if b < 0:
             out.append(x)
             continue
         lam = flat[names[b]]
         x = jnp.asarray(x)
-        if impl == "pallas":
-            m = jnp.asarray(masks[i]) if spec.partitioned[b] else None
-            out.append(kernels.weighted_sum_leaf(x, tau, lam, m, implementation="pallas"))
-        elif spec.partitioned[b]:
+        if spec.partitioned[b]:
             out.append(_partitioned_op(spec.partitions)(x, tau, lam, jnp.asarray(masks[i])))
         else:
             out.append(_UNPARTITIONED_OP(x, tau, lam, None))

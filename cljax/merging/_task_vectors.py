@@ -135,10 +135,16 @@ def task_arithmetic(
     pre, treedef = jax.tree.flatten(pretrained)
     if kernels.resolve_implementation(implementation, where="task_arithmetic") == "pallas":
         c = jnp.full((ts.num_tasks,), scale, jnp.float32)
-        out = [
-            kernels.weighted_sum_leaf(p, ts.stacked(i), c, implementation="pallas") if m else p
-            for i, (p, m) in enumerate(zip(pre, mask, strict=True))
-        ]
+        idx = [i for i, m in enumerate(mask) if m]
+        ys = kernels.weighted_sum_leaves(
+            [pre[i] for i in idx],
+            [ts.stacked(i) for i in idx],
+            [c] * len(idx),
+            implementation="pallas",
+        )
+        out = list(pre)
+        for i, y in zip(idx, ys, strict=True):
+            out[i] = y
         return jax.tree.unflatten(treedef, out)
     out = _task_arithmetic_core(pre, ts.leaves, scale, mask=mask, num_tasks=ts.num_tasks)
     return jax.tree.unflatten(treedef, out)

@@ -58,26 +58,31 @@ def test_groups(rng, bs):
 
 @pytest.mark.parametrize("bs", where_params())
 def test_every_block_is_written(rng, bs):
-    """Each grid step writes its own row of partial sums: every row must hold its block's dots."""
+    """Two leaves in one kernel: every program writes its own row, holding its block's dots."""
     bs = _dispatch.block_sizes_or_default(bs)
-    num_tasks, shape = 3, SHAPES["w"]
-    tl = _dispatch.tiling(int(np.prod(shape)), bs)
-    g = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    tau = jnp.asarray(rng.normal(size=(num_tasks, *shape)), jnp.float32)
-    parts = jax.jit(
-        lambda g, t: _block_dots._pallas_tiles(
-            _dispatch.to_tiles(g, tl), _dispatch.to_tiles(t, tl, stacked=True), None, None, tl, bs
-        )
-    )(g, tau)
-    assert parts.shape == (tl.num_blocks, 1, 4)
+    num_tasks, shapes = 3, [SHAPES["w"], (97, 256)]
+    gs = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    taus = [jnp.asarray(rng.normal(size=(num_tasks, *s)), jnp.float32) for s in shapes]
+    parts, tls = jax.jit(
+        lambda g, t: _block_dots._pallas_chunk(g, t, [None, None], [None, None], bs)
+    )(gs, taus)
+    assert parts.shape == (sum(tl.num_blocks for tl in tls), 1, 4)
     chex.assert_tree_all_finite(parts)
-    tiles_g = np.asarray(_dispatch.to_tiles(g, tl), np.float64)
-    tiles_t = np.asarray(_dispatch.to_tiles(tau, tl, stacked=True), np.float64)
-    for b in range(tl.num_blocks):  # block b's row holds exactly block b's dot products
-        rows = slice(b * tl.block_rows, (b + 1) * tl.block_rows)
-        want = np.einsum("trl,rl->t", tiles_t[:, rows], tiles_g[rows])
-        np.testing.assert_allclose(parts[b, 0, :num_tasks], want, rtol=1e-5, atol=1e-4)
+    row = 0
+    for g, tau, tl in zip(gs, taus, tls, strict=True):
+        tiles_g = np.asarray(_dispatch.to_tiles(g, tl), np.float64)
+        tiles_t = np.asarray(_dispatch.to_tiles(tau, tl, stacked=True), np.float64)
+        for b in range(tl.num_blocks):  # the program's row holds exactly its block's dots
+            rows = slice(b * tl.block_rows, (b + 1) * tl.block_rows)
+            want = np.einsum("trl,rl->t", tiles_t[:, rows], tiles_g[rows])
+            np.testing.assert_allclose(parts[row, 0, :num_tasks], want, rtol=1e-5, atol=1e-4)
+            row += 1
     np.testing.assert_array_equal(parts[:, 0, num_tasks:], 0.0)
+    sums = _block_dots.leaf_sums(parts, tls, 4)  # and the per-leaf totals
+    for i, (g, tau) in enumerate(zip(gs, taus, strict=True)):
+        t64, g64 = np.asarray(tau, np.float64), np.asarray(g, np.float64)
+        want = (t64.reshape(num_tasks, -1) * g64.reshape(-1)).sum(1)
+        np.testing.assert_allclose(sums[i, :num_tasks], want, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("bs", where_params())

@@ -1,3 +1,5 @@
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -103,29 +105,37 @@ _BS = {"xla": None, "pallas": _dispatch.BlockSizes(rows=32, min_rows=32)}
 
 @pytest.mark.parametrize("bs", where_params())
 def test_every_output_entry_is_written(rng, bs):
+    """The merge kernel over two leaves, outputs poisoned with NaN (aliased) before the call."""
     bs = _dispatch.block_sizes_or_default(bs)
-    num_tasks, shape = 2, SHAPES["w"]
-    tl = _dispatch.tiling(int(np.prod(shape)), bs)
-    assert tl.padded and tl.num_blocks > 1
-    base = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    tau = jnp.asarray(rng.normal(size=(num_tasks, *shape)), jnp.float32)
-    thr = jnp.asarray(np.quantile(np.abs(np.asarray(tau)), 0.6, axis=(1, 2)), jnp.float32)
-    poison = jnp.full((tl.rows, tl.lanes), jnp.nan, jnp.float32)
-    out = jax.jit(
-        lambda b, t, p: _ties_merge._merge_tiles(
-            _dispatch.to_tiles(b, tl),
-            _dispatch.to_tiles(t, tl, stacked=True),
-            _ties_merge._params(thr, 1.0, 0.5),
-            "mean",
-            jnp.float32,
-            tl,
+    num_tasks, shapes = 2, [SHAPES["w"], SHAPES["v"]]
+    tls = [_dispatch.tiling(int(np.prod(s)), bs) for s in shapes]
+    assert tls[0].padded and tls[0].num_blocks > 1
+    bases = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    taus = [jnp.asarray(rng.normal(size=(num_tasks, *s)), jnp.float32) for s in shapes]
+    thr = jnp.asarray([0.8, 1.1], jnp.float32)
+    poison = [[jnp.full((tl.rows, tl.lanes), jnp.nan, jnp.float32)] for tl in tls]
+    kernel = functools.partial(
+        _ties_merge._merge_kernel, num_tasks=num_tasks, merge="mean", has_base=True
+    )
+    outs, _ = jax.jit(
+        lambda b, t, p: _dispatch.multi_call(
+            kernel,
+            tls,
+            [
+                [_dispatch.to_tiles(bi, tl), _dispatch.to_tiles(ti, tl, stacked=True)]
+                for bi, ti, tl in zip(b, t, tls, strict=True)
+            ],
+            [_ties_merge._params(thr, 1.0, 0.5)],
             bs,
+            leaf_outputs=[[jnp.float32], [jnp.float32]],
             poison=p,
+            name="test",
         )
-    )(base, tau, poison)
-    chex.assert_tree_all_finite(out)
-    want = _ties_merge._merge_xla(base, tau, thr, 1.0, 0.5, "mean", jnp.float32)
-    np.testing.assert_allclose(_dispatch.from_tiles(out, tl, shape), want, rtol=1e-6, atol=1e-6)
+    )(bases, taus, poison)
+    for (out,), tl, s, b, t in zip(outs, tls, shapes, bases, taus, strict=True):
+        chex.assert_tree_all_finite(out)
+        want = _ties_merge._merge_xla(b, t, thr, 1.0, 0.5, "mean", jnp.float32)
+        np.testing.assert_allclose(_dispatch.from_tiles(out, tl, s), want, rtol=1e-6, atol=1e-6)
 
 
 def test_errors(rng):

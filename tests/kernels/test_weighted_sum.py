@@ -51,7 +51,7 @@ def test_groups_and_no_base(rng, bs):
     groups = [jnp.asarray(rng.integers(0, k, size=s), jnp.int8) for s in SHAPES.values()]
     groups[0] = None  # a leaf without groups takes [T] coefficients
     coeffs = {n: jnp.asarray(rng.normal(size=(num_tasks, k)), jnp.float32) for n in SHAPES}
-    coeffs["b"] = jnp.asarray(rng.normal(size=num_tasks), jnp.float32)
+    coeffs["a"] = jnp.asarray(rng.normal(size=num_tasks), jnp.float32)
     assert list(SHAPES) == [p for p, _ in ct.leaves_with_paths(coeffs)]
     fn = jax.jit(
         lambda t, c, g: kernels.weighted_sum(
@@ -67,33 +67,25 @@ def test_groups_and_no_base(rng, bs):
 
 @pytest.mark.parametrize("bs", where_params())
 def test_every_output_entry_is_written(rng, bs):
-    """The output starts as NaN (aliased): a block the grid skips would stay NaN."""
+    """Two leaves in one kernel; outputs start as NaN (aliased): a skipped block stays NaN."""
     bs = _dispatch.block_sizes_or_default(bs)
-    num_tasks, shape = 3, SHAPES["w"]
-    tl = _dispatch.tiling(int(np.prod(shape)), bs)
-    assert tl.padded and tl.num_blocks > 1
-    base = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    tau = jnp.asarray(rng.normal(size=(num_tasks, *shape)), jnp.bfloat16)
-    c = jnp.asarray(rng.normal(size=num_tasks), jnp.float32)
-    poison = jnp.full((tl.rows, tl.lanes), jnp.nan, jnp.float32)
-    out = jax.jit(
-        lambda b, t, c, p: _weighted_sum._pallas_tiles(
-            _dispatch.to_tiles(b, tl),
-            _dispatch.to_tiles(t, tl, stacked=True),
-            c,
-            None,
-            None,
-            jnp.float32,
-            tl,
-            bs,
-            poison=p,
+    num_tasks, shapes = 3, [SHAPES["w"], (97, 256)]
+    tls = [_dispatch.tiling(int(np.prod(s)), bs) for s in shapes]
+    assert tls[0].padded and tls[0].num_blocks > 1
+    bases = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    taus = [jnp.asarray(rng.normal(size=(num_tasks, *s)), jnp.bfloat16) for s in shapes]
+    cs = [jnp.asarray(rng.normal(size=num_tasks), jnp.float32) for _ in shapes]
+    poison = [jnp.full((tl.rows, tl.lanes), jnp.nan, jnp.float32) for tl in tls]
+    outs, _ = jax.jit(
+        lambda b, t, c, p: _weighted_sum._pallas_chunk(
+            b, t, c, [None, None], [None, None], [jnp.float32] * 2, bs, poison=p
         )
-    )(base, tau, c, poison)
-    assert out.shape == (tl.rows, tl.lanes)
-    chex.assert_tree_all_finite(out)
-    want = _np_weighted_sum(base, tau, c)
-    _close(_dispatch.from_tiles(out, tl, shape), want, np.float32)
-    np.testing.assert_array_equal(np.asarray(out).reshape(-1)[tl.size :], 0.0)  # zero padding
+    )(bases, taus, cs, poison)
+    for out, tl, s, b, t, c in zip(outs, tls, shapes, bases, taus, cs, strict=True):
+        assert out.shape == (tl.rows, tl.lanes)
+        chex.assert_tree_all_finite(out)
+        _close(_dispatch.from_tiles(out, tl, s), _np_weighted_sum(b, t, c), np.float32)
+        np.testing.assert_array_equal(np.asarray(out).reshape(-1)[tl.size :], 0.0)  # padding
 
 
 @pytest.mark.parametrize("bs", where_params())
