@@ -7,8 +7,6 @@ state with CoSO's sketch and history, LwF's frozen model, PRNG key) equal bit
 for bit to an uninterrupted run without checkpoints.
 """
 
-import shutil
-
 import optax
 import pytest
 
@@ -104,8 +102,6 @@ def test_crashes_mid_task_resume_bitwise(setup, tmp_path):
             checkpoint_dir=d,
             checkpoint_every=EVERY,
         )
-    copy = tmp_path / "copy"
-    shutil.copytree(d, copy)
     seen = []
     res = _run(setup, d, seen=seen)  # one step left in task 1, with the loss tail restored
     assert seen == [("task 1", 1)] and (res.resumed_from, res.resumed_at_step) == (1, 19)
@@ -114,14 +110,6 @@ def test_crashes_mid_task_resume_bitwise(setup, tmp_path):
     # mid-task checkpoints are cleared at each boundary; boundary checkpoints stay
     assert not list((d / "mid_task").glob("step_*"))
     assert sorted(p.name for p in d.glob("step_*")) == ["step_1", "step_2"]
-
-    newest = copy / "mid_task" / "step_39"
-    victim = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    victim.write_bytes(victim.read_bytes()[:-7])  # truncated: named, then step 26 is used
-    with pytest.warns(UserWarning, match=r"step_39"):
-        res = _run(setup, copy)  # and writes a new step 39 over the corrupt one
-    assert (res.resumed_from, res.resumed_at_step) == (1, 6)
-    assert _fingerprint(res) == reference
 
 
 def test_checkpoint_every_bad_inputs(setup, tmp_path):

@@ -5,6 +5,8 @@ steps; re-running with the same folder must give the same best and final coeffic
 for bit), best epoch, score and history as an uninterrupted fit without checkpoints.
 """
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,10 +87,23 @@ def test_crashed_fit_resumes_bitwise(problem, tmp_path):
     with pytest.raises(_Crash):  # resumes at step 6; crashes after step 14 (saved at 12)
         run(8, starts)
     assert starts[0] == 6
+    shutil.copytree(d, tmp_path / "copy")
     starts = []
     res = run(None, starts)
     assert starts == [12, 15]
     assert _fingerprint(res) == reference
+    # a corrupt newest checkpoint is named, the previous one is used, and then replaced
+    (tmp_path / "copy" / "step_12" / "manifest.json").write_text("{")
+    starts = []
+    with pytest.warns(UserWarning, match=r"step_12"):
+        res = atlas.fit(
+            *args,
+            **kw,
+            checkpoint_dir=tmp_path / "copy",
+            checkpoint_every=EVERY,  # saves step 12 again, over the corrupt one
+            progress=_crash_after(None, starts),
+        )
+    assert starts == [10, 15] and _fingerprint(res) == reference
     # a finished fit re-run with the same folder only reloads: no step, no evaluation
     before, starts = calls["evaluate"], []
     again = run(None, starts)

@@ -59,7 +59,9 @@ def _run(trainer, states, crash=None, **kw):
         if count["n"] == crash:
             raise _Crash(f"crash after {crash} steps")
         count["n"] += 1
-        new, metrics = step(state, batch)
+        # restored arrays are committed to the device, fresh ones are not, and jit compiles
+        # each kind apart: committing them all compiles the step once for every run
+        new, metrics = step(jax.device_put(state, jax.devices()[0]), batch)
         states[int(new.step)] = tree_fingerprint(new)
         return new, metrics
 
