@@ -182,7 +182,7 @@ def train_one(
     and returns what an uninterrupted run returns, bit for bit (on CPU).
     """
     if checkpoint_every is not None:
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int | np.integer):
             raise ValueError(f"train_one: {checkpoint_every=} must be a positive int or None")
         if checkpoint_every < 1:
             raise ValueError(f"train_one: {checkpoint_every=} must be a positive int or None")

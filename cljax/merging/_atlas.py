@@ -919,7 +919,7 @@ def fit(
     if steps_per_epoch < 1:
         raise ValueError(f"{steps_per_epoch=} must be >= 1")
     if checkpoint_every is not None:
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int | np.integer):
             raise ValueError(f"fit: {checkpoint_every=} must be a positive int (steps) or None")
         if checkpoint_every < 1:
             raise ValueError(f"fit: {checkpoint_every=} must be a positive int (steps) or None")
