@@ -86,6 +86,7 @@ def _run(setup, d, crash=None, seen=None):
     )
 
 
+@pytest.mark.slow
 def test_crashes_mid_task_resume_bitwise(setup, tmp_path):
     tasks, kw = setup
     reference = _fingerprint(cl.run_sequence(tasks, **kw, methods=_methods()))

@@ -68,6 +68,7 @@ def _run(trainer, states, crash=None, **kw):
     return mtl_exp.train_one(cfg, tasks, (0, 1), step_fn, predict, model, seed=1, **kw)
 
 
+@pytest.mark.slow
 def test_crashed_run_resumes_bitwise(trainer, tmp_path):
     ref_states = {}
     reference = _run(trainer, ref_states)
