@@ -16,7 +16,8 @@ Command::
 
 Expected runtime: about 10 minutes of CPU time for the preset (3 seeds × 2 task sets ×
 12 methods + 5 single-task baselines, 5 epochs each, 2,100 training images each); re-running resumes from the
-finished runs saved under ``--out``.
+finished runs saved under ``--out``; with ``--checkpoint_every N`` a run in progress is also
+saved every N steps and at each epoch end, and resumes from there (bit-identically).
 
 Expected result: test accuracies around 85–90 % (Multi-MNIST) and 90–97 % (attributes);
 the paper reports every F-variant at or above its base method. What this preset measured
@@ -32,6 +33,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -65,6 +69,7 @@ class Config:
     trunk: str = "mlp"  # "mlp" or "lenet"
     train: bool = True  # False: only summarise the runs found in the checkpoint
     width: int = 8
+    checkpoint_every: int = 0  # > 0: save a run in progress every N steps and each epoch
     out: str = "runs/mtl"
 
 
@@ -157,8 +162,32 @@ def make_loss(model: nn.Module, task_ids: tuple[int, ...]):
     return loss_fn
 
 
-def train_one(cfg: Config, tasks, task_ids, step_fn, predict, model, seed: int) -> dict:
-    """Trains one model; returns test accuracies at the epoch of best mean val accuracy."""
+def train_one(
+    cfg: Config,
+    tasks,
+    task_ids,
+    step_fn,
+    predict,
+    model,
+    seed: int,
+    *,
+    checkpoint_dir=None,
+    checkpoint_every: int | None = None,
+) -> dict:
+    """Trains one model; returns test accuracies at the epoch of best mean val accuracy.
+
+    With ``checkpoint_dir`` the whole run (train state with its PRNG key and method states,
+    the step, the best epoch's accuracies so far) is saved after every epoch, and with
+    ``checkpoint_every`` also every that many steps; a re-run with the same folder resumes
+    and returns what an uninterrupted run returns, bit for bit (on CPU).
+    """
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int | np.integer):
+            raise ValueError(f"train_one: {checkpoint_every=} must be a positive int or None")
+        if checkpoint_every < 1:
+            raise ValueError(f"train_one: {checkpoint_every=} must be a positive int or None")
+        if checkpoint_dir is None:
+            raise ValueError(f"train_one: {checkpoint_every=} needs a checkpoint_dir")
     sub = [tasks[i] for i in task_ids]
     x0 = jnp.asarray(sub[0].x_train[:2])
     params = model.init(jax.random.key(seed), x0)["params"]
@@ -167,21 +196,49 @@ def train_one(cfg: Config, tasks, task_ids, step_fn, predict, model, seed: int) 
     )
     spe = sub[0].steps_per_epoch(cfg.batch_size)
     best_val, best_test = -1.0, None
-    for epoch in range(cfg.epochs):
-        for s in range(epoch * spe, (epoch + 1) * spe):
+    start, ckpt = 0, None
+    if checkpoint_dir is not None:
+        ckpt = CheckpointManager(checkpoint_dir, keep=2)
+        restored = ckpt.restore_latest(state)
+        if restored is not None:
+            start, state, meta = restored
+            if meta.get("steps_per_epoch") != spe:
+                raise ValueError(
+                    f"train_one: checkpoint in {checkpoint_dir} has steps_per_epoch="
+                    f"{meta.get('steps_per_epoch')}; this run has {spe} (use another folder)"
+                )
+            best_val = meta["best_val"]
+            best_test = None if meta["best_test"] is None else np.asarray(meta["best_test"])
+
+    def save(done: int) -> None:
+        if ckpt.path(done).exists():  # one the restore skipped as corrupt: replace it
+            shutil.rmtree(ckpt.path(done))
+        test = None if best_test is None else [float(v) for v in best_test]
+        meta = {"steps_per_epoch": spe, "best_val": float(best_val), "best_test": test}
+        ckpt.save(done, state, metadata=meta)
+
+    for epoch in range(start // spe, cfg.epochs):
+        end = (epoch + 1) * spe
+        for s in range(max(epoch * spe, start), end):
             b = mtl.multitask_batch(tasks, s, cfg.batch_size, seed=seed)
             b = {"x": jnp.asarray(b["x"]), "y": jnp.asarray(b["y"])}
             state, _ = step_fn(state, b)
+            if checkpoint_every is not None and s + 1 < end and (s + 1) % checkpoint_every == 0:
+                save(s + 1)
         pr = lambda x, p=state.params: predict(p, x)
         val = mtl.evaluate_accuracy(pr, sub, split="val", batch_size=len(sub[0].y_val))
         if val.mean() > best_val:
             n_test = len(sub[0].y_test)
             best_val = val.mean()
             best_test = mtl.evaluate_accuracy(pr, sub, split="test", batch_size=n_test)
+        if ckpt is not None:
+            save(end)
     return {"test": [float(v) for v in best_test], "best_val": float(best_val)}
 
 
 def run(cfg: Config) -> dict:
+    if cfg.checkpoint_every < 0:
+        raise ValueError(f"mtl: checkpoint_every={cfg.checkpoint_every} must be >= 0 (0: off)")
     out = Path(cfg.out)
     ckpt = CheckpointManager(out / "ckpt", keep=2)
     done: dict = {}
@@ -193,6 +250,9 @@ def run(cfg: Config) -> dict:
     if restored is not None and restored[2].get("config", fingerprint) == fingerprint:
         done = dict(restored[2].get("runs", {}))
     count = 0 if restored is None else restored[0]
+    # runs in progress (--checkpoint_every), in a folder of this configuration
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    partial = out / "partial" / digest
 
     def record(key, value):
         nonlocal count
@@ -229,9 +289,17 @@ def run(cfg: Config) -> dict:
                 if key in done or not cfg.train:
                     continue
                 t0 = time.perf_counter()
-                res = train_one(cfg, tasks, ids, step_fn, predict, model, seed)
+                kw = {}
+                if cfg.checkpoint_every > 0:
+                    kw = dict(
+                        checkpoint_dir=partial / key.replace("/", "__"),
+                        checkpoint_every=cfg.checkpoint_every,
+                    )
+                res = train_one(cfg, tasks, ids, step_fn, predict, model, seed, **kw)
                 res["seconds"] = time.perf_counter() - t0
                 record(key, res)
+                if kw:
+                    shutil.rmtree(kw["checkpoint_dir"], ignore_errors=True)
         summary[ds] = summarize(cfg, ds, tasks, done)
     return {"config": dataclasses.asdict(cfg), "runs": done, "summary": summary}
 

@@ -388,6 +388,22 @@ def _method_rows() -> list[Row]:
         ),
         Row(
             "continual",
+            "a checkpoint interval that is not a positive int",
+            lambda tmp: cl.run_sequence(
+                [_task()],
+                apply_fn=None,
+                params={},
+                optimizer=None,
+                steps_per_task=1,
+                batch_size=1,
+                checkpoint_dir=tmp,
+                checkpoint_every=0,
+            ),
+            ValueError,
+            r"checkpoint_every=0 must be a positive int",
+        ),
+        Row(
+            "continual",
             "a GPM threshold outside (0, 1]",
             lambda _: cl.GPM([("k", True)], None, threshold=1.5),
             ValueError,

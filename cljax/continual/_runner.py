@@ -5,6 +5,10 @@ A run is a loop over tasks ``j = 0..T-1``::
     begin_task hooks -> steps_per_task jitted train steps -> end_task hooks
     -> evaluate every task i -> A[j, i] -> checkpoint (state, A) at the boundary
 
+With ``checkpoint_every=N`` the whole state is also saved every N optimiser steps inside a
+task (in ``<checkpoint_dir>/mid_task``), and a re-run resumes at that step: the result is
+bit-identical to an uninterrupted run.
+
 Methods are objects with pure hooks (:class:`Method`): they may wrap the optimiser (a
 projection transform after it), add a loss term, keep a state in ``TrainState.methods``
 and change the train state between tasks. The runner owns the scenario -- how the local
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -210,6 +215,7 @@ class ContinualResult:
       state: the final :class:`TrainState`.
       losses: per task, the mean training loss of its last 10 % steps.
       resumed_from: task index the run resumed at (0 for a fresh run).
+      resumed_at_step: step within task ``resumed_from`` it resumed at (0 at a boundary).
     """
 
     accuracy: np.ndarray
@@ -218,6 +224,7 @@ class ContinualResult:
     state: TrainState
     losses: list[float]
     resumed_from: int
+    resumed_at_step: int = 0
 
 
 def _carry_states(fresh: Any, old: Any, types: Sequence[type]) -> Any:
@@ -229,6 +236,27 @@ def _carry_states(fresh: Any, old: Any, types: Sequence[type]) -> Any:
             is_leaf=lambda x, cls=cls: isinstance(x, cls),
         )
     return fresh
+
+
+def _save(manager: CheckpointManager, step: int, tree: Any, metadata: dict) -> None:
+    # A folder already at this step is one the restore skipped (it failed verification):
+    # the run went back to an earlier checkpoint and now replaces it.
+    if manager.path(step).exists():
+        shutil.rmtree(manager.path(step))
+    manager.save(step, tree, metadata=metadata)
+
+
+def _check_checkpoint_every(checkpoint_every: Any, checkpoint_dir: Any) -> None:
+    if checkpoint_every is None:
+        return
+    if (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int | np.integer)
+        or checkpoint_every < 1
+    ):
+        raise ValueError(f"{checkpoint_every=} must be a positive int (steps) or None")
+    if checkpoint_dir is None:
+        raise ValueError(f"{checkpoint_every=} needs a checkpoint_dir to write to")
 
 
 def _accuracy_fn(apply_fn):
@@ -259,6 +287,7 @@ def run_sequence(
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: Callable[[Iterable, str, int], Iterable] | None = None,
+    checkpoint_every: int | None = None,
 ) -> ContinualResult:
     """Trains on ``tasks`` in order and returns the accuracy matrix and final state.
 
@@ -285,13 +314,24 @@ def run_sequence(
         accuracy matrix so far) is saved there at every task boundary, and a re-run with
         the same folder resumes after the last completed task.
       progress: optional ``progress(iterable, desc, total)`` wrapper (e.g. tqdm).
+      checkpoint_every: if given (with ``checkpoint_dir``), the whole state is also saved
+        every ``checkpoint_every`` optimiser steps of the run (counted over all tasks), in
+        ``<checkpoint_dir>/mid_task``: the train state (parameters, optimiser state,
+        method states, PRNG key), the step within the task (the data position, since
+        batches are ``Task.batch_at(step)``), the accuracy matrix and losses so far. A
+        re-run resumes at the newest one, without repeating ``begin_task``, and ends
+        bit-identical to an uninterrupted run (on CPU). The interval may change between
+        runs; mid-task checkpoints of a finished task are removed at its boundary.
 
     Returns:
       A :class:`ContinualResult`.
 
     Raises:
       ValueError: on an empty sequence, an unknown scenario, a non-positive step count or
-        batch size, or duplicate method names.
+        batch size, duplicate method names, a ``checkpoint_every`` that is not a positive
+        int or comes without ``checkpoint_dir``, or a checkpoint of another run (another
+        number of tasks; for mid-task checkpoints also another ``steps_per_task``,
+        ``batch_size`` or ``seed``).
 
     Example::
 
@@ -316,6 +356,7 @@ def run_sequence(
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique; got {names}")
+    _check_checkpoint_every(checkpoint_every, checkpoint_dir)
     progress = progress or (lambda it, desc, total: it)
 
     tx = optimizer
@@ -344,8 +385,15 @@ def run_sequence(
             n += len(b["y"])
         return hits / max(n, 1)
 
-    start = 0
-    ckpt = CheckpointManager(checkpoint_dir, keep=2) if checkpoint_dir is not None else None
+    start, start_step, tail0 = 0, 0, []
+    ckpt = mid = None
+    if checkpoint_dir is not None:
+        ckpt = CheckpointManager(checkpoint_dir, keep=2)
+        mid_dir = ckpt.directory / "mid_task"
+        if checkpoint_every is not None or mid_dir.is_dir():
+            mid = CheckpointManager(mid_dir, keep=2)
+    identity = {"steps_per_task": steps_per_task, "batch_size": batch_size, "seed": seed}
+    restored = None
     if ckpt is not None:
         target = {
             "state": state,
@@ -361,14 +409,40 @@ def run_sequence(
                     f"checkpoint in {checkpoint_dir} is of a {meta.get('num_tasks')}-task run; "
                     f"this run has {n_tasks} tasks (use another folder)"
                 )
+        # A mid-task checkpoint is newer than the last boundary if it is in a later task.
+        in_task = None if mid is None else mid.restore_latest(target)
+        if in_task is not None and in_task[2].get("task", -1) >= start:
+            _, tree, meta = restored = in_task
+            if meta.get("num_tasks") != n_tasks or any(
+                meta.get(k) != v for k, v in identity.items()
+            ):
+                saved = {k: meta.get(k) for k in ("num_tasks", *identity)}
+                mine = {"num_tasks": n_tasks, **identity}
+                raise ValueError(
+                    f"mid-task checkpoint in {mid.directory} is of another run ({saved}); "
+                    f"this run has {mine} (use another folder)"
+                )
+            start, start_step = int(meta["task"]), int(meta["task_step"])
+            tail0 = [np.asarray(v, meta["tail_dtype"]) for v in meta["tail"]]
+        if restored is not None:
             state = tree["state"].replace(tx=tx)
             acc = np.asarray(tree["acc"], np.float64)
             if initial is not None:
                 initial = np.asarray(tree["initial"], np.float64)
             losses = [float(v) for v in np.asarray(tree["losses"])[:start]]
 
-    if initial is not None and start == 0:
+    if initial is not None and restored is None:
         initial[:] = [evaluate(state.params, i) for i in range(n_tasks)]
+
+    def snapshot() -> dict:
+        padded = np.zeros(n_tasks)
+        padded[: len(losses)] = losses
+        return {
+            "state": state,
+            "acc": acc,
+            "initial": np.zeros(n_tasks) if initial is None else initial,
+            "losses": padded,
+        }
 
     def loss_fn(p, batch, rng, mstates):
         del rng
@@ -393,35 +467,46 @@ def run_sequence(
 
     step = jax.jit(step, donate_argnums=(0,))
 
+    tail_from = steps_per_task - max(1, steps_per_task // 10)
     for j in range(start, n_tasks):
         ctx = TaskContext(j, tasks, layout, apply_fn, seed)
-        if reset_optimizer and j > 0:
-            fresh = tx.init(state.params)
-            state = state.replace(opt_state=_carry_states(fresh, state.opt_state, keep_types))
-        for m in methods:
-            state = m.begin_task(state, ctx)
-        tail = []
-        for s in progress(range(steps_per_task), f"task {j}", steps_per_task):
+        first = start_step if j == start else 0  # > 0: resumed inside task j
+        if first == 0:
+            if reset_optimizer and j > 0:
+                fresh = tx.init(state.params)
+                state = state.replace(opt_state=_carry_states(fresh, state.opt_state, keep_types))
+            for m in methods:
+                state = m.begin_task(state, ctx)
+        tail = list(tail0) if first > 0 else []
+        steps = range(first, steps_per_task)
+        for s in progress(steps, f"task {j}", len(steps)):
             raw = tasks[j].batch_at(s, batch_size, seed=seed * 1000 + j)
             state, metrics = step(state, layout.batch(raw, j))
-            if s >= steps_per_task - max(1, steps_per_task // 10):
+            if s >= tail_from:
                 tail.append(metrics["loss"])
+            done = j * steps_per_task + s + 1  # optimiser steps of the run so far
+            if checkpoint_every is not None and s + 1 < steps_per_task:
+                if done % checkpoint_every == 0:
+                    tail_host = [np.asarray(v) for v in jax.device_get(tail)]
+                    meta = {
+                        "num_tasks": n_tasks,
+                        "task": j,
+                        "task_step": s + 1,
+                        "tail": [float(v) for v in tail_host],
+                        "tail_dtype": str(tail_host[0].dtype) if tail_host else "float32",
+                        "scenario": scenario,
+                        **identity,
+                    }
+                    _save(mid, done, snapshot(), meta)
         losses.append(float(np.mean(jax.device_get(tail))))
         for m in methods:
             state = m.end_task(state, ctx)
         acc[j] = [evaluate(state.params, i) for i in range(n_tasks)]
         if ckpt is not None:
-            padded = np.zeros(n_tasks)
-            padded[: len(losses)] = losses
-            ckpt.save(
-                j + 1,
-                {
-                    "state": state,
-                    "acc": acc,
-                    "initial": np.zeros(n_tasks) if initial is None else initial,
-                    "losses": padded,
-                },
-                metadata={"num_tasks": n_tasks, "completed": j + 1, "scenario": scenario},
-            )
+            meta = {"num_tasks": n_tasks, "completed": j + 1, "scenario": scenario, **identity}
+            _save(ckpt, j + 1, snapshot(), meta)
+            if mid is not None:  # the boundary supersedes this task's mid-task checkpoints
+                for old in mid.steps():
+                    shutil.rmtree(mid.path(old), ignore_errors=True)
     metrics = summarize(acc, baseline=initial)
-    return ContinualResult(acc, initial, metrics, state, losses, start)
+    return ContinualResult(acc, initial, metrics, state, losses, start, start_step)

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -37,6 +40,7 @@ import optax
 
 from cljax import kernels
 from cljax import tree as ct
+from cljax.checkpoint import CheckpointManager
 from cljax.losses._entropy import entropy_loss, pseudo_label_loss
 from cljax.train import TrainState, make_step
 
@@ -862,6 +866,8 @@ def fit(
     stop: Callable[[Mapping[str, float]], bool] | None = None,
     seed: int = 0,
     progress: Callable[[Iterable], Iterable] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
 ) -> FitResult:
     """Learns aTLAS coefficients Λ with optax, keeping the best epoch by a validation score.
 
@@ -892,12 +898,21 @@ def fit(
       stop: ``stop(metrics) -> bool`` checked after each evaluation.
       seed: rng seed passed (split per step) to ``loss_fn``.
       progress: optional wrapper of the step iterator (a progress bar).
+      checkpoint_dir: if given, the whole fit (coefficients, optimiser state, PRNG key,
+        step, best-so-far coefficients, epoch and score, history) is saved there after
+        every epoch, and a re-run with the same folder resumes; the result is
+        bit-identical to an uninterrupted fit (on CPU). A finished fit only reloads.
+      checkpoint_every: with ``checkpoint_dir``, also save every ``checkpoint_every``
+        steps inside epochs (the losses of the epoch so far included).
 
     Returns:
       A :class:`FitResult`.
 
     Raises:
-      ValueError: on ``epochs`` or ``steps_per_epoch`` < 1, or mismatched inputs.
+      ValueError: on ``epochs`` or ``steps_per_epoch`` < 1, mismatched inputs, a
+        ``checkpoint_every`` that is not a positive int or comes without
+        ``checkpoint_dir``, or a checkpoint of a fit with another ``steps_per_epoch`` or
+        ``seed``.
 
     Example:
       >>> spec = blocks(params)
@@ -913,6 +928,13 @@ def fit(
         raise ValueError(f"{epochs=} must be >= 1")
     if steps_per_epoch < 1:
         raise ValueError(f"{steps_per_epoch=} must be >= 1")
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int | np.integer):
+            raise ValueError(f"fit: {checkpoint_every=} must be a positive int (steps) or None")
+        if checkpoint_every < 1:
+            raise ValueError(f"fit: {checkpoint_every=} must be a positive int (steps) or None")
+        if checkpoint_dir is None:
+            raise ValueError(f"fit: {checkpoint_every=} needs a checkpoint_dir to write to")
     spec = blocks(pretrained) if spec is None else spec
     tvs = ct.as_stacked(task_vectors)
     coefs = init(pretrained, tvs, spec) if coefficients is None else coefficients
@@ -938,17 +960,56 @@ def fit(
         theta = _compose_jit(pretrained, tvs, c, spec, masks=masks)
         return {k: float(v) for k, v in evaluate(theta).items()}
 
-    history = []
-    m0 = run_eval(state.params)
-    s0 = score_fn(m0) if evaluate is not None else None
-    history.append({"epoch": 0, "score": s0, **m0})
-    best = (jax.tree.map(jnp.array, state.params), 0, s0)
-    for epoch in range(1, epochs + 1):
-        losses = []
-        it = range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch)
+    ckpt = None if checkpoint_dir is None else CheckpointManager(checkpoint_dir, keep=2)
+    identity = {"steps_per_epoch": steps_per_epoch, "seed": seed}
+    start, losses0, stopped = 0, [], False
+    restored = None if ckpt is None else ckpt.restore_latest({"state": state, "best": coefs})
+    if restored is not None:
+        start, tree, meta = restored
+        if any(meta.get(k) != v for k, v in identity.items()):
+            saved = {k: meta.get(k) for k in identity}
+            raise ValueError(
+                f"fit: checkpoint in {checkpoint_dir} is of another fit ({saved}); "
+                f"this fit has {identity} (use another folder)"
+            )
+        state, history = tree["state"].replace(tx=tx), meta["history"]
+        best = (tree["best"], meta["best_epoch"], meta["best_score"])
+        losses0 = [np.asarray(v, meta["loss_dtype"]) for v in meta["losses"]]
+        stopped = meta["stopped"]
+    else:
+        history = []
+        m0 = run_eval(state.params)
+        s0 = score_fn(m0) if evaluate is not None else None
+        history.append({"epoch": 0, "score": s0, **m0})
+        best = (jax.tree.map(jnp.array, state.params), 0, s0)
+
+    def save(done: int, losses: list, stopped: bool = False) -> None:
+        host = [np.asarray(v) for v in jax.device_get(losses)]
+        meta = {
+            "history": history,
+            "best_epoch": best[1],
+            "best_score": best[2],
+            "losses": [float(v) for v in host],
+            "loss_dtype": str(host[0].dtype) if host else "float32",
+            "stopped": stopped,
+            **identity,
+        }  # numpy scalars (a score function's) as plain numbers
+        meta = json.loads(json.dumps(meta, default=lambda v: np.asarray(v).item()))
+        if ckpt.path(done).exists():  # one the restore skipped as corrupt: replace it
+            shutil.rmtree(ckpt.path(done))
+        ckpt.save(done, {"state": state, "best": best[0]}, metadata=meta)
+
+    for epoch in range(start // steps_per_epoch + 1, epochs + 1):
+        if stopped:
+            break
+        first, end = max((epoch - 1) * steps_per_epoch, start), epoch * steps_per_epoch
+        losses = list(losses0) if first > (epoch - 1) * steps_per_epoch else []
+        it = range(first, end)
         for s in progress(it) if progress is not None else it:
             state, metrics = step(state, (batch_at(s), pretrained, tvs, masks))
             losses.append(metrics["loss"])
+            if checkpoint_every is not None and s + 1 < end and (s + 1) % checkpoint_every == 0:
+                save(s + 1, losses)
         m = run_eval(state.params)
         sc = score_fn(m) if evaluate is not None else float(-np.mean(jax.device_get(losses)))
         history.append(
@@ -956,8 +1017,9 @@ def fit(
         )
         if sc is not None and (best[2] is None or sc > best[2] or evaluate is None):
             best = (jax.tree.map(jnp.array, state.params), epoch, sc)
-        if stop is not None and evaluate is not None and stop(m):
-            break
+        stopped = stop is not None and evaluate is not None and bool(stop(m))
+        if ckpt is not None:
+            save(end, [], stopped)
     if evaluate is None:  # no validation: keep the last epoch
         best = (state.params, history[-1]["epoch"], history[-1]["score"])
     return FitResult(best[0], best[1], best[2], history, state.params)
