@@ -305,7 +305,10 @@ class OSFT(Method):
         self.calibration_samples, self.name = calibration_samples, name
 
     def wrap_optimizer(self, optimizer):
-        return optax.chain(optimizer, pj.osft(self.targets))
+        # Fixed ratios bound the frozen rank: bases that narrow cost proportionally less.
+        fixed = not callable(self.ratio) and self.ratio != "adaptive"
+        widest = float(np.max(self.ratio)) if fixed else 1.0
+        return optax.chain(optimizer, pj.osft(self.targets, max_ratio=max(widest, 1e-6)))
 
     def _ratios(self, params, ctx):
         if self.ratio == "adaptive":

@@ -19,7 +19,8 @@ dimension of the complement. Consequently inputs in ``span(U_h)`` (Flax input si
 their outputs and no output moves along ``span(V_h)``. What differs is the optimisation
 geometry: gradient steps on the factors precondition the update by the current factors
 (``dU_l = G V_l S_l`` etc.), a full-matrix step does not; and no ``U_l, S_l, V_l`` are stored
-(memory ``~ 2 x W`` here for the padded bases, ``~ 3 x W`` for a factorised copy).
+(memory ``~ 2 · max_ratio · W`` here for the padded bases, ``~ 3 x W`` for a factorised
+copy).
 
 Layout: Flax kernels are ``[in, out]``; ``U`` spans the input side and ``V`` the output
 side (the reference's ``V`` and ``U`` of the PyTorch ``[out, in]`` weight).
@@ -27,6 +28,7 @@ side (the reference's ``V`` and ``U`` of the PyTorch ``[out, in]`` weight).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -54,7 +56,8 @@ class OSFTState(NamedTuple):
     """State of :func:`osft` (per-target tuples, in target order).
 
     Attributes:
-      u_high: ``[in, m]`` frozen input-side singular vectors (first ``rank`` columns, rest 0).
+      u_high: ``[in, m]`` frozen input-side singular vectors (first ``rank`` columns, rest 0;
+        ``m`` is fixed by :func:`osft`'s ``max_ratio``).
       v_high: ``[out, m]`` frozen output-side singular vectors (likewise).
       rank: int32 ``k``, number of frozen triplets.
       task: int32 number of decompositions done.
@@ -72,22 +75,32 @@ def target_leaves(params: Any, targets: ct.Rules, *, method: str = "osft") -> tu
     return tuple(by_path[p] for p in select_targets(params, list(targets), method=method))
 
 
-def osft(targets: ct.Rules) -> optax.GradientTransformationExtraArgs:
+def osft(targets: ct.Rules, *, max_ratio: float = 1.0) -> optax.GradientTransformationExtraArgs:
     """Projects target updates off the frozen top singular spaces (two-sided).
 
     Put it last in the chain, after the optimiser. Before each task, call
     :func:`osft_begin_task` with the current weights and the rank ratios. Until the first
     call nothing is frozen.
 
+    The frozen bases are stored ``[in, m]`` and ``[out, m]`` with a static width
+    ``m = floor(max_ratio · min(in, out))`` (at least 1), the ranks used zero-padded to it:
+    shapes stay fixed across tasks (one compilation, checkpoints restore into the same
+    state) and the projection costs ``4 · in · out · m`` flops per target. Set ``max_ratio``
+    to the largest retention ratio the schedule will use (e.g. 0.5 for a fixed ratio of 0.5)
+    to halve that cost against the default full width.
+
     Args:
       targets: ``(regex, bool)`` rules selecting 2-D ``[in, out]`` kernels (attention and MLP
         projections in the reference; not embeddings, norms or heads).
+      max_ratio: the largest fraction of ``min(in, out)`` that will ever be frozen, in
+        ``(0, 1]``; :func:`osft_begin_task` refuses a larger rank.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with an :class:`OSFTState`.
 
     Raises:
-      ValueError: (at ``init``) if the rules select nothing or a target is not 2-D.
+      ValueError: if ``max_ratio`` is outside ``(0, 1]``; (at ``init``) if the rules select
+        nothing or a target is not 2-D.
 
     Example::
 
@@ -100,6 +113,8 @@ def osft(targets: ct.Rules) -> optax.GradientTransformationExtraArgs:
       Learning", 2025 (``mini_trainer/osft_utils.py``).
     """
     targets = list(targets)
+    if not 0.0 < float(max_ratio) <= 1.0:
+        raise ValueError(f"osft: {max_ratio=} must be in (0, 1]")
 
     def init_fn(params):
         paths = select_targets(params, targets, method="osft")
@@ -107,7 +122,7 @@ def osft(targets: ct.Rules) -> optax.GradientTransformationExtraArgs:
         uh, vh, rk = [], [], []
         for p in paths:
             n_in, n_out = jnp.shape(by_path[p])
-            m = min(n_in, n_out)
+            m = basis_width(n_in, n_out, max_ratio)
             uh.append(jnp.zeros((n_in, m), jnp.float32))
             vh.append(jnp.zeros((n_out, m), jnp.float32))
             rk.append(jnp.zeros((), jnp.int32))
@@ -134,11 +149,17 @@ def osft(targets: ct.Rules) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@jax.jit
-def _decompose(w, k):
+def basis_width(n_in: int, n_out: int, max_ratio: float) -> int:
+    """The static width of a target's frozen bases: ``floor(max_ratio · min(in, out))``, >= 1."""
+    m = min(n_in, n_out)
+    return max(1, min(m, int(np.floor(float(max_ratio) * m))))
+
+
+@functools.partial(jax.jit, static_argnames="width")
+def _decompose(w, k, width):
     u, _, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
-    keep = jnp.arange(u.shape[1]) < k
-    return u * keep, vt.T * keep
+    keep = jnp.arange(width) < k
+    return u[:, :width] * keep, vt.T[:, :width] * keep
 
 
 def osft_ranks(shapes: Sequence[tuple[int, int]], ratios: float | Sequence[float]) -> list[int]:
@@ -200,9 +221,16 @@ def osft_begin_task(
                 f"expected {(a.shape[0], b.shape[0])}"
             )
     ks = osft_ranks([jnp.shape(w) for w in weights], ratios)
+    for i, (k, a) in enumerate(zip(ks, state.u_high, strict=True)):
+        if k > a.shape[1]:
+            raise ValueError(
+                f"osft_begin_task: target {i} would freeze rank {k}, above the {a.shape[1]} "
+                "columns its state holds; build the transform with a larger "
+                "osft(max_ratio=...)"
+            )
     uh, vh = [], []
-    for w, k in zip(weights, ks, strict=True):
-        a, b = _decompose(jnp.asarray(w), k)
+    for w, k, a in zip(weights, ks, state.u_high, strict=True):
+        a, b = _decompose(jnp.asarray(w), k, a.shape[1])
         uh.append(a)
         vh.append(b)
     return OSFTState(

@@ -82,7 +82,7 @@ def _variants(lr, rules, proj_rank, sketch_rank):
     return {
         "adam": optax.adam(lr),
         "adam+gpm": optax.chain(optax.adam(lr), pj.gpm(rules)),
-        "adam+osft": optax.chain(optax.adam(lr), pj.osft(rules)),
+        "adam+osft": optax.chain(optax.adam(lr), pj.osft(rules, max_ratio=0.5)),
         "coso (exact svd)": pj.coso(lr, rules, proj_rank=proj_rank, sketch_rank=sketch_rank),
         "coso (randomized svd)": pj.coso(
             lr, rules, proj_rank=proj_rank, sketch_rank=sketch_rank, svd="randomized"

@@ -11,11 +11,11 @@ from cljax.kernels import BlockSizes
 INTERPRET_BLOCKS = BlockSizes(rows=64, min_rows=64, xla_below=1024)
 
 # Two small leaves packed together for XLA ("a", "b"; also under the GPU default xla_below)
-# and two leaves sharing one kernel: "v" (97·256 entries: 194 rows, padded to 4 blocks of 64)
+# and two leaves sharing one kernel: "v" (33·256 entries: 66 rows, padded to 2 blocks of 64)
 # and "w" (305 rows -> padded to 5 blocks of 64). (Leaves whose size is a multiple of the
 # block need no padding: tested in test_dispatch.py.) Keys are in flattening order, so
 # per-leaf lists (group ids) line up with ``SHAPES``.
-SHAPES = {"a": (3, 5), "b": (7,), "v": (97, 256), "w": (300, 130)}
+SHAPES = {"a": (3, 5), "b": (7,), "v": (33, 256), "w": (300, 130)}
 
 TOL = {np.dtype("float32"): 1e-5, np.dtype(jax.numpy.bfloat16): 2e-2}
 

@@ -88,6 +88,38 @@ def test_io_cosine_similarity(rng):
     assert pj.io_cosine_similarity(x, y) == pytest.approx(want, rel=1e-5)
 
 
+def test_narrow_bases_give_the_same_updates(rng):
+    """``max_ratio`` shrinks the stored bases to the frozen rank: the projection is unchanged."""
+    shape = (12, 9)
+    w0 = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    params = {"w": w0, "b": jnp.zeros(shape[1])}
+    states, txs = [], []
+    for max_ratio in (1.0, 0.5):
+        tx = optax.chain(optax.adam(3e-2), pj.osft(RULES, max_ratio=max_ratio))
+        st = pj.map_state(
+            tx.init(params),
+            pj.OSFTState,
+            lambda s: pj.osft_begin_task(s, pj.target_leaves(params, RULES), 0.5),
+        )
+        txs.append(tx)
+        states.append(st)
+    wide, narrow = (pj.find_state(st, pj.OSFTState)[0] for st in states)
+    assert wide.u_high[0].shape == (12, 9) and narrow.u_high[0].shape == (12, 4)
+    assert narrow.v_high[0].shape == (9, 4) and int(narrow.rank[0]) == 4
+    for _ in range(3):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        outs = []
+        for i, tx in enumerate(txs):
+            u, states[i] = jax.jit(tx.update)(g, states[i], params)
+            outs.append(u["w"])
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+        assert jnp.linalg.norm(narrow.u_high[0].T @ outs[1]) <= 1e-5 * jnp.linalg.norm(outs[1])
+    with pytest.raises(ValueError, match=r"rank 6, above the 4 columns its state holds"):
+        pj.osft_begin_task(narrow, [w0], 0.7)
+    with pytest.raises(ValueError, match=r"max_ratio=0 must be in \(0, 1\]"):
+        pj.osft(RULES, max_ratio=0)
+
+
 def test_bad_inputs(rng):
     with pytest.raises(ValueError, match=r"select no parameter"):
         pj.osft([("nope", True)]).init({"w": jnp.zeros((3, 3))})
