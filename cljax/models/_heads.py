@@ -21,27 +21,54 @@ import numpy as np
 
 __all__ = ["TEMPLATES", "head_logits", "zero_shot_head"]
 
-# A few prompt templates per dataset of the 8-task benchmark (and MTIL's extra datasets),
-# in the spirit of CLIP's prompt engineering. Pass your own list for exact reproductions.
+# The prompt templates of CLIP's prompt engineering (Radford et al., 2021) for the 8 datasets
+# of the task-arithmetic benchmark (the lists task_vectors and aTLAS evaluate with), and a few
+# per dataset for MTIL's other datasets (MTIL trains and evaluates with one template each;
+# pass its list explicitly for exact reproductions).
+_RESISC45 = tuple(
+    f"{kind} {view} of {article}{{}}."
+    for article in ("", "a ", "the ")
+    for kind, view in (
+        ("satellite", "imagery"),
+        ("aerial", "imagery"),
+        ("satellite", "photo"),
+        ("aerial", "photo"),
+        ("satellite", "view"),
+        ("aerial", "view"),
+    )
+)
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "generic": ("a photo of a {}.", "a picture of a {}.", "an image of a {}."),
-    "cars": ("a photo of a {}.", "a photo of my {}.", "a photo of the {}, a type of car."),
-    "dtd": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} object."),
+    "cars": (
+        "a photo of a {}.",
+        "a photo of the {}.",
+        "a photo of my {}.",
+        "i love my {}!",
+        "a photo of my dirty {}.",
+        "a photo of my clean {}.",
+        "a photo of my new {}.",
+        "a photo of my old {}.",
+    ),
+    "dtd": tuple(
+        f"a photo of {article} {{}} {kind}."
+        for article in ("a", "the")
+        for kind in ("texture", "pattern", "thing", "object")
+    ),
     "eurosat": (
         "a centered satellite photo of {}.",
-        "a satellite photo of {}.",
-        "an aerial view of {}.",
+        "a centered satellite photo of a {}.",
+        "a centered satellite photo of the {}.",
     ),
-    "gtsrb": ('a zoomed in photo of a "{}" traffic sign.', 'a photo of a "{}" traffic sign.'),
-    "mnist": ('a photo of the number: "{}".', 'a picture of the digit "{}".'),
-    "resisc45": (
-        "satellite imagery of {}.",
-        "aerial imagery of {}.",
-        "a satellite photo of the {}.",
+    "gtsrb": (
+        'a zoomed in photo of a "{}" traffic sign.',
+        'a centered photo of a "{}" traffic sign.',
+        'a close up photo of a "{}" traffic sign.',
     ),
-    "sun397": ("a photo of a {}.", "a photo of the {}, a type of scene."),
-    "svhn": ('a photo of the number: "{}".', 'a street sign showing the number "{}".'),
-    "aircraft": ("a photo of a {}, a type of aircraft.", "a photo of the {}, a type of plane."),
+    "mnist": ('a photo of the number: "{}".',),
+    "resisc45": _RESISC45,
+    "sun397": ("a photo of a {}.", "a photo of the {}."),
+    "svhn": ('a photo of the number: "{}".',),
+    "aircraft": ("a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."),
     "caltech101": ("a photo of a {}.", "a painting of a {}."),
     "cifar100": ("a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}."),
     "flowers": ("a photo of a {}, a type of flower.",),

@@ -15,7 +15,8 @@ Command::
 
 Expected: GPM and OSFT add two / four ``d x d x out`` matmuls per target to a step whose
 forward+backward costs ``6 N d out``; their ratio to plain Adam is about
-``1 + d / (3N)`` and ``1 + 2d / (3N)``, i.e. <= 1.3x for ViT batches of >= 8 images.
+``1 + d / (3N)`` and ``1 + 2m / (3N)`` (m: OSFT's stored basis width, half of d here),
+i.e. <= 1.3x for ViT batches of >= 8 images.
 CoSO pays an SVD of every target gradient each step (exact in the reference), which
 dominates on a CPU; the randomized SVD cuts it.
 """

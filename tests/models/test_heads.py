@@ -57,3 +57,17 @@ def test_head_bad_input(rng):
     with pytest.raises(ValueError, match="non-empty sequence"):
         clip.zero_shot_head(enc, ["a"], "a {}")
     assert all(t.count("{}") == 1 for ts in clip.TEMPLATES.values() for t in ts)
+
+
+def test_eight_task_templates_are_clips_full_lists():
+    """The 8-task benchmark evaluates with CLIP's whole template list of each dataset."""
+    from cljax.models._heads import TEMPLATES, _check_templates
+
+    counts = {"cars": 8, "dtd": 8, "eurosat": 3, "gtsrb": 3, "mnist": 1, "resisc45": 18}
+    counts |= {"sun397": 2, "svhn": 1}
+    assert {k: len(TEMPLATES[k]) for k in counts} == counts
+    assert "aerial view of the {}." in TEMPLATES["resisc45"]
+    assert "a photo of the {} object." in TEMPLATES["dtd"]
+    for k, v in TEMPLATES.items():
+        _check_templates(v)  # exactly one {} each
+        assert len(set(v)) == len(v), f"{k}: duplicate templates"
