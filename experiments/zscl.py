@@ -5,6 +5,8 @@ Command::
 
     python -m experiments.zscl                 # embedded preset, 3 seeds
     python -m experiments.zscl --preset tiny   # smoke run (3 tasks, 1 seed)
+    python -m experiments.zscl --preset mtil --clip_path CLIP_DIR --data_dir TFDS_DIR
+                                               # CLIP on the 11 MTIL datasets: clip_zscl.py
 
 Setting (``cljax.data.mtil_sequence(mtil_domain_tasks())``: the merging benchmark's five
 domain-shifted digit tasks; the reference set is MNIST-1D drawn as strokes): a small MLP
@@ -559,6 +561,13 @@ def _plots(results: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    known, _ = pre.parse_known_args(argv)
+    if known.preset in ("mtil", "mtil-tiny"):  # CLIP on the MTIL datasets
+        from experiments import clip_zscl
+
+        return clip_zscl.main(known.preset, argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_config_flags(parser, Config)
     args = parser.parse_args(argv)
