@@ -163,9 +163,24 @@ class TFDSTask:
     def _read(self, split: str, rows: np.ndarray) -> dict:
         source = self._test if split == "test" else self._train
         records = [source[int(i)] for i in rows]
-        images = np.stack([np.asarray(r[self.spec.image_key]) for r in records])
+        images = [np.asarray(r[self.spec.image_key]) for r in records]
         labels = np.asarray([int(r[self.spec.label_key]) for r in records], np.int32)
-        return {"x": self._preprocess(images), "y": labels}
+        return {"x": self._preprocess_each(images), "y": labels}
+
+    def _preprocess_each(self, images: list[np.ndarray]) -> np.ndarray:
+        """Preprocesses images of any sizes (most datasets vary): one call per distinct shape,
+        the results put back in order."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(im.shape, []).append(i)
+        if len(by_shape) == 1:
+            return self._preprocess(np.stack(images))
+        out = [None] * len(images)
+        for idx in by_shape.values():
+            ys = self._preprocess(np.stack([images[i] for i in idx]))
+            for i, y in zip(idx, ys, strict=True):
+                out[i] = y
+        return np.stack(out)
 
     def steps_per_epoch(self, batch_size: int, split: str = "train") -> int:
         n = self.size(split)

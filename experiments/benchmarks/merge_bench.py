@@ -214,6 +214,8 @@ def run(cfg: Config) -> dict:
                 "RSS peak / inputs": (arg_bytes + rss) / arg_bytes,
             }
         )
+        if _common.is_primary():  # partial results survive an interrupted run
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()})
     copy_bw = rows[0]["GB/s"]
     ta = times["task arithmetic (sum of slices)"]
     for r in rows:

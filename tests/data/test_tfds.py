@@ -49,3 +49,16 @@ def test_tfds_task_on_mock_data():
 def test_unknown_dataset_is_named():
     with pytest.raises(ValueError, match="unknown dataset 'imagenet-zz'"):
         TFDSTask("imagenet-zz")
+
+
+def test_images_of_different_sizes_are_preprocessed_one_shape_at_a_time():
+    """DTD's images vary in size (so do its mock images): a batch mixes shapes."""
+    with tfds.testing.mock_data(num_examples=12):
+        task = TFDSTask("dtd", image_size=16, val_fraction=0.25)
+        rows = task._indices("test")[:6]
+        raw = [np.asarray(task._test[int(i)]["image"]) for i in rows]
+        assert len({r.shape for r in raw}) > 1  # the case this test is about
+        got = task._read("test", rows)["x"]
+        assert got.shape == (6, 16, 16, 3)
+        for g, r in zip(got, raw, strict=True):  # each equals its own preprocessing, in order
+            np.testing.assert_allclose(g, clip_preprocess(r[None], 16)[0], atol=1e-6)
