@@ -23,8 +23,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Compiled XLA executables are shared on disk between the test workers and the notebook and
+# experiment subprocesses (many compile the same tiny models); a fresh clone starts empty.
 test: lint
-	$(PY) -m pytest -q -n 2 --durations=15
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	  $(PY) -m pytest -q -n 2 --durations=15
 
 # CLIP converter parity against transformers' PyTorch CLIPModel (CPU torch, no CUDA wheels).
 parity: $(STAMP)
