@@ -23,6 +23,12 @@ def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch):
     add = results["addition"]
     assert 0.0 <= add["task_arithmetic"]["absolute"] <= 100.0
     assert all(0.0 <= r["absolute"] <= 100.0 for r in add["aTLAS"])
+    # The evidence for reading the result: the validation curve and the validation scores.
+    first = add["aTLAS"][0]
+    assert [h["epoch"] for h in first["history"]] == [0, 1]
+    assert first["val_normalized"] == 100 * first["history"][first["best_epoch"]]["normalized"]
+    ta = add["task_arithmetic"]
+    assert len(ta["val_scores"]) == 3 and ta["val_normalized"] == max(ta["val_scores"])
     assert set(saved["few_shot"][0]) == {"k=1", "k=4"}
     # A re-run restores every unit from units.json instead of training again.
     units_before = (out / "units.json").read_text()
