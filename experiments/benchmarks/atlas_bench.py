@@ -73,7 +73,16 @@ def _memory(compiled) -> float | None:
         return None
 
 
-def bench(shape: Shape, *, batch: int, num_tasks: int, tv_dtype, repeats: int, seed: int = 0):
+def bench(
+    shape: Shape,
+    *,
+    batch: int,
+    num_tasks: int,
+    tv_dtype,
+    repeats: int,
+    seed: int = 0,
+    autodiff: bool = True,
+):
     model = ViT(
         patch_size=shape.patch_size,
         hidden_dim=shape.hidden_dim,
@@ -149,6 +158,8 @@ def bench(shape: Shape, *, batch: int, num_tasks: int, tv_dtype, repeats: int, s
         "aTLAS": (atlas_step, lambda: (coefs, tx.init(coefs), params, tvs, x, y)),
         "aTLAS (autodiff)": (naive_step, lambda: (coefs, tx.init(coefs), params, tvs, x, y)),
     }
+    if not autodiff:
+        variants.pop("aTLAS (autodiff)")
     for name, (fn, make_args) in variants.items():
         jitted = jax.jit(fn, donate_argnums=(0, 1))
         args = make_args()
@@ -200,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tv_dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="runs/atlas_bench")
+    parser.add_argument(
+        "--no_autodiff",
+        action="store_true",
+        help="skip the naive-autodiff reference (218 s a step at ViT-B/32 on a 2-core CPU)",
+    )
     args = parser.parse_args(argv)
     shapes = [SMALL] if args.small_only else [SMALL, B32]
     rows, out = [], {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
@@ -210,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             num_tasks=args.num_tasks,
             tv_dtype=jnp.dtype(args.tv_dtype),
             repeats=args.repeats,
+            autodiff=not args.no_autodiff,
         )
         rows += r
         out[shape.name] = meta
