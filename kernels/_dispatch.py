@@ -230,12 +230,6 @@ def compiler_params(bs: BlockSizes) -> Any:
     return None
 
 
-def pad_vector(v: jax.Array, length: int) -> jax.Array:
-    """A 1-D float32 vector zero-padded to ``length`` (a power of two, for Triton loads)."""
-    v = v.reshape(-1).astype(jnp.float32)
-    return jnp.pad(v, (0, length - v.shape[0]))
-
-
 # ----------------------------------------------------------------------------- many leaves
 
 

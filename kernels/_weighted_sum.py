@@ -437,14 +437,12 @@ def weighted_sum(
         )
         c_leaves = jax.tree.leaves(coefficients)
     grp = _block_dots._per_leaf(groups, len(tv_leaves), "weighted_sum")
-    asarray = lambda xs: [None if x is None else jnp.asarray(x) for x in xs]  # noqa: E731
-    out = _apply(
-        None if base is None else asarray(base_leaves),
-        asarray(tv_leaves),
-        asarray(c_leaves),
-        asarray(grp),
-        implementation,
-        block_sizes,
-        "weighted_sum",
+    out = weighted_sum_leaves(
+        None if base is None else base_leaves,
+        tv_leaves,
+        c_leaves,
+        grp,
+        implementation=implementation,
+        block_sizes=block_sizes,
     )
     return jax.tree.unflatten(treedef, out)
