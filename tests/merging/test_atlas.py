@@ -333,6 +333,34 @@ def test_bfloat16_task_vectors_accumulate_in_float32(rng):
     chex.assert_trees_all_equal_dtypes(g, coefs)
 
 
+def test_half_precision_task_vectors_hold_no_float32_copy():
+    """The training step's compiled temporaries stay far below a float32 copy of τ.
+
+    Regression: XLA shared the forward pass's float32 conversion of a bfloat16 τ with the
+    coefficient gradient and kept it alive across the backward pass (the backward's barrier
+    prevents it). A model whose activations are tiny next to τ makes the copy visible.
+    """
+    t, width = 8, 256
+    params = {"w1": jnp.ones((width, width)), "w2": jnp.ones((width, width))}
+    tvs = jax.tree.map(lambda x: jnp.full((t, *x.shape), 1e-3, jnp.bfloat16), params)
+    spec = atlas.blocks(params)
+    x = jnp.ones((2, width))
+
+    def loss(c, theta0, tvs, x):  # arguments, not constants: nothing is folded at compile time
+        p = atlas.compose(theta0, tvs, c, spec, implementation="xla")
+        return jnp.sum(jnp.tanh(x @ p["w1"]) @ p["w2"])
+
+    compiled = (
+        jax.jit(jax.grad(loss)).lower(atlas.init(params, tvs, spec), params, tvs, x).compile()
+    )
+    try:
+        temp = compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # noqa: BLE001  (not every backend reports it)
+        pytest.skip("no memory analysis on this backend")
+    f32_copy = 2 * t * width * width * 4
+    assert temp < f32_copy / 4, (temp, f32_copy)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
