@@ -9,10 +9,14 @@ threshold is found by a search over the bit patterns of the magnitudes instead:
   patterns read as unsigned integers. The k-th largest magnitude is the largest bit pattern
   ``v`` with ``count(|x| >= v) >= k``: a search over the integers ``[0, 2³¹)``.
 * Each pass over the leaves counts, for every task at once, the magnitudes that reach one
-  candidate pattern per task: a fused compare-and-count over every leaf that writes nothing
-  of the size of the model (XLA:CPU counts one candidate at the speed of a plain sum; several
-  candidates per pass are many times slower there, so one is used). The count narrows a
-  bracket ``[lo, hi)`` with ``count(lo) >= k > count(hi)``.
+  candidate pattern per task (a compare-and-count over every leaf). On accelerators this is
+  one fused read; on XLA:CPU (jax 0.10) it is not: sums and products go to its YNNPACK
+  fusions at memory speed, but a comparison, a select or a per-task scalar broadcast keeps
+  the reduction on XLA's own tree-reduction path, which materialises the compared leaf, so
+  one counting pass costs about 3× a task-arithmetic pass there (measured at ViT-B/32
+  shapes; arithmetic step functions and per-task slices were slower still), and C
+  candidates per pass cost C passes. So one candidate is counted per pass. The count
+  narrows a bracket ``[lo, hi)`` with ``count(lo) >= k > count(hi)``.
 * Candidates: the first two come from a small strided sample of every leaf (about 2¹⁴
   entries per task, sorted: 4 standard errors either side of the sample quantile); then
   *interpolation* on the counts (the count falls smoothly with the bit pattern, so the
