@@ -35,6 +35,11 @@ def _affine_min_norm(g: jax.Array, support: jax.Array) -> jax.Array:
     return sol[:t] * s
 
 
+def _w0(t: int, dtype) -> jax.Array:
+    """The simplex's centre, ``[1/T] * T``."""
+    return jnp.full((t,), 1.0 / t, dtype)
+
+
 def min_norm_weights(g: jax.Array, *, max_iters: int = 200) -> jax.Array:
     """Weights of the min-norm point of the convex hull: ``argmin_{w in simplex} w^T G w``.
 
@@ -43,7 +48,9 @@ def min_norm_weights(g: jax.Array, *, max_iters: int = 200) -> jax.Array:
     KKT system of the equality-constrained problem on the support the iterations found,
     accepted when it is feasible and not worse. The polished point is exact up to
     round-off whenever the support was identified, which ``max_iters`` iterations do for
-    all but degenerate problems.
+    all but degenerate problems. For T = 2 the minimiser is computed in closed form,
+    ``γ = clip(<g2 - g1, g2> / ||g1 - g2||², 0, 1)`` (no iterations: on a GPU the loop's
+    small launches dominated a small model's step).
 
     Args:
       g: ``[T, T]`` positive semi-definite Gram matrix.
@@ -56,9 +63,15 @@ def min_norm_weights(g: jax.Array, *, max_iters: int = 200) -> jax.Array:
     scale = jnp.max(jnp.diag(g))
     ok = scale > 0
     gs = g / jnp.where(ok, scale, 1.0)
+    if t == 2:  # closed form (Sener & Koltun, Alg. 1): no iterations, a handful of scalar ops
+        a, b, c = gs[0, 0], gs[1, 1], gs[0, 1]
+        den = a + b - 2.0 * c  # = ||g1 - g2||^2 / scale >= 0
+        gamma = jnp.clip((b - c) / jnp.where(den > 0, den, 1.0), 0.0, 1.0)
+        gamma = jnp.where(den > 0, gamma, 0.5)  # equal gradients: every point is optimal
+        return jnp.where(ok, jnp.stack([gamma, 1.0 - gamma]), _w0(t, g.dtype))
     lip = 2.0 * jnp.maximum(jnp.linalg.eigvalsh(gs)[-1], 1e-12)
     obj = lambda w: w @ gs @ w
-    w0 = jnp.full((t,), 1.0 / t, g.dtype)
+    w0 = _w0(t, g.dtype)
 
     def body(_, carry):
         w, y, k = carry

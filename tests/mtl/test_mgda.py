@@ -81,3 +81,20 @@ def test_project_simplex_against_sorting_free_reference(rng):
 def test_needs_two_tasks():
     with pytest.raises(ValueError, match="mgda: got T=1 .* needs T >= 2"):
         mgda({"w": jnp.ones((1, 3))})
+
+
+def test_two_tasks_closed_form_matches_exact_qp(rng):
+    """T = 2 takes the closed form: interior, clipped at either end, parallel, one zero."""
+    g1 = rng.normal(size=6)
+    cases = [
+        np.stack([g1, rng.normal(size=6)]),  # generic
+        np.stack([g1, 3.0 * g1]),  # parallel, one longer: all weight on the shorter (w = [1, 0])
+        np.stack([4.0 * g1, g1 + 0.01 * rng.normal(size=6)]),  # clipped at the other end
+        np.stack([g1, np.zeros(6)]),  # one zero gradient: the min-norm point is 0
+    ]
+    for gs in cases:
+        gram = gs @ gs.T
+        w = np.asarray(min_norm_weights(jnp.asarray(gram, jnp.float32)), np.float64)
+        ref = min_norm_qp(gram)
+        assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-6
+        np.testing.assert_allclose(w @ gs, ref @ gs, atol=1e-5 * np.abs(gs).max())
