@@ -22,7 +22,9 @@ def cagrad_weights(
     gradient, ``g_w = sum_i w_i g_i``) by projected gradient steps on a global quadratic
     majoriser: by concavity of the square root, ``sqrt(q(w')) <= sqrt(q(w)) + (q(w') -
     q(w)) / (2 sqrt(q(w)))`` and ``q`` is quadratic with curvature ``2G``, so the step
-    ``1 / (c ||g_0|| lambda_max(G) / ||g_w||)`` decreases ``F`` monotonically.
+    ``1 / (c ||g_0|| lambda_max(G) / ||g_w||)`` decreases ``F`` monotonically. For T = 2 the
+    one-dimensional dual is solved directly (the roots of its squared stationarity
+    condition, no iterations).
     """
     t = g.shape[0]
     scale = jnp.max(jnp.diag(g))
@@ -40,13 +42,45 @@ def cagrad_weights(
         step = nw / jnp.maximum(r * lmax, 1e-12)
         return project_simplex(w - step * grad)
 
-    w = jax.lax.fori_loop(0, max_iters, body, b) if c > 0 else b
+    if c <= 0:
+        w = b
+    elif t == 2:
+        w = _two_task_dual(gs, gb, r)
+    else:
+        w = jax.lax.fori_loop(0, max_iters, body, b)
     nw = jnp.sqrt(jnp.maximum(w @ gs @ w, 0.0))
     lam = r / (nw + 1e-8)
     weights = b + lam * w
     if rescale:
         weights = weights / (1.0 + c * c)
     return jnp.where(ok, weights, b / (1.0 + c * c) if rescale else b)
+
+
+def _two_task_dual(gs: jax.Array, gb: jax.Array, r: jax.Array) -> jax.Array:
+    """The T = 2 dual ``min_γ l(γ) + r sqrt(q(γ))`` over ``w = [γ, 1 - γ]``, without a loop.
+
+    ``q(γ) = Aγ² + Bγ + C`` is ``||g_w||²`` and ``l(γ) = Dγ + E`` is ``<g_w, g_0>``. Squaring
+    the stationarity condition ``D + r q'(γ) / (2 sqrt(q)) = 0`` gives the quadratic
+    ``(A r² - D²) (4Aγ² + 4Bγ) + B² r² - 4 D² C = 0``; the objective is convex, so its minimum
+    over [0, 1] is at a real root inside the interval or at an end. A grid of 129 points is
+    added to the candidates for the degenerate cases (A or ``A r² - D²`` near zero).
+    """
+    a, b2, c12 = gs[0, 0], gs[1, 1], gs[0, 1]
+    qa, qb, qc = a + b2 - 2.0 * c12, 2.0 * (c12 - b2), b2
+    d = gb[0] - gb[1]
+    k = qa * r * r - d * d
+    a2, a1, a0 = 4.0 * qa * k, 4.0 * qb * k, qb * qb * r * r - 4.0 * d * d * qc
+    disc = a1 * a1 - 4.0 * a2 * a0
+    safe = (jnp.abs(a2) > 1e-12) & (disc >= 0)
+    root = jnp.sqrt(jnp.maximum(disc, 0.0)) / jnp.where(safe, 2.0 * a2, 1.0)
+    mid = -a1 / jnp.where(safe, 2.0 * a2, 1.0)
+    roots = jnp.where(safe, jnp.stack([mid - root, mid + root]), 0.0)
+    cand = jnp.concatenate([roots, jnp.linspace(0.0, 1.0, 129, dtype=gs.dtype)])
+    cand = jnp.clip(cand, 0.0, 1.0)
+    q = jnp.maximum(qa * cand * cand + qb * cand + qc, 0.0)
+    f = d * cand + gb[1] + r * jnp.sqrt(q)
+    gamma = cand[jnp.argmin(f)]
+    return jnp.stack([gamma, 1.0 - gamma])
 
 
 def cagrad(

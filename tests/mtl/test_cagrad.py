@@ -47,3 +47,43 @@ def test_bad_inputs():
         cagrad({"a": jnp.ones((2, 3))}, c=-0.1)
     with pytest.raises(ValueError, match="needs T >= 2"):
         cagrad({"a": jnp.ones((1, 3))})
+
+
+@pytest.mark.parametrize("c", [0.1, 0.4, 0.8])
+def test_two_task_dual_matches_brute_force(rng, c):
+    """T = 2 solves the dual without iterations: its objective equals a dense float64 search."""
+    g1 = rng.normal(size=9)
+    cases = [
+        np.stack([g1, rng.normal(size=9)]),  # generic
+        np.stack([g1, -0.8 * g1 + 0.1 * rng.normal(size=9)]),  # strongly conflicting
+        np.stack([g1, 2.0 * g1]),  # parallel: A r^2 - D^2 degenerate
+        np.stack([g1, g1]),  # identical: q constant
+    ]
+    grid = np.linspace(0.0, 1.0, 200_001)
+    for gs in cases:
+        gram = gs @ gs.T
+        s = gram.diagonal().max()
+        gn = gram / s
+        gb = gn @ np.full(2, 0.5)
+        r = c * np.sqrt(0.5 * gb.sum())
+        w = np.stack([grid, 1.0 - grid], 1)
+        f = w @ gb + r * np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", w, gn, w), 0.0))
+        got = np.asarray(
+            cagrad_weights(jnp.asarray(gram, jnp.float32), c=c, rescale=False), np.float64
+        )
+        gamma = _dual_gamma(gram, c)
+        fw = np.array([gamma, 1 - gamma]) @ gb + r * np.sqrt(
+            max(np.array([gamma, 1 - gamma]) @ gn @ np.array([gamma, 1 - gamma]), 0.0)
+        )
+        assert fw <= f.min() + 1e-6 * max(1.0, abs(f.min()))
+        assert np.isfinite(got).all()
+
+
+def _dual_gamma(gram, c):
+    from cljax.mtl._cagrad import _two_task_dual
+
+    g = jnp.asarray(gram, jnp.float32)
+    gs = g / jnp.max(jnp.diag(g))
+    gb = gs @ jnp.full((2,), 0.5, jnp.float32)
+    r = c * jnp.sqrt(jnp.maximum(jnp.full((2,), 0.5) @ gb, 0.0))
+    return float(_two_task_dual(gs, gb, r)[0])
