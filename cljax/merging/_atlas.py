@@ -465,9 +465,8 @@ def _composed(theta0, tau, lam, mask):
     The barrier stops XLA from fusing the cast-and-accumulate over the T slices into the
     leaf's consumers, where it can be evaluated more than once (a measured effect on XLA:CPU,
     jax 0.10; the fusion decisions were not traced). At ViT-B/32, T = 8, same process:
-    bfloat16 τ 3218 / 3198 ms →
-    3009 / 3031 ms per aTLAS step with the barrier; float32 τ 3497 / 3278 → 3863 / 3559 ms,
-    so float32 τ goes without it.
+    bfloat16 τ 3218 / 3198 ms → 3009 / 3031 ms per aTLAS step with the barrier; float32 τ
+    3497 / 3278 → 3863 / 3559 ms, so float32 τ goes without it.
     """
     out = _leaf_forward(theta0, tau, lam, mask)
     if jnp.dtype(tau.dtype).itemsize < jnp.dtype(_accum(theta0.dtype, lam.dtype)).itemsize:

@@ -33,6 +33,22 @@ def cagrad_weights(
     b = jnp.full((t,), 1.0 / t, g.dtype)
     gb = gs @ b
     r = c * jnp.sqrt(jnp.maximum(b @ gb, 0.0))
+    if c <= 0:
+        w = b
+    elif t == 2:
+        w = _two_task_dual(gs, gb, r)
+    else:
+        w = _majorised_descent(gs, gb, r, b, max_iters)
+    nw = jnp.sqrt(jnp.maximum(w @ gs @ w, 0.0))
+    lam = r / (nw + 1e-8)
+    weights = b + lam * w
+    if rescale:
+        weights = weights / (1.0 + c * c)
+    return jnp.where(ok, weights, b / (1.0 + c * c) if rescale else b)
+
+
+def _majorised_descent(gs, gb, r, w0, max_iters):
+    """The dual for T > 2: projected steps on the quadratic majoriser (see cagrad_weights)."""
     lmax = jnp.maximum(jnp.linalg.eigvalsh(gs)[-1], 1e-12)
 
     def body(_, w):
@@ -42,18 +58,7 @@ def cagrad_weights(
         step = nw / jnp.maximum(r * lmax, 1e-12)
         return project_simplex(w - step * grad)
 
-    if c <= 0:
-        w = b
-    elif t == 2:
-        w = _two_task_dual(gs, gb, r)
-    else:
-        w = jax.lax.fori_loop(0, max_iters, body, b)
-    nw = jnp.sqrt(jnp.maximum(w @ gs @ w, 0.0))
-    lam = r / (nw + 1e-8)
-    weights = b + lam * w
-    if rescale:
-        weights = weights / (1.0 + c * c)
-    return jnp.where(ok, weights, b / (1.0 + c * c) if rescale else b)
+    return jax.lax.fori_loop(0, max_iters, body, w0)
 
 
 def _two_task_dual(gs: jax.Array, gb: jax.Array, r: jax.Array) -> jax.Array:

@@ -6,7 +6,7 @@ from _mtl_reference import cagrad as cagrad_ref
 from _mtl_reference import flat
 
 from cljax.mtl import cagrad
-from cljax.mtl._cagrad import cagrad_weights
+from cljax.mtl._cagrad import _two_task_dual, cagrad_weights
 
 
 @pytest.mark.parametrize("t,shift,c", [(2, 0.0, 0.4), (3, 0.3, 0.4), (5, 0.5, 0.8), (8, 0.2, 0.4)])
@@ -71,19 +71,9 @@ def test_two_task_dual_matches_brute_force(rng, c):
         got = np.asarray(
             cagrad_weights(jnp.asarray(gram, jnp.float32), c=c, rescale=False), np.float64
         )
-        gamma = _dual_gamma(gram, c)
-        fw = np.array([gamma, 1 - gamma]) @ gb + r * np.sqrt(
-            max(np.array([gamma, 1 - gamma]) @ gn @ np.array([gamma, 1 - gamma]), 0.0)
-        )
+        as32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+        gamma = float(_two_task_dual(as32(gn), as32(gb), as32(r))[0])
+        wd = np.array([gamma, 1.0 - gamma])
+        fw = wd @ gb + r * np.sqrt(max(wd @ gn @ wd, 0.0))
         assert fw <= f.min() + 1e-6 * max(1.0, abs(f.min()))
         assert np.isfinite(got).all()
-
-
-def _dual_gamma(gram, c):
-    from cljax.mtl._cagrad import _two_task_dual
-
-    g = jnp.asarray(gram, jnp.float32)
-    gs = g / jnp.max(jnp.diag(g))
-    gb = gs @ jnp.full((2,), 0.5, jnp.float32)
-    r = c * jnp.sqrt(jnp.maximum(jnp.full((2,), 0.5) @ gb, 0.0))
-    return float(_two_task_dual(gs, gb, r)[0])
