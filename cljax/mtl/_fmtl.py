@@ -12,6 +12,7 @@ from cljax import tree as ct
 from cljax.mtl._linear import linear
 from cljax.mtl._per_task import (
     _check_losses,
+    check_task_batch_size,
     head_mask,
     merge_parts,
     per_task_grads,
@@ -42,6 +43,7 @@ def mtl_grad_fn(
     head_rules: ct.Rules = (),
     has_aux: bool = False,
     task_batch_size: int | None = None,
+    unroll: bool = False,
 ) -> GradFn:
     """A gradient function that aggregates the per-task gradients of the shared parameters.
 
@@ -60,12 +62,14 @@ def mtl_grad_fn(
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
       task_batch_size: backward passes this many tasks at a time (``lax.map``), or all
         at once (``vmap``) with ``None``.
+      unroll: run the ``task_batch_size`` chunks as a Python loop, not ``lax.map``
+        (faster for convolutions on XLA:CPU; see :func:`cljax.mtl.per_task_grads`).
 
     Returns:
       The gradient function; ``info`` holds ``"losses"`` ([T]) and ``"aux"``.
 
     Raises:
-      ValueError: on a bad ``task_batch_size``.
+      ValueError: on a bad ``task_batch_size``, or ``unroll`` without one.
 
     Example::
 
@@ -75,8 +79,7 @@ def mtl_grad_fn(
     References:
       Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018.
     """
-    if task_batch_size is not None and task_batch_size < 1:
-        raise ValueError(f"mtl_grad_fn: {task_batch_size=} must be >= 1 or None")
+    check_task_batch_size("mtl_grad_fn", task_batch_size, unroll)
 
     def grad_fn(params, batch, *args, key=None, weights=None):
         if aggregator is None:
@@ -98,6 +101,7 @@ def mtl_grad_fn(
             has_aux=has_aux,
             weights=weights,
             task_batch_size=task_batch_size,
+            unroll=unroll,
         )
         shared = aggregator(tg.shared, key=key)
         return merge_parts(shared, tg.heads), {"losses": tg.losses, "aux": tg.aux}
@@ -115,6 +119,7 @@ def fmtl(
     head_rules: ct.Rules = (),
     has_aux: bool = False,
     task_batch_size: int | None = None,
+    unroll: bool = False,
     eps: float = 1e-12,
 ) -> GradFn:
     """F-MTL: aggregate the clean task gradients and their flatness directions separately.
@@ -148,6 +153,12 @@ def fmtl(
       head_rules: ``(regex, bool)`` rules, ``True`` for task-specific (head) leaves.
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
       task_batch_size: tasks per vectorised chunk (``lax.map``), ``None`` for all (vmap).
+        Each perturbed pass runs the model at its own task's weights, which ``vmap``
+        turns into batched (grouped) convolutions: on XLA:CPU, ``task_batch_size=1,
+        unroll=True`` runs convolutional models faster (Multi-MNIST LeNet, T = 8, F-EW
+        step: 2.6x).
+      unroll: run the chunks as a Python loop, not ``lax.map`` (see
+        :func:`cljax.mtl.per_task_grads`).
       eps: added to the perturbation norms.
 
     Returns:
@@ -155,7 +166,8 @@ def fmtl(
       ``"sam_losses"`` ([T], each task at its own perturbed point).
 
     Raises:
-      ValueError: if ``rho < 0``, on an unknown ``normalization`` or bad ``task_batch_size``.
+      ValueError: if ``rho < 0``, on an unknown ``normalization``, a bad
+        ``task_batch_size`` or ``unroll`` without one.
 
     Example::
 
@@ -172,15 +184,14 @@ def fmtl(
         raise ValueError(f"fmtl: {rho=} must be >= 0")
     if normalization not in ("joint", "separate"):
         raise ValueError(f"fmtl: {normalization=} must be 'joint' or 'separate'")
-    if task_batch_size is not None and task_batch_size < 1:
-        raise ValueError(f"fmtl: {task_batch_size=} must be >= 1 or None")
+    check_task_batch_size("fmtl", task_batch_size, unroll)
 
     def grad_fn(params, batch, *args, key=None, weights=None):
         f = lambda p: _call_loss(loss_fn, has_aux, p, batch, args)
         losses, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
         t = _check_losses(losses)
         eye = jnp.eye(t, dtype=losses.dtype)
-        (jac,) = task_map(vjp_fn, eye, task_batch_size)
+        (jac,) = task_map(vjp_fn, eye, task_batch_size, unroll)
         mask = head_mask(params, head_rules)
         flat_mask = jax.tree.leaves(mask)
 
@@ -219,7 +230,9 @@ def fmtl(
             return jax.value_and_grad(loss_i)(p_i)
 
         # Indexing jac inside the mapped function keeps one perturbed copy per chunk.
-        sam_losses, jac_sam = task_map(perturbed_grad, (jnp.arange(t), eye), task_batch_size)
+        sam_losses, jac_sam = task_map(
+            perturbed_grad, (jnp.arange(t), eye), task_batch_size, unroll
+        )
 
         if weights is not None:
             w = jnp.asarray(weights)

@@ -87,9 +87,11 @@ def test_pcgrad_key_and_scan(rng):
     kw = dict(rho=0.1, head_rules=RULES)
     out = mtl.fmtl(loss_fn, mtl.pcgrad, **kw)(params, x, key=key)
     scanned = mtl.fmtl(loss_fn, mtl.pcgrad, task_batch_size=1, **kw)(params, x, key=key)
+    unrolled = mtl.fmtl(loss_fn, mtl.pcgrad, task_batch_size=1, unroll=True, **kw)
     ref, _ = reference(loss_fn, params, x, mtl.pcgrad, 0.1, False, "joint", key=key)
     chex.assert_trees_all_close(out[0], ref, rtol=2e-4, atol=2e-5)
     chex.assert_trees_all_close(scanned[0], ref, rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(unrolled(params, x, key=key)[0], ref, rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("agg", [mtl.linear, mtl.mgda, mtl.cagrad, mtl.nash_mtl, mtl.aligned_mtl])

@@ -21,14 +21,22 @@ def model(rng, t=3):
     return params, loss_fn
 
 
-@pytest.mark.parametrize("task_batch_size", [None, 2])
-def test_matches_per_task_jax_grad(rng, task_batch_size):
+@pytest.mark.parametrize(
+    "task_batch_size,unroll", [(None, False), (2, False), (2, True), (1, True)]
+)
+def test_matches_per_task_jax_grad(rng, task_batch_size, unroll):
     params, loss_fn = model(rng)
     x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
     w = jnp.array([1.0, 0.5, 2.0])
     tg = jax.jit(
         lambda p: per_task_grads(
-            loss_fn, p, x, head_rules=RULES, weights=w, task_batch_size=task_batch_size
+            loss_fn,
+            p,
+            x,
+            head_rules=RULES,
+            weights=w,
+            task_batch_size=task_batch_size,
+            unroll=unroll,
         )
     )(params)
     for i in range(3):
@@ -59,3 +67,5 @@ def test_bad_inputs(rng):
         per_task_grads(lambda p, b: loss_fn(p, b).sum(), params, x)
     with pytest.raises(ValueError, match="task_batch_size=0"):
         per_task_grads(loss_fn, params, x, task_batch_size=0)
+    with pytest.raises(ValueError, match="per_task_grads: unroll=True needs a task_batch_size"):
+        per_task_grads(loss_fn, params, x, unroll=True)
