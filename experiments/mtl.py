@@ -22,7 +22,7 @@ saved every N steps and at each epoch end, and resumes from there (bit-identical
 Expected result (measured, README section "Multi-task learning"): mean test accuracy about
 46–48 % (Multi-MNIST; single-task 52 %) and 82 % (attributes; single-task 86 %); in this
 five-epoch preset every F-variant is 0.2–4 Δm points below its base method. With
-``--epochs 30`` (Multi-MNIST, EW/MGDA/PCGrad) accuracy rises to 53–55 % and every F-variant
+``--epochs 30`` (Multi-MNIST, all six aggregators) accuracy rises to 53–55 % and every F-variant
 is at or above its base, as the paper reports (SAM ρ=0.05 and ASAM ρ=2 alike).
 
 Outputs under ``--out`` (default ``runs/mtl``): ``results.json``, ``mtl_<dataset>.png``
