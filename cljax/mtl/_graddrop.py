@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cljax.mtl._gram import stacked_grads
+from cljax.mtl._gram import stacked_grads, sum_tasks
 
 __all__ = ["graddrop"]
 
@@ -52,11 +52,14 @@ def graddrop(task_grads: Any, *, key: jax.Array, leak: float = 0.0) -> Any:
     keys = jax.random.split(key, len(leaves))
 
     def leaf(x, k):
-        xf = x.astype(jnp.float32) if x.dtype != jnp.float64 else x
-        p = 0.5 * (1.0 + xf.sum(0) / (jnp.abs(xf).sum(0) + 1e-12))
+        # Sums over tasks slice by slice (sum_tasks: XLA:CPU reduces a leading axis slowly).
+        dt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+        rows = [x[t].astype(dt) for t in range(x.shape[0])]
+        total = sum_tasks(x, dtype=dt)
+        p = 0.5 * (1.0 + total / (sum(jnp.abs(r) for r in rows) + 1e-12))
         u = jax.random.uniform(k, p.shape, p.dtype)
-        keep = ((p > u) & (xf > 0)) | ((p < u) & (xf < 0))
-        m = jnp.where(keep, 1.0, leak).astype(xf.dtype)
-        return (m * xf).sum(0).astype(x.dtype)
+        up, down = p > u, p < u
+        kept = [jnp.where((up & (r > 0)) | (down & (r < 0)), r, leak * r) for r in rows]
+        return sum(kept[1:], kept[0]).astype(x.dtype)
 
     return jax.tree.unflatten(treedef, [leaf(x, k) for x, k in zip(leaves, keys, strict=True)])
