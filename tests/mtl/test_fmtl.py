@@ -1,4 +1,5 @@
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -92,6 +93,31 @@ def test_pcgrad_key_and_scan(rng):
     chex.assert_trees_all_close(out[0], ref, rtol=2e-4, atol=2e-5)
     chex.assert_trees_all_close(scanned[0], ref, rtol=2e-4, atol=2e-5)
     chex.assert_trees_all_close(unrolled(params, x, key=key)[0], ref, rtol=2e-4, atol=2e-5)
+
+
+def test_unroll_gives_plain_convolutions_and_no_loop():
+    # The mechanism behind unroll=True (README, mtl_bench): vmap over per-task weights turns
+    # the second convolution into a grouped one, lax.map makes a loop; unrolled, neither.
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Conv(4, (3, 3))(nn.relu(nn.Conv(4, (3, 3))(x))).reshape(x.shape[0], -1)
+            return [nn.Dense(3, name=f"head_{i}")(h) for i in range(2)]
+
+    net = Net()
+    x, y = jnp.ones((2, 6, 6, 1)), jnp.zeros((2, 2), jnp.int32)
+    params = net.init(jax.random.key(0), x)["params"]
+    loss_fn = lambda p, b: mtl.classification_losses(net.apply({"params": p}, b[0]), b[1])
+
+    def hlo(**kw):
+        grad_fn = mtl.fmtl(loss_fn, rho=0.1, head_rules=mtl.HEAD_RULES, **kw)
+        text = jax.jit(grad_fn).lower(params, (x, y)).as_text()
+        groups = {int(g) for g in re.findall(r"(?:feature|batch)_group_count = (\d+)", text)}
+        return "while" in text, groups
+
+    assert hlo() == (False, {1, 2})
+    assert hlo(task_batch_size=1) == (True, {1})
+    assert hlo(task_batch_size=1, unroll=True) == (False, {1})
 
 
 @pytest.mark.parametrize("agg", [mtl.linear, mtl.mgda, mtl.cagrad, mtl.nash_mtl, mtl.aligned_mtl])
