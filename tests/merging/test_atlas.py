@@ -477,6 +477,30 @@ def test_fit_recovers_anisotropic_coefficients(rng):
     chex.assert_trees_all_equal_shapes(res.final_coefficients, true)
 
 
+@pytest.mark.parametrize("partitions", [None, 3])
+def test_split_step_matches_one_program(rng, partitions):
+    # fit(split_step=True) runs compose, the model and the coefficient update as three
+    # programs; the coefficients, losses and aux metrics must be those of the one program.
+    params, tvs, _, apply, x, y = _regression_problem(rng)
+    spec = atlas.blocks(params, partitions=partitions)
+
+    def loss_fn(p, batch, r):  # uses the step's rng, returns aux
+        err = jnp.mean((apply(p, batch["x"]) - batch["y"]) ** 2)
+        return err + 1e-3 * jax.random.normal(r, ()), {"err": err}
+
+    batch_at = lambda s: {"x": x[(s % 8) * 32 : (s % 8 + 1) * 32], "y": y[(s % 8) * 32 :][:32]}
+    runs = [
+        atlas.fit(
+            loss_fn, params, tvs, batch_at, epochs=2, steps_per_epoch=4, spec=spec,
+            optimizer=optax.adam(0.05), split_step=split,
+        )
+        for split in (False, True)
+    ]  # fmt: skip
+    chex.assert_trees_all_equal(runs[0].final_coefficients, runs[1].final_coefficients)
+    losses = [[h["train_loss"] for h in r.history[1:]] for r in runs]
+    assert losses[0] == losses[1] and losses[0][1] < losses[0][0]  # and it trained
+
+
 def test_fit_keeps_best_epoch_and_stops(rng):
     params, tvs, _, apply, x, y = _regression_problem(rng)
     loss_fn = lambda p, batch, r: (jnp.mean(apply(p, batch["x"]) ** 2), {})
