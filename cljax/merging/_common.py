@@ -127,17 +127,7 @@ def accum(x: jax.Array) -> jax.Array:
     return x.astype(ct.accum_dtype(x.dtype))
 
 
-def sum_slices(xs: Sequence[jax.Array]) -> jax.Array:
-    """Sums T arrays in the accumulation dtype, slice by slice.
-
-    Adding slices is a single fused elementwise loop on XLA:CPU, where a reduction over the
-    leading axis of a stacked array can be several times slower (PLATFORM.md;
-    ``experiments/benchmarks/merge_bench.py`` measures both forms).
-    """
-    total = accum(xs[0])
-    for x in xs[1:]:
-        total = total + accum(x)
-    return total
+sum_slices = ct.sum_slices  # T arrays summed slice by slice in the accumulation dtype
 
 
 def check_density(density: float, *, where: str) -> None:

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 
 from cljax import tree as ct
-from cljax.mtl._gram import sum_tasks
 from cljax.mtl._linear import linear
 from cljax.mtl._per_task import (
     _check_losses,
@@ -246,7 +245,7 @@ def fmtl(
         h = jax.tree.map(lambda a, b: a - b, g_sam, g)
         k_g, k_h = _keys(key, 2)
         shared = jax.tree.map(lambda a, b: a + b, aggregator(g, key=k_g), aggregator(h, key=k_h))
-        heads = jax.tree.map(sum_tasks, heads)  # only the owner task is non-zero
+        heads = jax.tree.map(lambda x: ct.sum_slices(list(x), x.dtype), heads)  # owner only
         grads = merge_parts(shared, heads)
         return grads, {"losses": losses, "aux": aux, "sam_losses": sam_losses}
 

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from cljax import tree as ct
 from cljax.mtl._gram import stacked_grads
 
 __all__ = ["graddrop"]
@@ -52,15 +53,13 @@ def graddrop(task_grads: Any, *, key: jax.Array, leak: float = 0.0) -> Any:
     keys = jax.random.split(key, len(leaves))
 
     def leaf(x, k):
-        # Sums over tasks slice by slice (see sum_tasks: XLA:CPU reduces a leading axis slowly).
-        dt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-        rows = [x[t].astype(dt) for t in range(x.shape[0])]
-        total = sum(rows[1:], rows[0])
-        mag = sum((jnp.abs(r) for r in rows[1:]), jnp.abs(rows[0]))
+        # Sums over tasks slice by slice (ct.sum_slices: XLA:CPU reduces a leading axis slowly).
+        rows = [ct.to_accum(x[t]) for t in range(x.shape[0])]
+        total, mag = ct.sum_slices(rows), ct.sum_slices([jnp.abs(r) for r in rows])
         p = 0.5 * (1.0 + total / (mag + 1e-12))
         u = jax.random.uniform(k, p.shape, p.dtype)
         up, down = p > u, p < u
         kept = [jnp.where((up & (r > 0)) | (down & (r < 0)), r, leak * r) for r in rows]
-        return sum(kept[1:], kept[0]).astype(x.dtype)
+        return ct.sum_slices(kept).astype(x.dtype)
 
     return jax.tree.unflatten(treedef, [leaf(x, k) for x, k in zip(leaves, keys, strict=True)])

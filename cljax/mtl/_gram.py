@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from cljax import tree as ct
 
-__all__ = ["combine", "gram", "num_tasks", "stacked_grads", "sum_tasks"]
+__all__ = ["combine", "gram", "num_tasks", "stacked_grads"]
 
 PyTree = Any
 
@@ -104,22 +104,7 @@ def combine(task_grads: Any, weights: jax.Array) -> PyTree:
     dt = _dtype(stacked)
     w = weights.astype(dt)
 
-    return jax.tree.map(lambda x: sum_tasks(x, w, dt).astype(x.dtype), stacked)
+    def leaf(x):  # slice by slice: see cljax.tree.sum_slices (not a tensordot)
+        return ct.sum_slices([w[i] * x[i].astype(dt) for i in range(t)], dt).astype(x.dtype)
 
-
-def sum_tasks(x: jax.Array, weights: jax.Array | None = None, dtype: Any = None) -> jax.Array:
-    """``sum_t weights[t] * x[t]`` over the leading axis, slice by slice, in ``dtype``.
-
-    Written as T fused elementwise adds rather than a reduction over the leading axis (or a
-    ``tensordot``): XLA:CPU (jax 0.10) reduces over the leading axis of a ``[T, 768,
-    3072]`` array about 35x slower than it adds the slices (PLATFORM.md), and the
-    tensordot took 3x the adds; on accelerators the forms cost the same.
-    """
-    dtype = x.dtype if dtype is None else dtype
-    total = None
-    for t in range(x.shape[0]):
-        term = x[t].astype(dtype)
-        if weights is not None:
-            term = weights[t].astype(dtype) * term
-        total = term if total is None else total + term
-    return total
+    return jax.tree.map(leaf, stacked)

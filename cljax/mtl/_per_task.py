@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 
 from cljax import tree as ct
-from cljax.mtl._gram import sum_tasks
 
 __all__ = ["TaskGrads", "head_mask", "merge_parts", "per_task_grads", "split_parts"]
 
@@ -160,5 +159,5 @@ def per_task_grads(
     (jac,) = task_map(vjp_fn, cot, task_batch_size, unroll)
     mask = head_mask(params, head_rules)
     shared, heads = split_parts(jac, mask)
-    heads = jax.tree.map(sum_tasks, heads)  # only the owner task is non-zero
+    heads = jax.tree.map(lambda x: ct.sum_slices(list(x), x.dtype), heads)  # owner only
     return TaskGrads(shared=shared, heads=heads, losses=losses, aux=aux)
