@@ -42,7 +42,7 @@ from cljax import kernels
 from cljax import tree as ct
 from cljax.checkpoint import CheckpointManager
 from cljax.losses._entropy import entropy_loss, pseudo_label_loss
-from cljax.train import TrainState, make_step
+from cljax.train import TrainState, apply_step, make_step
 
 __all__ = [
     "Blocks",
@@ -859,8 +859,8 @@ def _split_train_step(loss_fn: LossFn, spec: Blocks, has_aux: bool):
     The same arithmetic as the one-program step (bit-identical coefficients on the CPU);
     on XLA:CPU (jax 0.10) the one program spends more CPU time on the same fusions
     (ViT-B/32, T = 8: 1.32-1.35x the fine-tuning step in one program, 1.12-1.14x split;
-    ``experiments/benchmarks/atlas_bench.py``). Metrics as :func:`cljax.train.make_step`'s
-    with the ``"apply"`` non-finite policy.
+    ``experiments/benchmarks/atlas_bench.py``). The update and metrics are
+    :func:`cljax.train.apply_step`'s, as in :func:`cljax.train.make_step`.
     """
     compose_fn = jax.jit(lambda theta0, taus, c, ms: compose(theta0, taus, c, spec, masks=ms))
     model_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=has_aux))
@@ -868,11 +868,7 @@ def _split_train_step(loss_fn: LossFn, spec: Blocks, has_aux: bool):
     def update(state, theta0, taus, ms, g, out, rng):
         _, vjp = jax.vjp(lambda c: compose(theta0, taus, c, spec, masks=ms), state.params)
         (grads,) = vjp(g)
-        loss, aux = out if has_aux else (out, {})
-        gnorm = optax.tree.norm(grads)
-        finite = jnp.isfinite(gnorm) & jnp.isfinite(loss)
-        new = state.apply_gradients(grads).replace(rng=rng)
-        return new, {"loss": loss, "grad_norm": gnorm, "finite": finite, **aux}
+        return apply_step(state, rng, out, grads, has_aux=has_aux)
 
     update = jax.jit(update, donate_argnums=(0,))
 

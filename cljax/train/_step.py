@@ -11,13 +11,49 @@ import optax
 
 from cljax.train._state import TrainState
 
-__all__ = ["NonFiniteError", "make_step"]
+__all__ = ["NonFiniteError", "apply_step", "make_step"]
 
 LossFn = Callable[..., Any]
 
 
 class NonFiniteError(FloatingPointError):
     """Raised (outside jit) when a step produced non-finite gradients and the policy is 'raise'."""
+
+
+def apply_step(
+    state: TrainState,
+    rng: jax.Array,
+    out: Any,
+    grads: Any,
+    *,
+    has_aux: bool = False,
+    nonfinite: Literal["apply", "skip", "raise"] = "apply",
+    post_update: Callable[[TrainState], TrainState] | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The second half of a :func:`make_step` step, for steps that compute their gradient
+    elsewhere: apply ``grads``, then ``post_update``, store ``rng`` (the state's next key),
+    apply the non-finite policy and return ``(state, metrics)``.
+
+    ``out`` is the loss, or ``(loss, aux)`` with ``has_aux``. Traceable; the ``"raise"``
+    policy's host check is :func:`make_step`'s, so here it behaves as ``"skip"``.
+    """
+    loss, aux = out if has_aux else (out, {})
+    gnorm = optax.tree.norm(grads)
+    finite = jnp.isfinite(gnorm) & jnp.isfinite(loss)
+    new = state.apply_gradients(grads)
+    if post_update is not None:
+        new = post_update(new)
+    new = new.replace(rng=rng)
+    if nonfinite != "apply":
+        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+        new = new.replace(
+            params=pick(new.params, state.params),
+            opt_state=pick(new.opt_state, state.opt_state),
+            methods=pick(new.methods, state.methods),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+    metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite, **aux}
+    return new, metrics
 
 
 def make_step(
@@ -59,23 +95,9 @@ def make_step(
     def step(state: TrainState, batch: Any):
         rng, sub = jax.random.split(state.rng)
         out, grads = grad_fn(state.params, batch, sub)
-        loss, aux = out if has_aux else (out, {})
-        gnorm = optax.tree.norm(grads)
-        finite = jnp.isfinite(gnorm) & jnp.isfinite(loss)
-        new = state.apply_gradients(grads)
-        if post_update is not None:
-            new = post_update(new)
-        new = new.replace(rng=rng)
-        if nonfinite != "apply":
-            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
-            new = new.replace(
-                params=pick(new.params, state.params),
-                opt_state=pick(new.opt_state, state.opt_state),
-                methods=pick(new.methods, state.methods),
-                skipped=state.skipped + (~finite).astype(jnp.int32),
-            )
-        metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite, **aux}
-        return new, metrics
+        return apply_step(
+            state, rng, out, grads, has_aux=has_aux, nonfinite=nonfinite, post_update=post_update
+        )
 
     if jit:
         step = jax.jit(step, donate_argnums=(0,) if donate else ())
