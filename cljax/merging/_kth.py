@@ -133,7 +133,6 @@ def _group_sums(flat: jax.Array, tests: Sequence[Any]) -> jax.Array:
 
     def packed(g):
         rows = flat[:, g * width : (g + 1) * width].reshape(num_tasks, _ROWS, cols)
-        rows = rows.astype(jnp.float32)
         return _add_all(
             [test(rows).astype(jnp.uint32) << (_LANE_BITS * j) for j, test in enumerate(tests)]
         )
@@ -143,8 +142,8 @@ def _group_sums(flat: jax.Array, tests: Sequence[Any]) -> jax.Array:
 
 def _count_flat(flats: Sequence[jax.Array], tests: Sequence[Any]) -> jax.Array:
     """How many entries pass each test, per task, over (T, n_i) arrays sharing the task
-    axis; ``(len(tests), T)`` uint32. A test maps float32 ``(T, rows, cols)`` entries to
-    booleans and must be false for NaN (the padding)."""
+    axis; ``(len(tests), T)`` uint32. A test maps ``(T, rows, cols)`` entries (in their
+    own floating dtype) to booleans and must be false for NaN (the padding)."""
     num_tasks = flats[0].shape[0]
     groups, rest = [], []
     for flat in flats:
@@ -152,12 +151,13 @@ def _count_flat(flats: Sequence[jax.Array], tests: Sequence[Any]) -> jax.Array:
         if cols >= _MIN_COLUMNS:
             groups.append(_group_sums(flat[:, : _SPAN * cols], tests))
             if _SPAN * cols < flat.shape[1]:
-                rest.append(flat[:, _SPAN * cols :].astype(jnp.float32))
+                rest.append(flat[:, _SPAN * cols :])
         else:
-            rest.append(flat.astype(jnp.float32))
+            rest.append(flat)
     plain = jnp.zeros((len(tests), num_tasks), jnp.uint32)
     if rest:  # small leaves and ragged ends: one padded array (NaN counts as nothing)
-        tail = jnp.concatenate(rest, axis=1) if len(rest) > 1 else rest[0]
+        dtype = jnp.result_type(*rest)
+        tail = jnp.concatenate([r.astype(dtype) for r in rest], axis=1)
         if tail.shape[1] < _SMALL_TAIL:  # plain reductions: slower, but quick to compile
             plain = jnp.stack(
                 [jnp.sum(test(tail[:, None]).astype(jnp.uint32), axis=(1, 2)) for test in tests]
@@ -205,8 +205,8 @@ def count_at_least_many(leaves: Sequence[Any], thresholds: jax.Array) -> jax.Arr
     leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
     thresholds = thresholds.astype(jnp.float32)
 
-    def tests(thr):
-        return [lambda v, t=t: jnp.abs(v) >= t[:, None, None] for t in thr]
+    def tests(thr):  # magnitudes compared in float32
+        return [lambda v, t=t: jnp.abs(v.astype(jnp.float32)) >= t[:, None, None] for t in thr]
 
     if not any(isinstance(x, tuple) for x in leaves):
         return _count_flat([x.reshape(x.shape[0], -1) for x in leaves], tests(thresholds))
@@ -304,12 +304,12 @@ def kth_largest_bits(
         # binades, where neither interpolation nor an even split of the patterns helps:
         # step geometrically away from the known end (x1.4 and x4 in magnitude) and probe
         # the middle of the patterns (which halves the bracket, bounding the passes).
-        up = jnp.stack([lo + open_steps[0], lo + open_steps[1], lo + width // 2])
-        down = jnp.stack(
+        from_lo = jnp.stack([lo + open_steps[0], lo + open_steps[1], lo + width // 2])
+        from_hi = jnp.stack(
             [lo + width // 2]
             + [jnp.where(hi > d, hi - d, 1) for d in (open_steps[1], open_steps[0])]
         )
-        step = jnp.where(hi == jnp.uint32(_TOP), up, jnp.where(lo == 0, down, step))
+        step = jnp.where(hi == jnp.uint32(_TOP), from_lo, jnp.where(lo == 0, from_hi, step))
         cand = jnp.where(s["it"] == 0, first_cands, step)
         cand = jnp.clip(cand, lo + 1, jnp.maximum(hi - 1, lo + 1))
         # The barrier ties the leaves to this pass's candidates: otherwise XLA hoists their

@@ -147,8 +147,9 @@ def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge):
         ]
 
     # 2. Elect: sign of the sum of trimmed values; zero sums take the majority sign. The sums
-    #    are materialised (one read of the task vectors, P values written). The majority is counted with the
-    #    threshold search's packed counts (a reduction of `sign` runs several times slower).
+    #    are materialised (one read of the task vectors, P values written). The majority is
+    #    counted like the threshold search's passes (a reduction of `sign` runs several times
+    #    slower on XLA:CPU).
     sums = {i: lax.optimization_barrier(_common.sum_slices(trimmed(i))) for i in idx}
     positive, negative = _kth.count_signs([sums[i] for i in idx])
     majority = jnp.where(
