@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cljax import tree as ct
+
 __all__ = [
     "count_at_least",
     "count_at_least_many",
@@ -63,7 +65,6 @@ _MIN_NORMAL = 0x00800000
 _MAX_PASSES = 66
 _SAMPLE = 1 << 14
 _Z = 2.5
-_ROW_LIMIT = 1 << 23  # float32 sums of 0/1 are exact below 2**24
 # Packed counting: a leaf's (T, n) entries become _GROUPS x _ROWS row slices of C columns;
 # each candidate's 0/1 indicator takes _LANE_BITS bits of a uint32, so a lane's count,
 # at most _GROUPS * _ROWS = 512, fits. Leaves with fewer than _MIN_COLUMNS columns are
@@ -90,6 +91,8 @@ def _as_float(bits: jax.Array) -> jax.Array:
 def count_at_least(x: jax.Array, threshold: jax.Array, *, batch_dims: int = 0) -> jax.Array:
     """Exact ``count(|x| >= threshold)`` over all but the first ``batch_dims`` axes.
 
+    One threshold per batch entry, counted by :func:`count_at_least_many`.
+
     Args:
       x: a floating array.
       threshold: float32 magnitude(s), shaped like ``x.shape[:batch_dims]``.
@@ -99,29 +102,9 @@ def count_at_least(x: jax.Array, threshold: jax.Array, *, batch_dims: int = 0) -
       uint32 counts of shape ``x.shape[:batch_dims]``.
     """
     batch = x.shape[:batch_dims]
-    thr = jnp.reshape(threshold, batch + (1,) * (x.ndim - batch_dims))
-    hits = jnp.where(jnp.abs(x.astype(jnp.float32)) >= thr, jnp.float32(1), jnp.float32(0))
-    per = math.prod(x.shape[batch_dims:])
-    if per < _ROW_LIMIT:  # float32 sums of 0/1 are exact here, and vectorise well on CPUs
-        return jnp.sum(hits, axis=tuple(range(batch_dims, x.ndim))).astype(jnp.uint32)
-    rows = jnp.sum(hits.reshape(*batch, -1, _row_split(x.shape[batch_dims:])), axis=-1)
-    return jnp.sum(rows.astype(jnp.uint32), axis=-1, dtype=jnp.uint32)
-
-
-def _row_split(shape: tuple[int, ...]) -> int:
-    """A divisor of ``prod(shape)`` below the exact-count limit: the last axis if it is."""
-    if len(shape) >= 2 and shape[-1] < _ROW_LIMIT:
-        return shape[-1]
-    n = math.prod(shape)
-    return next(d for d in range(min(n, _ROW_LIMIT - 1), 0, -1) if n % d == 0)
-
-
-def _add_all(parts: Sequence[jax.Array]) -> jax.Array:
-    """Elementwise sum of same-shaped arrays, one add at a time (fuses into one loop)."""
-    total = parts[0]
-    for p in parts[1:]:
-        total = total + p
-    return total
+    flat = x.reshape(math.prod(batch), -1)
+    thr = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1, flat.shape[0]))
+    return count_at_least_many([flat], thr)[0].reshape(batch)
 
 
 def _group_sums(flat: jax.Array, tests: Sequence[Any]) -> jax.Array:
@@ -133,11 +116,12 @@ def _group_sums(flat: jax.Array, tests: Sequence[Any]) -> jax.Array:
 
     def packed(g):
         rows = flat[:, g * width : (g + 1) * width].reshape(num_tasks, _ROWS, cols)
-        return _add_all(
-            [test(rows).astype(jnp.uint32) << (_LANE_BITS * j) for j, test in enumerate(tests)]
+        return ct.sum_slices(
+            [test(rows).astype(jnp.uint32) << (_LANE_BITS * j) for j, test in enumerate(tests)],
+            jnp.uint32,
         )
 
-    return lax.optimization_barrier(_add_all([packed(g) for g in range(_GROUPS)]))
+    return lax.optimization_barrier(ct.sum_slices([packed(g) for g in range(_GROUPS)], jnp.uint32))
 
 
 def _count_flat(flats: Sequence[jax.Array], tests: Sequence[Any]) -> jax.Array:
@@ -168,7 +152,7 @@ def _count_flat(flats: Sequence[jax.Array], tests: Sequence[Any]) -> jax.Array:
     if not groups:
         return plain
     # Per leaf, the row sums of its (materialised) group sums; then one unpacking for all.
-    packed = [_add_all([per_row[:, r] for r in range(_ROWS)]) for per_row in groups]
+    packed = [ct.sum_slices([p[:, r] for r in range(_ROWS)], jnp.uint32) for p in groups]
     packed = jnp.concatenate(packed, axis=1) if len(packed) > 1 else packed[0]
     mask = (1 << _LANE_BITS) - 1
     counts = [
@@ -213,7 +197,7 @@ def count_at_least_many(leaves: Sequence[Any], thresholds: jax.Array) -> jax.Arr
     num_tasks = thresholds.shape[1]
     per_task = []
     for t in range(num_tasks):  # lists of per-task arrays: count task by task, no stacking
-        flats = [(x[t] if isinstance(x, tuple) else x[t]).reshape(1, -1) for x in leaves]
+        flats = [x[t].reshape(1, -1) for x in leaves]
         per_task.append(_count_flat(flats, tests(thresholds[:, t : t + 1])))
     return jnp.concatenate(per_task, axis=1)
 

@@ -17,6 +17,7 @@ from cljax.mtl._per_task import (
     merge_parts,
     per_task_grads,
     split_parts,
+    sum_heads,
     task_map,
 )
 
@@ -245,7 +246,7 @@ def fmtl(
         h = jax.tree.map(lambda a, b: a - b, g_sam, g)
         k_g, k_h = _keys(key, 2)
         shared = jax.tree.map(lambda a, b: a + b, aggregator(g, key=k_g), aggregator(h, key=k_h))
-        heads = jax.tree.map(lambda x: ct.sum_slices(list(x), x.dtype), heads)  # owner only
+        heads = sum_heads(heads)
         grads = merge_parts(shared, heads)
         return grads, {"losses": losses, "aux": aux, "sam_losses": sam_losses}
 

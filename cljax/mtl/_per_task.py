@@ -56,6 +56,12 @@ def merge_parts(shared: PyTree, heads: PyTree) -> PyTree:
     return jax.tree.map(lambda s, h: h if s is None else s, shared, heads, is_leaf=is_none)
 
 
+def sum_heads(heads: PyTree) -> PyTree:
+    """Per-task head gradients ``(T, ...)`` summed over tasks, slice by slice (only the
+    owner task's slice is non-zero; see :func:`cljax.tree.sum_slices`)."""
+    return jax.tree.map(lambda x: ct.sum_slices(list(x), x.dtype), heads)
+
+
 def task_map(fn: Callable, xs: Any, task_batch_size: int | None, unroll: bool = False) -> Any:
     """``fn`` over the leading task axis of ``xs``: all at once, or in chunks.
 
@@ -159,5 +165,5 @@ def per_task_grads(
     (jac,) = task_map(vjp_fn, cot, task_batch_size, unroll)
     mask = head_mask(params, head_rules)
     shared, heads = split_parts(jac, mask)
-    heads = jax.tree.map(lambda x: ct.sum_slices(list(x), x.dtype), heads)  # owner only
+    heads = sum_heads(heads)
     return TaskGrads(shared=shared, heads=heads, losses=losses, aux=aux)
