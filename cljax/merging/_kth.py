@@ -23,14 +23,21 @@ threshold is found by a search over the bit patterns of the magnitudes instead:
   ViT-B/32 shapes on a 2-core CPU: one pass of three candidates ≈ one task-arithmetic pass,
   against ≈ 8 passes' time for one candidate counted by a plain reduction.
 * Candidates: the first three come from a strided sample of every leaf (about 2¹⁴ entries
-  per task, sorted): the sample quantile and 4 standard errors either side. Then
-  *interpolation* on the counts (the count falls smoothly with the bit pattern, so rank
-  ``k − ½`` sits near where linear interpolation puts it) at that point and ``_Z``
-  standard errors either side. Whenever the previous pass failed to halve the bracket,
-  or few entries are left in it, the next splits it evenly in four (so the worst case
-  stays below 64 passes). A bracket the sample left open at one end (extreme ranks) is searched
-  geometrically from its known end. Measured: 8 passes at ViT-B/32 shapes (``--scale 0.1``
-  of ``merge_bench``, density 0.2), 7–9 on 1M normal entries at densities 0.01–0.5.
+  per task, sorted as int32 patterns): the sample quantile and 4 standard errors either
+  side. Then *interpolation*: an inverse quadratic of the magnitude in log-count through
+  the bracket's ends and the nearest counted point outside it, probed at rank ``k − ½``
+  and ``_Z`` standard errors either side (a straight line missed by several standard
+  errors across the first pass's wide bracket). Whenever the previous pass failed to
+  halve the bracket, or few entries are left in it, the next splits it evenly in four (so
+  the worst case stays below 64 passes). A bracket the sample left open at one end
+  (extreme ranks) is searched geometrically from its known end.
+* Listing: once every live bracket holds at most ``_listing_size(N)`` entries (about
+  ``sqrt(N / 800)``), one pass lists them (:func:`bracket_entries`: per slot of the
+  layout the largest of 16 row groups, then per column the largest and smallest of 32
+  rows) and the k-th is read off the sorted list. Entries sharing a slot are missed; the
+  number found tells, and such a task keeps counting. Measured: 4 passes (three counts,
+  one listing) at ViT-B/32 shapes (``--scale 0.1``, density 0.2) and on 1M normal or
+  Student-t entries at densities 0.001–0.9 (8 before the listing and the quadratic).
 * When ``hi − lo == 1``, ``lo`` is the bit pattern of the k-th largest magnitude, exactly;
   every entry equal to it is at or above it (ties kept).
 
@@ -55,6 +62,7 @@ from cljax import tree as ct
 __all__ = [
     "count_at_least",
     "count_at_least_many",
+    "bracket_entries",
     "count_signs",
     "kth_largest_bits",
     "magnitude_bits",
@@ -124,31 +132,44 @@ def _group_sums(flat: jax.Array, tests: Sequence[Any]) -> jax.Array:
     return lax.optimization_barrier(ct.sum_slices([packed(g) for g in range(_GROUPS)], jnp.uint32))
 
 
+def _layout(flats: Sequence[jax.Array]) -> tuple[list[jax.Array], jax.Array | None]:
+    """Splits ``(T, n_i)`` arrays into the parts handled slice by slice (each ``(T, 512·C)``,
+    ``C >= _MIN_COLUMNS``) and one tail: the small arrays and ragged ends, concatenated."""
+    main, rest = [], []
+    for flat in flats:
+        cols = flat.shape[1] // _SPAN
+        if cols >= _MIN_COLUMNS:
+            main.append(flat[:, : _SPAN * cols])
+            if _SPAN * cols < flat.shape[1]:
+                rest.append(flat[:, _SPAN * cols :])
+        else:
+            rest.append(flat)
+    if not rest:
+        return main, None
+    dtype = jnp.result_type(*rest)
+    return main, jnp.concatenate([r.astype(dtype) for r in rest], axis=1)
+
+
+def _pad_nan(tail: jax.Array) -> jax.Array:
+    """The tail padded with NaN (which no test passes) to a multiple of 512 entries."""
+    return jnp.pad(tail, ((0, 0), (0, -tail.shape[1] % _SPAN)), constant_values=jnp.nan)
+
+
 def _count_flat(flats: Sequence[jax.Array], tests: Sequence[Any]) -> jax.Array:
     """How many entries pass each test, per task, over (T, n_i) arrays sharing the task
     axis; ``(len(tests), T)`` uint32. A test maps ``(T, rows, cols)`` entries (in their
     own floating dtype) to booleans and must be false for NaN (the padding)."""
     num_tasks = flats[0].shape[0]
-    groups, rest = [], []
-    for flat in flats:
-        cols = flat.shape[1] // _SPAN
-        if cols >= _MIN_COLUMNS:
-            groups.append(_group_sums(flat[:, : _SPAN * cols], tests))
-            if _SPAN * cols < flat.shape[1]:
-                rest.append(flat[:, _SPAN * cols :])
-        else:
-            rest.append(flat)
+    main, tail = _layout(flats)
+    groups = [_group_sums(flat, tests) for flat in main]
     plain = jnp.zeros((len(tests), num_tasks), jnp.uint32)
-    if rest:  # small leaves and ragged ends: one padded array (NaN counts as nothing)
-        dtype = jnp.result_type(*rest)
-        tail = jnp.concatenate([r.astype(dtype) for r in rest], axis=1)
+    if tail is not None:
         if tail.shape[1] < _SMALL_TAIL:  # plain reductions: slower, but quick to compile
             plain = jnp.stack(
                 [jnp.sum(test(tail[:, None]).astype(jnp.uint32), axis=(1, 2)) for test in tests]
             )
         else:
-            tail = jnp.pad(tail, ((0, 0), (0, -tail.shape[1] % _SPAN)), constant_values=jnp.nan)
-            groups.append(_group_sums(tail, tests))
+            groups.append(_group_sums(_pad_nan(tail), tests))
     if not groups:
         return plain
     # Per leaf, the row sums of its (materialised) group sums; then one unpacking for all.
@@ -202,11 +223,113 @@ def count_at_least_many(leaves: Sequence[Any], thresholds: jax.Array) -> jax.Arr
     return jnp.concatenate(per_task, axis=1)
 
 
+def _max_slices(xs: Sequence[jax.Array]) -> jax.Array:
+    total = xs[0]
+    for x in xs[1:]:
+        total = jnp.maximum(total, x)
+    return total
+
+
+def _bracket_flat(flats: Sequence[jax.Array], lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Entries whose magnitude pattern lies in ``[lo_t, hi_t)``, one read of (T, n_i)
+    arrays: ``(T, L)`` uint32 holding ``pattern - lo + 1`` at a position per found entry,
+    0 elsewhere. Needs ``lo >= _MIN_NORMAL`` (patterns then order like the compares).
+
+    Each leaf keeps, per (row, column) of its ``16 × 32`` slice layout, the largest entry of
+    its 16 row groups (one elementwise pass, ``1/16`` written), then per column the largest
+    and the smallest of its 32 rows: an entry is lost only where it shares a position with
+    another, or a column with two others. The caller tells that by the number found."""
+    lo_f = _as_float(lo)[:, None, None]
+    top = jnp.minimum(hi - 1, jnp.uint32(0x7F800000))  # the largest pattern inside; NaN out
+    top_f = _as_float(top)[:, None, None]
+
+    def offsets(v):  # (T, rows, cols) -> uint32
+        a = jnp.abs(v.astype(jnp.float32))
+        inside = (a >= lo_f) & (a <= top_f)
+        return jnp.where(inside, magnitude_bits(a) - lo[:, None, None] + 1, jnp.uint32(0))
+
+    num_tasks = flats[0].shape[0]
+    main, tail = _layout(flats)
+    found = []
+    if tail is not None:  # listed position by position when small, else like the leaves
+        if tail.shape[1] < 8 * _SPAN:
+            found.append(offsets(tail[:, None]).reshape(num_tasks, -1))
+        else:
+            main.append(_pad_nan(tail))
+    for flat in main:
+        cols = flat.shape[1] // _SPAN
+        width = _ROWS * cols
+        rows = [
+            flat[:, g * width : (g + 1) * width].reshape(num_tasks, _ROWS, cols)
+            for g in range(_GROUPS)
+        ]
+        best = lax.optimization_barrier(_max_slices([offsets(r) for r in rows]))
+        per_row = [best[:, r] for r in range(_ROWS)]
+        found.append(_max_slices(per_row))
+        many = ct.sum_slices([(x > 0).astype(jnp.uint32) for x in per_row], jnp.uint32)
+        least = per_row[0]
+        for x in per_row[1:]:
+            least = jnp.where((x > 0) & ((x < least) | (least == 0)), x, least)
+        found.append(jnp.where(many >= 2, least, jnp.uint32(0)))
+    return jnp.concatenate(found, axis=1) if len(found) > 1 else found[0]
+
+
+def bracket_entries(
+    leaves: Sequence[Any], lo: jax.Array, hi: jax.Array, size: int
+) -> tuple[jax.Array, jax.Array]:
+    """The magnitudes of each task inside ``[lo_t, hi_t)`` (bit patterns), one read.
+
+    Meant for narrow brackets holding a few entries: some may be missed where entries
+    share a slot of the layout (see :func:`_bracket_flat`), so compare ``found`` with the
+    bracket's count before trusting the list.
+
+    Args:
+      leaves: per leaf, a stacked ``(T, *shape)`` array or a tuple/list of T arrays.
+      lo, hi: ``(T,)`` uint32 patterns, ``lo >= 0x00800000`` (normal magnitudes).
+      size: the length of the returned lists.
+
+    Returns:
+      ``(patterns, found)``: ``(T, size)`` uint32 patterns of the entries found, in
+      descending order, 0-padded (only the first ``size`` if more were found); and
+      ``(T,)`` uint32, the number of entries found.
+    """
+    leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
+    if not any(isinstance(x, tuple) for x in leaves):
+        offs = _bracket_flat([x.reshape(x.shape[0], -1) for x in leaves], lo, hi)
+    else:
+        offs = jnp.concatenate(
+            [
+                _bracket_flat([x[t].reshape(1, -1) for x in leaves], lo[t : t + 1], hi[t : t + 1])
+                for t in range(lo.shape[0])
+            ]
+        )
+    found = jnp.sum(offs > 0, axis=1, dtype=jnp.uint32)
+
+    def first(row, count):  # the found entries of one task
+        at = jnp.nonzero(row, size=size, fill_value=0)[0]
+        return jnp.where(jnp.arange(size) < count, row[at], jnp.uint32(0))
+
+    firsts = jnp.sort(jax.vmap(first)(offs, found), axis=1)[:, ::-1]
+    patterns = jnp.where(firsts > 0, firsts + lo[:, None] - 1, jnp.uint32(0))
+    return patterns, found
+
+
 def _sample(leaf: Any, share: int) -> jax.Array:
     """About ``share`` strided entries of each task's slice of a leaf, ``(T, m)``."""
     per_task = leaf if isinstance(leaf, tuple) else [leaf[t] for t in range(leaf.shape[0])]
     stride = max(1, per_task[0].size // max(share, 1))
     return jnp.stack([jnp.abs(x.reshape(-1)[::stride].astype(jnp.float32)) for x in per_task])
+
+
+def _count_rows(x: jax.Array) -> jax.Array:
+    return jnp.sum(x, axis=1, dtype=jnp.uint32)
+
+
+def _listing_size(n: int) -> int:
+    """How many bracket entries a listing pass takes on for N entries a task: about
+    ``sqrt(N / 800)`` (a power of two in [16, 512]), where two of them share a slot of
+    the ``N / 16`` the listing keeps with probability near 1 %."""
+    return 1 << min(9, max(4, round(math.log2(math.sqrt(n / 800) + 1))))
 
 
 def kth_largest_bits(
@@ -242,20 +365,23 @@ def kth_largest_bits(
             f"kth_largest_bits: {n=} entries per task; the exact counts need n < 2**32"
         )
     k = jnp.asarray(k, jnp.uint32)
+    limit = _listing_size(n)
 
     # First candidates from a strided sample: its quantile and 4 standard errors either side.
     sample = jnp.concatenate(
         [_sample(x, max(1, _SAMPLE * s // n)) for x, s in zip(leaves, sizes, strict=True)], axis=1
     )
     m = sample.shape[1]
-    desc = -jnp.sort(-sample, axis=1)
+    # Sorted as int32 patterns: XLA:CPU sorts floats (total order) about 7x slower.
+    asc = jnp.sort(lax.bitcast_convert_type(magnitude_bits(sample), jnp.int32), axis=1)
     q = k.astype(jnp.float32) / n
     spread = 4.0 * jnp.sqrt(m * q * (1 - q)) + 1.0
     rank = q * m
     tasks = jnp.arange(num_tasks)
 
-    def sample_bits(r):
-        return magnitude_bits(desc[tasks, jnp.clip(r, 0, m - 1).astype(jnp.int32)])
+    def sample_bits(r):  # the pattern of descending sample rank r
+        at = m - 1 - jnp.clip(r, 0, m - 1).astype(jnp.int32)
+        return lax.bitcast_convert_type(asc[tasks, at], jnp.uint32)
 
     first_cands = jnp.stack(  # ascending magnitudes: descending sample ranks
         [sample_bits(rank + spread), sample_bits(rank), sample_bits(rank - spread - 1) + 1]
@@ -269,14 +395,28 @@ def kth_largest_bits(
     def body(s):
         lo, hi, c_lo, c_hi = s["lo"], s["hi"], s["c_lo"], s["c_hi"]
         width = hi - lo
-        # Interpolation: the count falls about linearly across a narrow bracket, so rank
-        # k - 1/2 sits near `frac` of the way; probe there and _Z standard errors either
-        # side. When that failed to halve the bracket, split it evenly instead.
+        # Interpolation: probe where the count, read as a function of the magnitude,
+        # reaches rank k - 1/2, and _Z standard errors either side. The function goes
+        # through the bracket's ends and, when one was counted, the nearest point outside
+        # it: an inverse quadratic (a straight line misses by several standard errors
+        # across the first pass's wide bracket, where the density bends). When that failed
+        # to halve the bracket, split it evenly instead.
         inside = (c_lo - c_hi).astype(jnp.float32)
         frac = ((c_lo - k).astype(jnp.float32) + 0.5) / inside
-        err = _Z * jnp.sqrt(jnp.maximum(frac * (1 - frac), 0.0) / inside) + 1.0 / inside
-        at = jnp.clip(frac + sides * err, 0.0, 1.0)
-        interp = lo + jnp.floor(at * width.astype(jnp.float32)).astype(jnp.uint32)
+        spread = _Z * jnp.sqrt(jnp.maximum(frac * (1 - frac), 0.0) * inside) + 1.0
+        c0, c1, c2 = (x.astype(jnp.float32) for x in (c_lo, c_hi, s["c_out"]))
+        v0, v1, v2 = (_as_float(x) for x in (lo, hi, s["out"]))
+        target = jnp.clip(k.astype(jnp.float32) - 0.5 - sides * spread, c1, c0)  # (3, T)
+        line = v0 + (c0 - target) / (c0 - c1) * (v1 - v0)
+        u, u0, u1, u2 = (jnp.log(x + 0.5) for x in (target, c0, c1, c2))
+        curve = (
+            v0 * (u - u1) * (u - u2) / ((u0 - u1) * (u0 - u2))
+            + v1 * (u - u0) * (u - u2) / ((u1 - u0) * (u1 - u2))
+            + v2 * (u - u0) * (u - u1) / ((u2 - u0) * (u2 - u1))
+        )
+        has_out = (s["out"] != 0) & jnp.isfinite(curve)
+        at = jnp.clip(jnp.where(has_out, curve, line), v0, v1)
+        interp = jnp.clip(magnitude_bits(at), lo, hi)
         quarter = width // 4
         even = jnp.stack([lo + quarter, lo + width // 2, hi - quarter])
         # After the first pass the ends are sample entries: with few entries left between
@@ -299,19 +439,69 @@ def kth_largest_bits(
         # The barrier ties the leaves to this pass's candidates: otherwise XLA hoists their
         # magnitudes out of the loop, a full float32 copy of the task vectors.
         read, thr = lax.optimization_barrier((leaves, _as_float(cand)))
-        c = count_at_least_many(read, thr)  # (K, T), non-increasing in cand
-        up = c >= k
-        new_lo = jnp.max(jnp.where(up, cand, lo), axis=0)
-        new_hi = jnp.min(jnp.where(up, hi, cand), axis=0)
         live = width > 1
-        return {
-            "it": s["it"] + 1,
-            "lo": jnp.where(live, new_lo, lo),
-            "hi": jnp.where(live, new_hi, hi),
-            "c_lo": jnp.where(live, jnp.min(jnp.where(up, c, c_lo), axis=0), c_lo),
-            "c_hi": jnp.where(live, jnp.max(jnp.where(up, c_hi, c), axis=0), c_hi),
-            "bisect": (s["it"] >= 1) & (new_hi - new_lo > width // 2),
-        }
+        inside = c_lo - c_hi
+        # Few entries left in every live bracket: list them (one read) and take the k-th.
+        # Entries sharing a slot of the listing's layout can be missed; a task whose list
+        # falls short keeps its bracket, and counting goes on (a second listing waits
+        # until fewer entries are left).
+        room = jnp.uint32(limit) >> (3 * s["listed"]).astype(jnp.uint32)
+        extract = (
+            (s["it"] >= 1)
+            & (s["listed"] < 2)
+            & jnp.all(~live | ((inside <= room) & (lo >= _MIN_NORMAL)))
+        )
+
+        def listing(read, thr):
+            del thr
+            patterns, found = bracket_entries(read, lo, hi, limit)
+            ok = live & (found == inside)
+            at = jnp.clip(k - c_hi, 1, limit).astype(jnp.int32) - 1  # rank in the bracket
+            kth = patterns[tasks, at]
+            return {
+                "out": s["out"],
+                "c_out": s["c_out"],
+                "it": s["it"] + 1,
+                "lo": jnp.where(ok, kth, lo),
+                "hi": jnp.where(ok, kth + 1, hi),
+                "c_lo": jnp.where(ok, c_hi + _count_rows(patterns >= kth[:, None]), c_lo),
+                "c_hi": jnp.where(ok, c_hi + _count_rows(patterns > kth[:, None]), c_hi),
+                "bisect": jnp.zeros_like(s["bisect"]),
+                "listed": s["listed"] + 1,
+            }
+
+        def counting(read, thr):
+            c = count_at_least_many(read, thr)  # (K, T), non-increasing in cand
+            up = c >= k
+            new_lo = jnp.max(jnp.where(up, cand, lo), axis=0)
+            new_hi = jnp.min(jnp.where(up, hi, cand), axis=0)
+            # The counted point nearest the new bracket outside it (not the ends 0, _TOP).
+            pts = jnp.concatenate([lo[None], cand, hi[None]])
+            cnt = jnp.concatenate([c_lo[None], c, c_hi[None]])
+            below = (pts < new_lo) & (pts > 0)
+            top = jnp.uint32(_TOP)
+            above = (pts > new_hi) & (pts < top)
+            b_pt = jnp.max(jnp.where(below, pts, 0), axis=0)
+            b_cnt = jnp.min(jnp.where(below, cnt, n), axis=0)
+            a_pt = jnp.min(jnp.where(above, pts, top), axis=0)
+            a_cnt = jnp.max(jnp.where(above, cnt, 0), axis=0)
+            new_c_lo = jnp.min(jnp.where(up, c, c_lo), axis=0)
+            new_c_hi = jnp.max(jnp.where(up, c_hi, c), axis=0)
+            use_b = (b_pt > 0) & ((a_pt == top) | (b_cnt - new_c_lo <= new_c_hi - a_cnt))
+            out = jnp.where(use_b, b_pt, jnp.where(a_pt < top, a_pt, 0))
+            return {
+                "out": jnp.where(live, out, s["out"]),
+                "c_out": jnp.where(live, jnp.where(use_b, b_cnt, a_cnt), s["c_out"]),
+                "it": s["it"] + 1,
+                "lo": jnp.where(live, new_lo, lo),
+                "hi": jnp.where(live, new_hi, hi),
+                "c_lo": jnp.where(live, new_c_lo, c_lo),
+                "c_hi": jnp.where(live, new_c_hi, c_hi),
+                "bisect": (s["it"] >= 1) & (new_hi - new_lo > width // 2),
+                "listed": s["listed"],
+            }
+
+        return lax.cond(extract, listing, counting, read, thr)
 
     state = {
         "it": jnp.int32(0),
@@ -320,6 +510,9 @@ def kth_largest_bits(
         "c_lo": jnp.full((num_tasks,), n, jnp.uint32),
         "c_hi": jnp.zeros((num_tasks,), jnp.uint32),
         "bisect": jnp.zeros((num_tasks,), bool),
+        "listed": jnp.int32(0),
+        "out": jnp.zeros((num_tasks,), jnp.uint32),
+        "c_out": jnp.zeros((num_tasks,), jnp.uint32),
     }
     final = lax.while_loop(cond, body, state)
     # Compares flush subnormals to zero on CPUs and accelerators: below the smallest normal

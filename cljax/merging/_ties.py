@@ -125,9 +125,7 @@ def ties(
 
 @functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "scope", "merge"))
 def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge):
-    ts = _common.TaskSet(tv_leaves, num_tasks)
     idx = [i for i, m in enumerate(mask) if m]
-    slices = {i: ts.slices(i) for i in idx}
 
     # 1. Trim: per-task thresholds, the k-th largest magnitude (exact, see _kth.py).
     if scope == "global":
@@ -139,38 +137,63 @@ def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge):
             for j, i in enumerate(idx)
         }
 
-    def trimmed(i, xs=None):
+    def trimmed(i, xs):
         thr = lax.bitcast_convert_type(thresholds[i], jnp.float32)
         return [
             jnp.where(jnp.abs(x.astype(jnp.float32)) >= thr[t], _common.accum(x), 0)
-            for t, x in enumerate(slices[i] if xs is None else xs)
+            for t, x in enumerate(xs)
         ]
 
-    # 2. Elect: sign of the sum of trimmed values; zero sums take the majority sign. The sums
-    #    are materialised (one read of the task vectors, P values written). The majority is
-    #    counted like the threshold search's passes (a reduction of `sign` runs several times
-    #    slower on XLA:CPU).
-    sums = {i: lax.optimization_barrier(_common.sum_slices(trimmed(i))) for i in idx}
-    positive, negative = _kth.count_signs([sums[i] for i in idx])
-    majority = jnp.where(
-        positive > negative, 1.0, jnp.where(positive < negative, -1.0, 0.0)
-    ).astype(jnp.float32)
+    def disjoint_merge(majority, mark, leaves):
+        """2-3. Elect and merge, one read of the task vectors. Coordinates whose trimmed
+        values cancel exactly (sum 0, some value not 0) take the ``majority`` sign, or
+        with ``mark`` a NaN instead."""
+        out = list(pre)
+        # Slices are taken inside each computation from the leaves as given: a slice handed
+        # to another computation (the loop below) is written out, all T·P values of it.
+        leaves = _common.TaskSet(leaves, num_tasks)
+        for i in idx:
+            kept = trimmed(i, leaves.slices(i))
+            total = _common.sum_slices(kept)
+            gamma = jnp.sign(total)
+            gamma = jnp.where(gamma == 0, majority.astype(gamma.dtype), gamma)
+            num = jnp.zeros_like(total)
+            cnt = jnp.zeros(total.shape, jnp.float32)
+            for v in kept:
+                agree = jnp.where(gamma > 0, v > 0, v < 0)
+                num = num + jnp.where(agree, v, 0)
+                cnt = cnt + agree
+            merged = num / jnp.maximum(cnt, 1).astype(num.dtype) if merge == "mean" else num
+            p = pre[i]
+            value = (_common.accum(p) + scale * merged).astype(p.dtype)
+            tie = (total == 0) & functools.reduce(jnp.logical_or, [v != 0 for v in kept])
+            out[i] = jnp.where(mark & tie, jnp.array(jnp.nan, p.dtype), value)
+        return out
 
-    # 3. Disjoint merge of the values that agree with the elected sign (a second read).
-    out = list(pre)
-    for i in idx:
-        # A fresh reference to the slices (the barrier): sharing the trimmed values with
-        # step 2 would make XLA write them out rather than recompute them in each pass.
-        xs, total = lax.optimization_barrier((slices[i], sums[i]))
-        gamma = jnp.sign(total)
-        gamma = jnp.where(gamma == 0, majority.astype(gamma.dtype), gamma)
-        num = jnp.zeros_like(total)
-        cnt = jnp.zeros(total.shape, jnp.float32)
-        for v in trimmed(i, xs):
-            agree = jnp.where(gamma > 0, v > 0, v < 0)
-            num = num + jnp.where(agree, v, 0)
-            cnt = cnt + agree
-        merged = num / jnp.maximum(cnt, 1).astype(num.dtype) if merge == "mean" else num
-        p = pre[i]
-        out[i] = (_common.accum(p) + scale * merged).astype(p.dtype)
-    return out
+    def majority_sign(leaves):
+        # sign(Σ_p γ_p) over all merged entries, by plain reductions: slow on XLA:CPU but
+        # quick to compile, and this runs only where the marked merge found a tie.
+        # A fresh reference to the leaves: slices shared with the merge are written out.
+        leaves = _common.TaskSet(lax.optimization_barrier(leaves), num_tasks)
+        sums = [
+            lax.optimization_barrier(_common.sum_slices(trimmed(i, leaves.slices(i)))) for i in idx
+        ]
+        sums = jnp.concatenate([x.reshape(-1) for x in sums])
+        positive = jnp.sum(sums > 0, dtype=jnp.int32)
+        negative = jnp.sum(sums < 0, dtype=jnp.int32)
+        return jnp.sign(positive - negative).astype(jnp.float32)
+
+    # Exact cancellations are rare: merge once with them marked by a NaN. A plain sum of
+    # the output (a fast reduction) is finite only where no entry is NaN (or Inf): then the
+    # result stands. Otherwise (a tie, a NaN/Inf in the inputs, an overflowing sum) count
+    # the majority and merge again without marks: an input can cost that second merge,
+    # never a wrong value. The second merge sits in a while loop run 0 or 1 times.
+    out = disjoint_merge(jnp.float32(1.0), True, tv_leaves)
+    out = lax.optimization_barrier(out)  # summed as written, not recomputed in the sums
+    finite = jnp.isfinite(sum(jnp.sum(out[i], dtype=jnp.float32) for i in idx))
+
+    def again(state):
+        del state
+        return disjoint_merge(majority_sign(tv_leaves), False, tv_leaves), jnp.bool_(True)
+
+    return lax.while_loop(lambda state: ~state[1], again, (out, finite))[0]

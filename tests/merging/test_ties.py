@@ -111,22 +111,42 @@ def test_density_one_with_agreeing_signs_is_the_mean(rng):
             )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("majority", [1.0, -1.0])
-def test_sign_election_hand_example(majority):
+def test_sign_election_hand_example(majority, dtype):
     # Coordinate 0: votes 1, -2, 0.5 sum to -0.5 -> negative; only -2 agrees.
     # Coordinate 1: 1, -1, 0 sum to 0 -> takes the majority sign of the other coordinates.
     # Coordinates 2, 3 set the majority: both elected with sign `majority`.
     m = majority
+    # (Coordinate 1 is the exact cancellation the first, marked merge leaves to a second.)
     taus = [
-        {"w": jnp.array([1.0, 1.0, 3 * m, 2 * m])},
-        {"w": jnp.array([-2.0, -1.0, 3 * m, -1 * m])},
-        {"w": jnp.array([0.5, 0.0, 3 * m, 0.0])},
+        {"w": jnp.array([1.0, 1.0, 3 * m, 2 * m], dtype)},
+        {"w": jnp.array([-2.0, -1.0, 3 * m, -1 * m], dtype)},
+        {"w": jnp.array([0.5, 0.0, 3 * m, 0.0], dtype)},
     ]
-    pre = {"w": jnp.zeros(4)}
+    pre = {"w": jnp.zeros(4, dtype)}
     got = ties(pre, taus, density=1.0, merge="mean")
-    np.testing.assert_allclose(got["w"], [-2.0, m, 3 * m, 2 * m])
+    assert got["w"].dtype == dtype
+    np.testing.assert_allclose(np.asarray(got["w"], np.float32), [-2.0, m, 3 * m, 2 * m])
     got = ties(pre, taus, density=1.0, merge="sum", scale=0.5)
-    np.testing.assert_allclose(got["w"], [-1.0, 0.5 * m, 4.5 * m, 1.0 * m])
+    np.testing.assert_allclose(np.asarray(got["w"], np.float32), [-1.0, 0.5 * m, 4.5 * m, 1.0 * m])
+
+
+def test_non_finite_input_takes_the_unmarked_merge(rng):
+    # A NaN in the output looks like a tie's mark, so the merge is redone without marks:
+    # the NaN stays where the input put it and every other entry is exact.
+    pre = _tree(rng)
+    pre["enc"]["bias"] = pre["enc"]["bias"].at[2].set(jnp.nan)
+    taus = [_tree(rng) for _ in range(3)]
+    # One exact cancellation as well, elected by the majority of the finite entries.
+    taus[0]["enc"]["kernel"] = taus[0]["enc"]["kernel"].at[0, 0].set(50.0)
+    taus[1]["enc"]["kernel"] = taus[1]["enc"]["kernel"].at[0, 0].set(-50.0)
+    taus[2]["enc"]["kernel"] = taus[2]["enc"]["kernel"].at[0, 0].set(0.0)
+    got = ties(pre, taus, density=0.5)
+    assert np.isnan(np.asarray(got["enc"]["bias"])[2])
+    ref = _reference(pre, taus, density=0.5, scale=1.0, merge="mean", scope="global")
+    _check(got, ref)
+    assert not np.isnan(np.asarray(got["enc"]["kernel"])).any()
 
 
 def test_global_and_leaf_scope_differ_where_they_should(rng):
