@@ -63,7 +63,6 @@ __all__ = [
     "count_at_least",
     "count_at_least_many",
     "bracket_entries",
-    "count_signs",
     "kth_largest_bits",
     "magnitude_bits",
 ]
@@ -181,15 +180,6 @@ def _count_flat(flats: Sequence[jax.Array], tests: Sequence[Any]) -> jax.Array:
         for j in range(len(tests))
     ]
     return plain + jnp.stack(counts).reshape(len(tests), num_tasks)
-
-
-def count_signs(arrays: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Exact numbers of positive and of negative entries over all ``arrays`` (uint32
-    scalars), counted like the threshold passes (a plain reduction of ``sign`` is several
-    times slower on XLA:CPU). NaNs count as neither."""
-    flats = [x.reshape(1, -1) for x in arrays]
-    counts = _count_flat(flats, [lambda v: v > 0, lambda v: v < 0])
-    return counts[0, 0], counts[1, 0]
 
 
 def count_at_least_many(leaves: Sequence[Any], thresholds: jax.Array) -> jax.Array:

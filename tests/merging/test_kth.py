@@ -124,18 +124,6 @@ def test_count_at_least_many_ignores_nan_and_rejects_four_thresholds(rng):
         _kth.count_at_least_many([jnp.asarray(x)], jnp.zeros((4, 2), jnp.float32))
 
 
-def test_count_signs(rng):
-    arrays = [rng.normal(size=s).astype(np.float32) for s in [(512, 80), (7,), (300, 301)]]
-    arrays[0][:3] = 0.0
-    arrays[2][4, 4] = np.nan
-    arrays.append(rng.normal(size=(40,)).astype(np.float32))
-    inputs = [jnp.asarray(a) for a in arrays[:-1]] + [jnp.asarray(arrays[-1], jnp.bfloat16)]
-    pos, neg = _kth.count_signs(inputs)
-    flat = np.concatenate([a.ravel() for a in arrays])
-    assert int(pos) == np.sum(flat > 0)
-    assert int(neg) == np.sum(flat < 0)
-
-
 def test_kth_largest_on_packed_leaves(rng):
     num_tasks = 2
     leaves = [
