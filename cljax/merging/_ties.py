@@ -109,23 +109,98 @@ def ties(
         for i in idx:
             out[i] = merged[i]
         return jax.tree.unflatten(treedef, out)
-    # The ranks are data (uint32), so a new density does not recompile.
-    out = _ties_core(
-        pre,
-        ts.leaves,
-        scale,
-        np.asarray(ks, np.uint32),
-        mask=mask,
-        num_tasks=ts.num_tasks,
-        scope=scope,
-        merge=merge,
+    # The ranks are data (uint32), so a new density does not recompile. Called outside a
+    # trace, the rare second round (see _ties_core) is compiled and run only when needed.
+    in_graph = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((pre, ts.leaves, scale)))
+    static = {"mask": mask, "num_tasks": ts.num_tasks, "merge": merge}
+    out, finite, thresholds = _ties_core(
+        pre, ts.leaves, scale, np.asarray(ks, np.uint32), scope=scope, in_graph=in_graph, **static
     )
+    if not in_graph and not bool(finite):
+        out = _second_round(pre, ts.leaves, scale, thresholds, **static)
     return jax.tree.unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "scope", "merge"))
-def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge):
+def _trimmed(xs, thr):
+    """The T slices of one leaf with entries below their task's threshold (bits) zeroed,
+    in the accumulation dtype."""
+    thr = lax.bitcast_convert_type(thr, jnp.float32)
+    return [
+        jnp.where(jnp.abs(x.astype(jnp.float32)) >= thr[t], _common.accum(x), 0)
+        for t, x in enumerate(xs)
+    ]
+
+
+def _disjoint_merge(pre, leaves, thresholds, scale, majority, mark, *, mask, num_tasks, merge):
+    """2-3. Elect and merge, one read of the task vectors. Coordinates whose trimmed values
+    cancel exactly (sum 0, some value not 0) take the ``majority`` sign, or with ``mark`` a
+    NaN instead."""
+    out = list(pre)
+    # Slices are taken inside each computation from the leaves as given: a slice handed to
+    # another computation (a loop) is written out, all T·P values of it.
+    leaves = _common.TaskSet(leaves, num_tasks)
+    for i, m in enumerate(mask):
+        if not m:
+            continue
+        kept = _trimmed(leaves.slices(i), thresholds[i])
+        total = _common.sum_slices(kept)
+        gamma = jnp.sign(total)
+        gamma = jnp.where(gamma == 0, majority.astype(gamma.dtype), gamma)
+        num = jnp.zeros_like(total)
+        cnt = jnp.zeros(total.shape, jnp.float32)
+        for v in kept:
+            agree = jnp.where(gamma > 0, v > 0, v < 0)
+            num = num + jnp.where(agree, v, 0)
+            cnt = cnt + agree
+        merged = num / jnp.maximum(cnt, 1).astype(num.dtype) if merge == "mean" else num
+        p = pre[i]
+        value = (_common.accum(p) + scale * merged).astype(p.dtype)
+        tie = (total == 0) & functools.reduce(jnp.logical_or, [v != 0 for v in kept])
+        out[i] = jnp.where(mark & tie, jnp.array(jnp.nan, p.dtype), value)
+    return out
+
+
+def _majority_sign(leaves, thresholds, *, mask, num_tasks):
+    """sign(Σ_p γ_p) over all merged entries, by plain reductions: slow on XLA:CPU but quick
+    to compile, and this runs only where the marked merge found a tie."""
+    # A fresh reference to the leaves: slices shared with the merge are written out.
+    leaves = _common.TaskSet(lax.optimization_barrier(leaves), num_tasks)
+    sums = [
+        lax.optimization_barrier(_common.sum_slices(_trimmed(leaves.slices(i), thresholds[i])))
+        for i, m in enumerate(mask)
+        if m
+    ]
+    sums = jnp.concatenate([x.reshape(-1) for x in sums])
+    positive = jnp.sum(sums > 0, dtype=jnp.int32)
+    negative = jnp.sum(sums < 0, dtype=jnp.int32)
+    return jnp.sign(positive - negative).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "merge"))
+def _second_round(pre, tv_leaves, scale, thresholds, *, mask, num_tasks, merge):
+    """The merge without marks: ties take the majority sign (counted first)."""
+    static = {"mask": mask, "num_tasks": num_tasks}
+    majority = _majority_sign(tv_leaves, thresholds, **static)
+    return _disjoint_merge(
+        pre, tv_leaves, thresholds, scale, majority, False, merge=merge, **static
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "scope", "merge", "in_graph"))
+def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge, in_graph):
+    """Thresholds and the marked merge; ``(out, finite, thresholds)``.
+
+    Exact cancellations are rare: merge once with them marked by a NaN. A plain sum of the
+    output (a fast reduction) is finite only where no entry is NaN (or Inf): then the result
+    stands. Otherwise (a tie, a NaN/Inf in the inputs, an overflowing sum) the second round
+    counts the majority and merges again without marks: an input can cost that second
+    merge, never a wrong value. With ``in_graph`` the second round sits in a while loop run
+    0 or 1 times (``finite`` is then True); otherwise the caller runs it when ``finite`` is
+    False. Compiling the second round takes about as long as everything else (a second
+    merge of every leaf, in a loop), which is why it is compiled only on demand.
+    """
     idx = [i for i, m in enumerate(mask) if m]
+    static = {"mask": mask, "num_tasks": num_tasks}
 
     # 1. Trim: per-task thresholds, the k-th largest magnitude (exact, see _kth.py).
     if scope == "global":
@@ -137,63 +212,20 @@ def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge):
             for j, i in enumerate(idx)
         }
 
-    def trimmed(i, xs):
-        thr = lax.bitcast_convert_type(thresholds[i], jnp.float32)
-        return [
-            jnp.where(jnp.abs(x.astype(jnp.float32)) >= thr[t], _common.accum(x), 0)
-            for t, x in enumerate(xs)
-        ]
-
-    def disjoint_merge(majority, mark, leaves):
-        """2-3. Elect and merge, one read of the task vectors. Coordinates whose trimmed
-        values cancel exactly (sum 0, some value not 0) take the ``majority`` sign, or
-        with ``mark`` a NaN instead."""
-        out = list(pre)
-        # Slices are taken inside each computation from the leaves as given: a slice handed
-        # to another computation (the loop below) is written out, all T·P values of it.
-        leaves = _common.TaskSet(leaves, num_tasks)
-        for i in idx:
-            kept = trimmed(i, leaves.slices(i))
-            total = _common.sum_slices(kept)
-            gamma = jnp.sign(total)
-            gamma = jnp.where(gamma == 0, majority.astype(gamma.dtype), gamma)
-            num = jnp.zeros_like(total)
-            cnt = jnp.zeros(total.shape, jnp.float32)
-            for v in kept:
-                agree = jnp.where(gamma > 0, v > 0, v < 0)
-                num = num + jnp.where(agree, v, 0)
-                cnt = cnt + agree
-            merged = num / jnp.maximum(cnt, 1).astype(num.dtype) if merge == "mean" else num
-            p = pre[i]
-            value = (_common.accum(p) + scale * merged).astype(p.dtype)
-            tie = (total == 0) & functools.reduce(jnp.logical_or, [v != 0 for v in kept])
-            out[i] = jnp.where(mark & tie, jnp.array(jnp.nan, p.dtype), value)
-        return out
-
-    def majority_sign(leaves):
-        # sign(Σ_p γ_p) over all merged entries, by plain reductions: slow on XLA:CPU but
-        # quick to compile, and this runs only where the marked merge found a tie.
-        # A fresh reference to the leaves: slices shared with the merge are written out.
-        leaves = _common.TaskSet(lax.optimization_barrier(leaves), num_tasks)
-        sums = [
-            lax.optimization_barrier(_common.sum_slices(trimmed(i, leaves.slices(i)))) for i in idx
-        ]
-        sums = jnp.concatenate([x.reshape(-1) for x in sums])
-        positive = jnp.sum(sums > 0, dtype=jnp.int32)
-        negative = jnp.sum(sums < 0, dtype=jnp.int32)
-        return jnp.sign(positive - negative).astype(jnp.float32)
-
-    # Exact cancellations are rare: merge once with them marked by a NaN. A plain sum of
-    # the output (a fast reduction) is finite only where no entry is NaN (or Inf): then the
-    # result stands. Otherwise (a tie, a NaN/Inf in the inputs, an overflowing sum) count
-    # the majority and merge again without marks: an input can cost that second merge,
-    # never a wrong value. The second merge sits in a while loop run 0 or 1 times.
-    out = disjoint_merge(jnp.float32(1.0), True, tv_leaves)
+    one = jnp.float32(1.0)
+    out = _disjoint_merge(pre, tv_leaves, thresholds, scale, one, True, merge=merge, **static)
     out = lax.optimization_barrier(out)  # summed as written, not recomputed in the sums
     finite = jnp.isfinite(sum(jnp.sum(out[i], dtype=jnp.float32) for i in idx))
+    if not in_graph:
+        return out, finite, thresholds
 
     def again(state):
         del state
-        return disjoint_merge(majority_sign(tv_leaves), False, tv_leaves), jnp.bool_(True)
+        majority = _majority_sign(tv_leaves, thresholds, **static)
+        merged = _disjoint_merge(
+            pre, tv_leaves, thresholds, scale, majority, False, merge=merge, **static
+        )
+        return merged, jnp.bool_(True)
 
-    return lax.while_loop(lambda state: ~state[1], again, (out, finite))[0]
+    out = lax.while_loop(lambda state: ~state[1], again, (out, finite))[0]
+    return out, jnp.bool_(True), thresholds

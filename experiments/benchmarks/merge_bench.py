@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import math
 import os
+import statistics
 import threading
 import time
 
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import merging
-from cljax.merging import _kth, _task_vectors
+from cljax.merging import _kth, _task_vectors, _ties
 from experiments import _common
 
 
@@ -46,13 +47,14 @@ class Config:
     tasks: int = 8
     repeats: int = 5
     warmup: int = 1
+    pairs: int = 21  # alternating task arithmetic / global TIES calls for their ratio
     density: float = 0.2
     drop_rate: float = 0.9
     out: str = "runs/merge_bench"
     preset: str = "full"
 
 
-PRESETS = {"full": Config(), "tiny": Config(scale=0.002, tasks=2, repeats=1, warmup=1)}
+PRESETS = {"full": Config(), "tiny": Config(scale=0.002, tasks=2, repeats=1, warmup=1, pairs=3)}
 
 
 def vit_b32_shapes(scale: float = 1.0) -> dict:
@@ -138,6 +140,10 @@ def run(cfg: Config) -> dict:
     key = jax.random.key(1)
     k = max(1, math.floor(cfg.density * num_params + 0.5))
     mask = tuple(True for _ in jax.tree.leaves(pre))
+    # A threshold near the k-th magnitude (1e-3 normal task vectors) for the parts' rows.
+    kth = 1e-3 * statistics.NormalDist().inv_cdf(1 - cfg.density / 2)
+    lo_bits = _kth.magnitude_bits(jnp.full((cfg.tasks,), kth, jnp.float32))
+    candidates = jnp.stack([jnp.full((cfg.tasks,), kth * f, jnp.float32) for f in (0.9, 1, 1.1)])
 
     ops = {
         "copy (x + 1 on the task vectors)": (
@@ -169,6 +175,35 @@ def run(cfg: Config) -> dict:
             (tvs,),
             tv_bytes,
         ),
+        # Where global TIES spends its time: one counting pass of three candidates, the
+        # listing pass, and the marked merge once the thresholds are known.
+        "TIES part: one counting pass": (
+            jax.jit(lambda t, c: _kth.count_at_least_many(jax.tree.leaves(t), c)),
+            (tvs, candidates),
+            tv_bytes,
+        ),
+        "TIES part: one listing pass": (
+            jax.jit(lambda t, lo, hi: _kth.bracket_entries(jax.tree.leaves(t), lo, hi, 128)),
+            (tvs, lo_bits, lo_bits + 1024),
+            tv_bytes,
+        ),
+        "TIES part: merge, thresholds given": (
+            jax.jit(
+                lambda p, t, thr: _ties._disjoint_merge(
+                    jax.tree.leaves(p),
+                    jax.tree.leaves(t),
+                    dict.fromkeys(range(len(mask)), thr),
+                    1.0,
+                    jnp.float32(1.0),
+                    True,
+                    mask=mask,
+                    num_tasks=cfg.tasks,
+                    merge="mean",
+                )
+            ),
+            (pre, tvs, lo_bits),
+            in_bytes + p_bytes,
+        ),
         "TIES (global, dis-mean)": (
             jax.jit(lambda p, t: merging.ties(p, t, density=cfg.density)),
             (pre, tvs),
@@ -187,10 +222,13 @@ def run(cfg: Config) -> dict:
     }
     rows = []
     times = {}
+    executables = {}
     for name, (fn, args, moved) in _common.progress(
         ops.items(), desc="merge_bench", total=len(ops)
     ):
+        start = time.perf_counter()
         compiled = fn.lower(*args).compile()
+        compile_s = time.perf_counter() - start
         ma = compiled.memory_analysis()
         xla_extra = None
         if ma is not None:
@@ -198,7 +236,8 @@ def run(cfg: Config) -> dict:
         arg_bytes = sum(
             nbytes(a) for a in args if not isinstance(a, jax.Array) or a.dtype != key.dtype
         )
-        call = lambda: jax.block_until_ready(compiled(*args))
+        call = lambda compiled=compiled, args=args: jax.block_until_ready(compiled(*args))
+        executables[name] = call
         t = _common.median_time(call, warmup=cfg.warmup, repeats=cfg.repeats)
         rss = peak_rss_delta(lambda: compiled(*args))
         times[name] = t
@@ -212,10 +251,29 @@ def run(cfg: Config) -> dict:
                 if xla_extra is not None
                 else float("nan"),
                 "RSS peak / inputs": (arg_bytes + rss) / arg_bytes,
+                "compile (s)": compile_s,
             }
         )
         if _common.is_primary():  # partial results survive an interrupted run
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()})
+    # The ratio that the target names, measured pair by pair: task arithmetic and global
+    # TIES called alternately, so that a slow spell of this shared machine hits both.
+    pairs = []
+    for _ in range(cfg.pairs):
+        pair = []
+        for name in ("task arithmetic (sum of slices)", "TIES (global, dis-mean)"):
+            start = time.perf_counter()
+            executables[name]()
+            pair.append(time.perf_counter() - start)
+        pairs.append(pair)
+    ratios = sorted(b / a for a, b in pairs)
+    interleaved = {
+        "pairs": cfg.pairs,
+        "task arithmetic median (ms)": 1e3 * statistics.median(a for a, _ in pairs),
+        "global TIES median (ms)": 1e3 * statistics.median(b for _, b in pairs),
+        "ratio median": statistics.median(ratios),
+        "ratio quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
+    }
     copy_bw = rows[0]["GB/s"]
     ta = times["task arithmetic (sum of slices)"]
     for r in rows:
@@ -229,6 +287,7 @@ def run(cfg: Config) -> dict:
         "cpu_count": os.cpu_count(),
         "rows": rows,
         "time_median_s": times,
+        "interleaved": interleaved,
     }
 
 
@@ -248,6 +307,7 @@ def main(argv=None) -> dict:
         "x task arithmetic",
         "XLA temp+out / inputs",
         "RSS peak / inputs",
+        "compile (s)",
     ]
     if _common.is_primary():
         print(
@@ -255,6 +315,13 @@ def main(argv=None) -> dict:
             f"inputs {res['input_bytes'] / 1e9:.2f} GB, {res['cpu_count']} CPU cores\n"
         )
         print(_common.format_table(res["rows"], cols, floatfmt=".2f"))
+        il = res["interleaved"]
+        print(
+            f"\nglobal TIES / task arithmetic, {il['pairs']} alternating pairs: median ratio "
+            f"{il['ratio median']:.2f} (quartiles {il['ratio quartiles'][0]:.2f}-"
+            f"{il['ratio quartiles'][1]:.2f}); medians {il['global TIES median (ms)']:.1f} ms "
+            f"and {il['task arithmetic median (ms)']:.1f} ms"
+        )
         _common.write_json(os.path.join(cfg.out, "results.json"), res)
     return res
 

@@ -31,39 +31,62 @@ def _leaves(rng, num_tasks, shapes, dtype=np.float32):
     ]
 
 
-def test_kth_largest_matches_sort(rng):
+_METHODS = pytest.mark.parametrize("method", ["search", "sort"])
+
+
+@_METHODS
+def test_kth_largest_matches_sort(rng, method):
     shapes = [(7, 5), (13,), (3, 4, 6), (1,)]
     leaves = _leaves(rng, 3, shapes)
     n = sum(int(np.prod(s)) for s in shapes)
     per_task = [[leaf[t] for leaf in leaves] for t in range(3)]
-    select = jax.jit(_kth.kth_largest_bits)  # k traced: one compilation for every k
+    # k traced: one compilation for every k
+    select = jax.jit(functools.partial(_kth.kth_largest_bits, method=method))
     for k in sorted({1, 2, n // 5, n // 2, n - 1, n}):
         got = _as_value(select(leaves, k))
         np.testing.assert_array_equal(got, _numpy_kth(per_task, k), err_msg=f"{k=}")
 
 
-def test_kth_with_duplicates_zeros_and_subnormals(rng):
+@_METHODS
+def test_kth_with_duplicates_zeros_and_subnormals(rng, method):
     vals = np.array([0.0, 0.0, 1e-40, -1e-40, 3.0, -3.0, 3.0, 2.5, 0.0, 7.0], np.float32)
     leaves = [[jnp.asarray(vals[:4])], [jnp.asarray(vals[4:].reshape(2, 3))]]
-    select = jax.jit(_kth.kth_largest_bits)  # k traced: one compilation for every k
+    select = jax.jit(functools.partial(_kth.kth_largest_bits, method=method))
     for k in range(1, 11):
         got = _as_value(select(leaves, k))
         np.testing.assert_array_equal(got, _numpy_kth([[vals]], k), err_msg=f"{k=}")
 
 
-def test_kth_stacked_leaves_equal_lists(rng):
+@_METHODS
+def test_kth_stacked_leaves_equal_lists(rng, method):
     leaves = _leaves(rng, 2, [(20, 9), (31,)])
     stacked = [jnp.stack(x) for x in leaves]
-    got = _as_value(_kth.kth_largest_bits(stacked, 17))
+    got = _as_value(_kth.kth_largest_bits(stacked, 17, method=method))
     per_task = [[leaf[t] for leaf in leaves] for t in range(2)]
     np.testing.assert_array_equal(got, _numpy_kth(per_task, 17))
 
 
-def test_kth_bfloat16(rng):
+@_METHODS
+def test_kth_bfloat16(rng, method):
     leaves = _leaves(rng, 2, [(16, 8), (5,)], dtype=jnp.bfloat16)
-    got = _as_value(_kth.kth_largest_bits(leaves, 40))
+    got = _as_value(_kth.kth_largest_bits(leaves, 40, method=method))
     per_task = [[leaf[t] for leaf in leaves] for t in range(2)]
     np.testing.assert_array_equal(got, _numpy_kth(per_task, 40))
+
+
+def test_sort_and_search_agree_with_nan_and_choose_by_size(rng):
+    # NaNs never count in the search's compares; the sort reads them as zeros.
+    x = rng.normal(size=(2, 300)).astype(np.float32)
+    x[0, :40] = np.nan
+    leaves = [jnp.asarray(x)]
+    for k in (1, 100, 260, 261, 300):  # task 0 holds 260 numbers
+        by_search = _kth.kth_largest_bits(leaves, k, method="search")
+        by_sort = _kth.kth_largest_bits(leaves, k, method="sort")
+        np.testing.assert_array_equal(by_search, by_sort, err_msg=f"{k=}")
+    # None picks the sort for small inputs: no counting pass.
+    assert int(_kth.kth_largest_bits(leaves, 7, return_passes=True)[1]) == 0
+    with pytest.raises(ValueError, match="method"):
+        _kth.kth_largest_bits(leaves, 7, method="radix")
 
 
 def test_count_at_least(rng):

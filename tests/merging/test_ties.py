@@ -83,6 +83,37 @@ def test_ties_matches_numpy_reference(rng, density, merge, scope):
     _check(got, _reference(pre, taus, density=density, scale=0.7, merge=merge, scope=scope))
 
 
+@pytest.mark.parametrize("scope", ["global", "leaf"])
+def test_ties_through_the_counting_search(rng, scope):
+    # More than 2**14 entries a task (global) and a leaf above it too (leaf scope): the
+    # thresholds come from the counting search, not the sort small inputs take.
+    shapes = {"a": (160, 130), "b": (70,), "c": (40, 30)}
+    pre = {p: jnp.asarray(rng.normal(size=s), jnp.float32) for p, s in shapes.items()}
+    taus = [
+        {p: jnp.asarray(rng.standard_t(3, size=s), jnp.float32) for p, s in shapes.items()}
+        for _ in range(4)
+    ]
+    got = ties(pre, taus, density=0.15, scale=0.7, scope=scope)
+    # Vectorised numpy reference (np.partition for the thresholds).
+    paths = sorted(shapes)
+    tv = {p: np.stack([np.asarray(t[p]) for t in taus]).reshape(4, -1) for p in paths}
+    groups = [paths] if scope == "global" else [[p] for p in paths]
+    thr = {}
+    for group in groups:
+        a = np.abs(np.concatenate([tv[p] for p in group], axis=1))
+        k = max(1, int(np.floor(0.15 * a.shape[1] + 0.5)))
+        kth = -np.partition(-a, k - 1, axis=1)[:, k - 1]
+        thr.update(dict.fromkeys(group, kth[:, None]))
+    for p in paths:
+        kept = np.where(np.abs(tv[p]) >= thr[p], tv[p], 0)
+        gamma = np.sign(kept.sum(0))
+        assert (gamma != 0).all() or not (kept != 0).any(0)[gamma == 0].any()  # no ties
+        agree = np.where(gamma > 0, kept > 0, kept < 0)
+        mean = (kept * agree).sum(0) / np.maximum(agree.sum(0), 1)
+        ref = np.asarray(pre[p]).reshape(-1) + 0.7 * mean
+        np.testing.assert_allclose(np.asarray(got[p]).reshape(-1), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_ties_stacked_input_and_rules(rng):
     pre = _tree(rng)
     taus = [_tree(rng) for _ in range(3)]
@@ -142,11 +173,16 @@ def test_non_finite_input_takes_the_unmarked_merge(rng):
     taus[0]["enc"]["kernel"] = taus[0]["enc"]["kernel"].at[0, 0].set(50.0)
     taus[1]["enc"]["kernel"] = taus[1]["enc"]["kernel"].at[0, 0].set(-50.0)
     taus[2]["enc"]["kernel"] = taus[2]["enc"]["kernel"].at[0, 0].set(0.0)
-    got = ties(pre, taus, density=0.5)
-    assert np.isnan(np.asarray(got["enc"]["bias"])[2])
     ref = _reference(pre, taus, density=0.5, scale=1.0, merge="mean", scope="global")
-    _check(got, ref)
-    assert not np.isnan(np.asarray(got["enc"]["kernel"])).any()
+    # Eagerly the second round is its own computation, run because the first was not
+    # finite; under jit it is a loop inside the one computation. Both must give the same.
+    eager = ties(pre, taus, density=0.5)
+    jitted = jax.jit(lambda p, t: ties(p, t, density=0.5))(pre, taus)
+    for got in (eager, jitted):
+        assert np.isnan(np.asarray(got["enc"]["bias"])[2])
+        _check(got, ref)
+        assert not np.isnan(np.asarray(got["enc"]["kernel"])).any()
+    chex.assert_trees_all_equal(eager, jitted)
 
 
 def test_global_and_leaf_scope_differ_where_they_should(rng):
