@@ -74,7 +74,7 @@ _MAX_PASSES = 66
 _SAMPLE = 1 << 14
 # Up to this many entries a task, the k-th is read off a sort of the int32 patterns: faster
 # there on a 2-core CPU (8 tasks of 2^14: 5.5 ms against 6.6 ms for the search) and about
-# 20x quicker to compile (0.1 s against 2 s; per-leaf TIES compiles one search a leaf).
+# 20x quicker to compile (0.1 s against 2 s; per-leaf TIES compiles one search a shape).
 _SORT_MAX = 1 << 14
 _Z = 2.5
 # Packed counting: a leaf's (T, n) entries become _GROUPS x _ROWS row slices of C columns;

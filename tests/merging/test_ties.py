@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cljax import tree as ct
-from cljax.merging import ties
+from cljax.merging import _kth, ties
 
 
 def _tree(rng, dtype=np.float32, scales=(1.0, 1.0, 1.0)):
@@ -83,35 +83,77 @@ def test_ties_matches_numpy_reference(rng, density, merge, scope):
     _check(got, _reference(pre, taus, density=density, scale=0.7, merge=merge, scope=scope))
 
 
-@pytest.mark.parametrize("scope", ["global", "leaf"])
-def test_ties_through_the_counting_search(rng, scope):
-    # More than 2**14 entries a task (global) and a leaf above it too (leaf scope): the
-    # thresholds come from the counting search, not the sort small inputs take.
-    shapes = {"a": (160, 130), "b": (70,), "c": (40, 30)}
-    pre = {p: jnp.asarray(rng.normal(size=s), jnp.float32) for p, s in shapes.items()}
-    taus = [
-        {p: jnp.asarray(rng.standard_t(3, size=s), jnp.float32) for p, s in shapes.items()}
-        for _ in range(4)
-    ]
-    got = ties(pre, taus, density=0.15, scale=0.7, scope=scope)
-    # Vectorised numpy reference (np.partition for the thresholds).
-    paths = sorted(shapes)
-    tv = {p: np.stack([np.asarray(t[p]) for t in taus]).reshape(4, -1) for p in paths}
+def _vectorised_reference(pre, taus, *, density, scale, scope):
+    """TIES in numpy, thresholds by np.partition; asserts the inputs hold no exact ties."""
+    paths = sorted(pre)
+    num_tasks = len(taus)
+    tv = {p: np.stack([np.asarray(t[p]) for t in taus]).reshape(num_tasks, -1) for p in paths}
     groups = [paths] if scope == "global" else [[p] for p in paths]
     thr = {}
     for group in groups:
         a = np.abs(np.concatenate([tv[p] for p in group], axis=1))
-        k = max(1, int(np.floor(0.15 * a.shape[1] + 0.5)))
+        k = max(1, int(np.floor(density * a.shape[1] + 0.5)))
         kth = -np.partition(-a, k - 1, axis=1)[:, k - 1]
         thr.update(dict.fromkeys(group, kth[:, None]))
+    out = {}
     for p in paths:
         kept = np.where(np.abs(tv[p]) >= thr[p], tv[p], 0)
         gamma = np.sign(kept.sum(0))
         assert (gamma != 0).all() or not (kept != 0).any(0)[gamma == 0].any()  # no ties
         agree = np.where(gamma > 0, kept > 0, kept < 0)
         mean = (kept * agree).sum(0) / np.maximum(agree.sum(0), 1)
-        ref = np.asarray(pre[p]).reshape(-1) + 0.7 * mean
-        np.testing.assert_allclose(np.asarray(got[p]).reshape(-1), ref, rtol=1e-5, atol=1e-6)
+        out[p] = (np.asarray(pre[p]).reshape(-1) + scale * mean).reshape(pre[p].shape)
+    return out
+
+
+def _t_trees(rng, shapes, num_tasks):
+    pre = {p: jnp.asarray(rng.normal(size=s), jnp.float32) for p, s in shapes.items()}
+    taus = [
+        {p: jnp.asarray(rng.standard_t(3, size=s), jnp.float32) for p, s in shapes.items()}
+        for _ in range(num_tasks)
+    ]
+    return pre, taus
+
+
+@pytest.mark.parametrize("scope", ["global", "leaf"])
+def test_ties_through_the_counting_search(rng, scope):
+    # More than 2**14 entries a task (global) and a leaf above it too (leaf scope): the
+    # thresholds come from the counting search, not the sort small inputs take.
+    pre, taus = _t_trees(rng, {"a": (160, 130), "b": (70,), "c": (40, 30)}, 4)
+    got = ties(pre, taus, density=0.15, scale=0.7, scope=scope)
+    ref = _vectorised_reference(pre, taus, density=0.15, scale=0.7, scope=scope)
+    for p, x in got.items():
+        np.testing.assert_allclose(np.asarray(x), ref[p], rtol=1e-5, atol=1e-6, err_msg=p)
+
+
+@pytest.mark.parametrize("form", ["list", "stacked"])
+def test_leaf_scope_called_eagerly_searches_once_a_shape(rng, monkeypatch, form):
+    # Eager per-leaf TIES compiles one search for two same-shaped leaves (a shape no other
+    # test uses, so no compiled search is cached yet); each leaf keeps its own threshold:
+    # the result equals the jitted merge's, where every leaf is searched in the graph, and
+    # the numpy reference.
+    shapes = {"a": (161, 131), "b": (161, 131), "c": (90,), "d": (90,), "e": (7, 11)}
+    pre, taus = _t_trees(rng, shapes, 3)
+    for p in ("b", "d"):  # thresholds that differ from those of the same-shaped a and c
+        taus[0][p] = 4.0 * taus[0][p]
+    if form == "stacked":
+        taus = ct.stack(taus)
+    traced = []
+    search = _kth.kth_largest_bits
+
+    def counted(leaves, k, **kwargs):
+        traced.append(sum(x[0].size for x in leaves))
+        return search(leaves, k, **kwargs)
+
+    monkeypatch.setattr(_kth, "kth_largest_bits", counted)
+    eager = ties(pre, taus, density=0.2, scale=0.9, scope="leaf")
+    assert traced.count(161 * 131) == 1, traced
+    jitted = jax.jit(lambda p, t: ties(p, t, density=0.2, scale=0.9, scope="leaf"))(pre, taus)
+    taus = ct.unstack(taus) if form == "stacked" else taus
+    ref = _vectorised_reference(pre, taus, density=0.2, scale=0.9, scope="leaf")
+    for p in shapes:
+        np.testing.assert_array_equal(np.asarray(eager[p]), np.asarray(jitted[p]), err_msg=p)
+        np.testing.assert_allclose(np.asarray(eager[p]), ref[p], rtol=1e-5, atol=1e-6, err_msg=p)
 
 
 def test_ties_stacked_input_and_rules(rng):
