@@ -8,10 +8,13 @@ of ``--repeats`` runs), next to the machine's copy bandwidth measured in the sam
 jitted ``x + 1`` over the stacked task vectors).
 
 * bytes that must move: task arithmetic and TIES read T·P + P floats and write P (one
-  pass is the floor for both); DARE reads T·P and writes T·P; the copy reads and writes T·P.
-* memory: XLA's compiled plan (``memory_analysis``: temporaries + output) and the process's
-  resident set measured during one call (``/proc/self/statm`` sampled every millisecond;
-  peak minus the level before the call, output included), both relative to the inputs.
+  pass is the floor for both); DARE reads T·P and writes T·P; DARE followed by task
+  arithmetic in one computation reads T·P + P and writes P; the copy reads and writes T·P.
+* memory: XLA's compiled plan (``memory_analysis``: temporaries + output; the peak is at
+  most the inputs plus these) and the process's resident set measured during one call
+  (``/proc/self/statm`` sampled every millisecond; peak minus the level before the call,
+  output included), both relative to the inputs. The resident set under-reads where the
+  allocator hands out pages that earlier rows freed: the plan is the bound to trust.
 
 Command:
   python -m experiments.benchmarks.merge_bench              # full size, ~4 GB of RAM, ~3 min
@@ -218,6 +221,16 @@ def run(cfg: Config) -> dict:
             jax.jit(lambda t, kk: merging.dare(t, drop_rate=cfg.drop_rate, key=kk)),
             (tvs, key),
             2 * tv_bytes,
+        ),
+        # As DARE is used: its output merged at once (the masks never reach memory).
+        f"DARE (p={cfg.drop_rate:.1f}) + task arithmetic": (
+            jax.jit(
+                lambda p, t, kk: merging.task_arithmetic(
+                    p, merging.dare(t, drop_rate=cfg.drop_rate, key=kk), 0.3
+                )
+            ),
+            (pre, tvs, key),
+            in_bytes + p_bytes,
         ),
     }
     rows = []

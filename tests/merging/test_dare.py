@@ -5,6 +5,7 @@ import pytest
 
 from cljax import tree as ct
 from cljax.merging import dare
+from cljax.merging._dare import entry_bits
 
 
 def _tree(rng, dtype=np.float32):
@@ -106,3 +107,65 @@ def test_bad_inputs(rng):
     bad = {**tv, "head": jnp.zeros((8,))}
     with pytest.raises(ValueError, match="shape mismatch at path 'head'"):
         dare([tv, bad], drop_rate=0.1, key=0)
+
+
+def _fmix32_np(h):
+    h = np.uint64(h)
+    m = np.uint64(0xFFFFFFFF)
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(0x85EBCA6B)) & m
+    h ^= h >> np.uint64(13)
+    h = (h * np.uint64(0xC2B2AE35)) & m
+    return h ^ (h >> np.uint64(16))
+
+
+def test_entry_bits_against_a_loop_over_entries():
+    # The documented formula, entry by entry, in 64-bit numpy arithmetic masked to 32 bits.
+    words = np.array([[1, 2], [0xDEADBEEF, 0xFFFFFFFF], [7, 0]], np.uint32).reshape(3, 1, 2)
+    shape = (3, 1, 4, 5)
+    got = np.asarray(entry_bits(shape, jnp.asarray(words), batch_dims=2))
+    assert got.shape == shape and got.dtype == np.uint32
+    for b in range(3):
+        for i in range(20):
+            w0, w1 = (np.uint64(w) for w in words[b, 0])
+            h = _fmix32_np((np.uint64(i) * np.uint64(0x9E3779B9) + w0) & np.uint64(0xFFFFFFFF))
+            expected = _fmix32_np(h ^ w1)
+            assert got[b, 0].reshape(-1)[i] == expected, (b, i)
+
+
+def test_entry_bits_refuses_indices_past_uint32():
+    with pytest.raises(ValueError, match=r"entry_bits: shape=\(2, 65536, 65536\)"):
+        entry_bits((2, 1 << 16, 1 << 16), jnp.zeros((2, 2), jnp.uint32), batch_dims=1)
+
+
+def test_entry_bits_look_independent():
+    # 2**20 entries of each of two keys: the top byte is uniform (chi-square, 255 degrees
+    # of freedom, bound at mean + 6 sd), and each bit agrees with the same bit of the next
+    # entry, of the other key at the same entry and of the entry 2**10 further on with
+    # frequency 1/2 (6 binomial standard deviations).
+    words = jax.random.bits(jax.random.key(5), (2, 2), jnp.uint32)
+    bits = np.asarray(entry_bits((2, 1 << 20), words, batch_dims=1))
+    counts = np.bincount((bits[0] >> 24).astype(np.int64), minlength=256)
+    expected = bits.shape[1] / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 255 + 6 * np.sqrt(2 * 255), chi2
+    pairs = {
+        "next entry": (bits[0, :-1], bits[0, 1:]),
+        "other key": (bits[0], bits[1]),
+        "2**10 further": (bits[0, : -(1 << 10)], bits[0, 1 << 10 :]),
+    }
+    for name, (a, b) in pairs.items():
+        for j in range(32):
+            agree = np.mean(((a >> j) & 1) == ((b >> j) & 1))
+            assert abs(agree - 0.5) < 6 * 0.5 / np.sqrt(a.size), (name, j, agree)
+
+
+def test_dare_fuses_its_random_bits():
+    # The drop is elementwise: XLA plans no temporaries of the task vectors' size.
+    tvs = {"w": jnp.ones((4, 256, 300), jnp.float32), "b": jnp.ones((4, 300), jnp.float32)}
+    compiled = jax.jit(lambda t: dare(t, drop_rate=0.9, key=0)).lower(tvs).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("no memory analysis on this backend")
+    inputs = sum(x.nbytes for x in jax.tree.leaves(tvs))
+    assert analysis.temp_size_in_bytes < 0.05 * inputs, analysis.temp_size_in_bytes
