@@ -145,6 +145,11 @@ def _check_threshold(threshold: float | Sequence[float], n: int) -> list[float]:
     return [float(t) for t in ts]
 
 
+# A direction holding less than this fraction of a representation's energy is float32 SVD
+# noise (~1e-14 of it for data of lower rank than its width).
+_NOISE_ENERGY = 1e-10
+
+
 def _grow(
     memory: jax.Array, rank: jax.Array, x: jax.Array, threshold: float, first: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -163,7 +168,12 @@ def _grow(
     captured = (total - jnp.sum(xh * xh)) / safe_total
     before = captured + jnp.cumsum(ratio) - ratio
     r_later = jnp.sum(before < threshold)
-    r = jnp.where(first, r_first, r_later)
+    if threshold >= 1.0:
+        # eps = 1 asks for every direction of the data. The strict counts above would hinge
+        # on rounding: the running energy reaches 1 only up to the noise directions' ~1e-14.
+        r = jnp.sum(ratio > _NOISE_ENERGY)
+    else:
+        r = jnp.where(first, r_first, r_later)
     # Directions with (numerically) zero energy are not in the data: never store them.
     r = jnp.minimum(r, jnp.sum(s > s[0] * 1e-6))
     r = jnp.where(total > 0, r, 0)
@@ -193,6 +203,8 @@ def gpm_update_memory(
       fraction ``(||X||^2 - ||X_hat||^2)/||X||^2`` add ``s_hat_i^2/||X||^2`` one by one
       while the running total is ``< eps``; append those vectors to ``M``.
 
+    ``eps = 1`` keeps every direction holding more than 1e-10 of the energy (the strict
+    counts, the reference's, would depend on how a running sum that reaches 1 rounds).
     ``r`` is capped so that ``M`` never exceeds ``d`` columns; zero-energy directions are
     never stored. GPM writes ``R`` as ``[d, n]`` and keeps left singular vectors; the rows
     here are its columns, so these are the same vectors.

@@ -95,6 +95,23 @@ def test_memory_grows_as_the_threshold_dictates(rng):
     np.testing.assert_allclose(m2.T @ m2, np.eye(4), atol=1e-5)
 
 
+def test_threshold_one_keeps_every_direction_and_no_noise(rng):
+    # eps = 1: all four directions of rank-4 data (the smallest with 0.1 % of the energy),
+    # whatever the rounding of the running energy sum; the same data again adds nothing
+    # (what is left of it is SVD noise), and new data adds its own directions only.
+    d = 12
+    state = pj.gpm([("w", True)]).init({"w": jnp.zeros((d, 3))})
+    for seed in range(5):
+        x, v = _spectrum_rows(np.random.default_rng(seed), [3.0, 2.0, 1.0, 0.1], d, n=50)
+        s1 = pj.gpm_update_memory(state, [x], 1.0)
+        assert int(s1.rank[0]) == 4, seed
+        m = np.asarray(s1.memory[0][:, :4])
+        np.testing.assert_allclose(np.linalg.norm(m.T @ v, axis=0), 1.0, atol=1e-4)
+        assert int(pj.gpm_update_memory(s1, [x], 1.0).rank[0]) == 4, seed
+    y, _ = _spectrum_rows(rng, [1.0, 1.0], d, n=30)
+    assert int(pj.gpm_update_memory(s1, [y], 1.0).rank[0]) == 6
+
+
 def test_memory_is_capped_at_the_input_dimension(rng):
     d = 4
     state = pj.gpm([("w", True)]).init({"w": jnp.zeros((d, 2))})
