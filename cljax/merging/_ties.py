@@ -234,8 +234,7 @@ def _ties_core(pre, tv_leaves, scale, ks, given, *, mask, num_tasks, scope, merg
         thresholds = dict.fromkeys(idx, thr)
     else:
         thresholds = {
-            i: _kth.kth_largest_bits([tv_leaves[i]], ks[j], num_tasks=num_tasks)
-            for j, i in enumerate(idx)
+            i: _leaf_threshold(tv_leaves[i], ks[j], num_tasks=num_tasks) for j, i in enumerate(idx)
         }
 
     one = jnp.float32(1.0)
@@ -247,10 +246,7 @@ def _ties_core(pre, tv_leaves, scale, ks, given, *, mask, num_tasks, scope, merg
 
     def again(state):
         del state
-        majority = _majority_sign(tv_leaves, thresholds, **static)
-        merged = _disjoint_merge(
-            pre, tv_leaves, thresholds, scale, majority, False, merge=merge, **static
-        )
+        merged = _second_round(pre, tv_leaves, scale, thresholds, merge=merge, **static)
         return merged, jnp.bool_(True)
 
     out = lax.while_loop(lambda state: ~state[1], again, (out, finite))[0]
