@@ -1,6 +1,7 @@
 """Loss terms added to the task loss: anchors, EWC, distillation (LwF, ZSCL), entropy."""
 
 from cljax.losses._anchor import l2_anchor
+from cljax.losses._dann import dann_schedule, domain_adversarial_loss, grad_reverse
 from cljax.losses._entropy import entropy, entropy_loss, pseudo_label_loss
 from cljax.losses._ewc import EWCState, diagonal_fisher, ewc_penalty, ewc_update
 from cljax.losses._lwf import lwf_distillation
@@ -8,11 +9,14 @@ from cljax.losses._zscl import kd_loss, reference_embeddings, zscl_distillation
 
 __all__ = [
     "EWCState",
+    "dann_schedule",
     "diagonal_fisher",
+    "domain_adversarial_loss",
     "entropy",
     "entropy_loss",
     "ewc_penalty",
     "ewc_update",
+    "grad_reverse",
     "kd_loss",
     "l2_anchor",
     "lwf_distillation",
