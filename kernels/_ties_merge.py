@@ -2,7 +2,8 @@
 
 Semantics (those of ``cljax.merging.ties`` with ``scope="global"``, the paper's): for each task
 t, keep the entries with ``|τ_t| >= v_t``, ``v_t`` the k-th largest magnitude of the whole task
-vector (all leaves), ``k = round(density·N)`` (at least 1), ties at ``v_t`` kept; elect
+vector (all leaves), ``k = int(density·N) + 1`` (the paper's code, :func:`keep_count`), ties
+at ``v_t`` kept; elect
 ``γ = sign(Σ_t τ̂_t)``, zero sums taking the majority sign ``sign(Σ_p γ_p)`` over all entries;
 merge the trimmed values that agree with γ (their mean, count clamped to 1, or their sum);
 ``θ = θ0 + λ·τ_m``.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -122,9 +124,58 @@ def _kth_bits(leaves: Sequence[jax.Array], k: jax.Array | int) -> jax.Array:
     return (hi << _HI_SHIFT) | lo.astype(jnp.uint32)
 
 
-def keep_count(density: float, n: int) -> int:
-    """How many of ``n`` entries the top-``density`` fraction keeps: round(density·n), >= 1."""
-    return max(1, min(n, math.floor(density * n + 0.5)))
+_SCOPES = ("global", "leaf")
+
+
+def keep_count(density: float, n: int, *, scope: str) -> int:
+    """The rank of the TIES threshold: entries with ``|τ| >=`` the k-th largest magnitude
+    of ``n`` are kept (all of them where magnitudes tie); 0 keeps nothing.
+
+    The two references count differently, and each scope follows its own:
+
+    * ``scope="global"`` (the TIES paper's code, ``topk_values_mask``): the threshold is
+      the ``(n - int(n·density))``-th *smallest* magnitude, i.e. the
+      ``(int(n·density) + 1)``-th largest, so ``int(n·density) + 1`` entries are kept
+      (one more than ``density·n``; at least 1, the largest, when ``int(n·density) == 0``).
+      At ``density == 1`` the reference asks for the 0-th smallest and fails; here every
+      entry is kept (k = n).
+    * ``scope="leaf"`` (mergekit's ``magnitude`` sparsification, per tensor): the
+      ``int(density·n)`` largest are kept, so a leaf with ``int(density·n) == 0`` keeps
+      nothing (mergekit stops there with an assertion); ``density >= 1`` keeps all.
+
+    Args:
+      density: the fraction kept, in (0, 1].
+      n: the number of entries the threshold is taken over (all merged leaves for
+        ``"global"``, one leaf for ``"leaf"``).
+      scope: ``"global"`` or ``"leaf"``.
+
+    Returns:
+      k in ``[0, n]`` (``[1, n]`` for ``"global"`` with ``n >= 1``).
+
+    Raises:
+      ValueError: for an unknown scope, density outside (0, 1] or a negative n.
+
+    Example:
+      >>> keep_count(0.2, 10, scope="global"), keep_count(0.2, 10, scope="leaf")
+      (3, 2)
+
+    References:
+      Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS
+      2023 (github.com/prateeky2806/ties-merging, ``src/utils/merge_utils.py``,
+      ``topk_values_mask``); Goddard et al., "Arcee's MergeKit", 2024
+      (github.com/arcee-ai/mergekit, ``mergekit/sparsify.py``, ``magnitude``).
+    """
+    if scope not in _SCOPES:
+        raise ValueError(f"keep_count: {scope=} must be one of {_SCOPES}")
+    if not isinstance(density, int | float) or not 0.0 < density <= 1.0:
+        raise ValueError(f"keep_count: {density=} must be in (0, 1]")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"keep_count: {n=} must be a non-negative int")
+    n = int(n)
+    m = int(n * density)  # Python floats, as both references compute it
+    if scope == "global":
+        return min(m + 1, n)
+    return min(m, n)
 
 
 def kth_largest_magnitude(task_vectors: Sequence[ct.PyTree] | ct.PyTree, k: int) -> jax.Array:
@@ -458,7 +509,7 @@ def ties(
         [jnp.asarray(leaves[i]) for i in idx],
         [jnp.asarray(tv_leaves[i]) for i in idx],
         jnp.asarray(scale, jnp.float32),
-        jnp.int32(keep_count(density, n)),
+        jnp.int32(keep_count(density, n, scope="global")),
         merge=merge,
         impl=impl,
         bs=bs,

@@ -8,7 +8,6 @@ read here into :class:`TaskSet` without stacking a list (stacking would copy T m
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import tree as ct
+from cljax.kernels._ties_merge import keep_count as keep_count  # TIES' one keep count
 
 PyTree = Any
 
@@ -138,11 +138,6 @@ def check_density(density: float, *, where: str) -> None:
 def check_choice(value: str, choices: Sequence[str], *, what: str, where: str) -> None:
     if value not in choices:
         raise ValueError(f"{where}: {what}={value!r} must be one of {tuple(choices)}")
-
-
-def keep_count(density: float, n: int) -> int:
-    """How many entries of ``n`` the top-``density`` fraction keeps: round(density·n), ≥ 1."""
-    return max(1, min(n, math.floor(density * n + 0.5)))
 
 
 def path_hash(path: str) -> int:

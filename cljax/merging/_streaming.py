@@ -18,16 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cljax.merging._common import keep_count
 from cljax.safetensors import SafetensorsReader, SafetensorsWriter
 
 __all__ = ["merge_safetensors"]
 
 _METHODS = ("task_arithmetic", "average", "ties")
-
-
-def _num_keep(size: int, density: float) -> int:
-    """How many entries TIES keeps: ``round(density * size)``, at least 1 (as ``cljax.merging.ties``)."""
-    return max(1, min(size, int(np.floor(density * size + 0.5))))
 
 
 def _select_bits(hist: np.ndarray, rank: int) -> tuple[int, int]:
@@ -165,7 +161,7 @@ def _ties_thresholds(names, deltas, T, density) -> np.ndarray:
             hist_hi[t] += np.bincount(bits >> 16, minlength=1 << 16)
     if total == 0:
         return np.zeros(T, np.float32)
-    rank = _num_keep(total, density)
+    rank = keep_count(density, total, scope="global")  # as cljax.merging.ties
     picks = [_select_bits(hist_hi[t], rank) for t in range(T)]
     hist_lo = np.zeros((T, 1 << 16), np.int64)
     for n in names:

@@ -36,12 +36,15 @@ def ties(
     """TIES-merging of T task vectors into θ = θ_0 + λ·τ_m.
 
     1. **Trim**: per task, keep the entries with ``|τ_t| >= v_t``, where ``v_t`` is the
-       k-th largest magnitude of that task's vector and ``k = round(density·N)`` (at least
-       1). With ``scope="global"`` (the paper's) N counts the entries of *all* merged leaves
-       together; entries equal to the threshold are all kept. ``v_t`` is found exactly by a
+       k-th largest magnitude of that task's vector; entries equal to the threshold are
+       all kept. With ``scope="global"`` (the paper's) N counts the entries of *all* merged
+       leaves together and ``k = int(density·N) + 1``, as the paper's code counts (the
+       ``(N - int(density·N))``-th smallest magnitude). ``v_t`` is found exactly by a
        bit-pattern search (a few counting passes over the leaves, no sort; see
        ``cljax/merging/_kth.py``). With ``scope="leaf"`` each leaf gets its own threshold
-       (the per-tensor variant of MergeLLM and mergekit), a different method.
+       with ``k = int(density·N_leaf)``, as mergekit's per-tensor magnitude trim (a
+       different method); a leaf where that is 0 keeps nothing, i.e. θ_0. See
+       :func:`cljax.kernels._ties_merge.keep_count`.
     2. **Elect**: ``γ = sign(Σ_t τ̂_t)`` (magnitude-weighted vote); coordinates where the
        sum is 0 take the majority sign ``sign(Σ_p γ_p)`` over all merged entries.
     3. **Disjoint merge**: at each coordinate, combine only the trimmed values whose sign
@@ -91,9 +94,9 @@ def ties(
         return pretrained
     sizes = [p.size for p, m in zip(pre, mask, strict=True) if m]
     if scope == "global":
-        ks = [_common.keep_count(density, sum(sizes))]
+        ks = [_common.keep_count(density, sum(sizes), scope="global")]
     else:
-        ks = [_common.keep_count(density, n) for n in sizes]
+        ks = [_common.keep_count(density, n, scope="leaf") for n in sizes]
     impl = kernels.resolve_implementation(implementation, where="ties")
     if impl == "pallas" and scope == "global":
         idx = [i for i, m in enumerate(mask) if m]
@@ -203,10 +206,16 @@ def _eager_leaf_thresholds(ts, idx, ks):
     }
 
 
+# A NaN pattern: |x| >= NaN is false for every x, so a leaf whose keep count is 0 keeps nothing.
+_KEEP_NONE = 0x7FC00000
+
+
 @functools.partial(jax.jit, static_argnames=("num_tasks",))
 def _leaf_threshold(leaf, k, *, num_tasks):
-    """The k-th largest magnitude (bits) of one leaf, per task."""
-    return _kth.kth_largest_bits([leaf], k, num_tasks=num_tasks)
+    """The k-th largest magnitude (bits) of one leaf, per task; for k = 0 a threshold no
+    entry reaches."""
+    bits = _kth.kth_largest_bits([leaf], jnp.maximum(k, 1), num_tasks=num_tasks)
+    return jnp.where(k == 0, jnp.uint32(_KEEP_NONE), bits)
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "scope", "merge", "in_graph"))

@@ -17,8 +17,10 @@ def _np_ties(base, tvs, density, scale, merge):
     t = tvs[names[0]].shape[0]
     flat = np.concatenate([np.asarray(tvs[n], np.float64).reshape(t, -1) for n in names], 1)
     n = flat.shape[1]
-    k = max(1, min(n, int(np.floor(density * n + 0.5))))
-    thr = np.sort(np.abs(flat), axis=1)[:, n - k][:, None]  # the k-th largest magnitude
+    # The TIES code's topk_values_mask: the (n - int(n * density))-th smallest magnitude
+    # (torch's 1-based kthvalue); density 1 (kthvalue(0) there) keeps everything.
+    k = n - int(n * density)
+    thr = np.sort(np.abs(flat), axis=1)[:, max(k, 1) - 1][:, None]
     trimmed = np.where(np.abs(flat) >= thr, flat, 0.0)
     elected = np.sign(trimmed.sum(0))
     majority = np.sign(np.sign(trimmed.sum(0)).sum())
@@ -87,14 +89,14 @@ def test_matches_numpy(rng, bs, dtype, num_tasks, merge, density):
 def test_hand_worked_election(impl):
     """Trim, mass vote, majority fallback for a zero sum, disjoint mean; worked by hand.
 
-    Magnitudes of task 0: 4, 3, 2, 1 and of task 1: 1, 3, 2, 4; density 0.75 keeps 3 each
-    (thresholds 2 and 2). Coordinate 1 sums to 3 - 3 = 0 and takes the majority sign of the
+    Magnitudes of task 0: 4, 3, 2, 1 and of task 1: 1, 3, 2, 4; density 0.5 keeps
+    int(4 * 0.5) + 1 = 3 each, as the TIES code counts (thresholds 2 and 2). Coordinate 1 sums to 3 - 3 = 0 and takes the majority sign of the
     other coordinates (+, +, + -> +), so only task 0's +3 survives there.
     """
     base = {"x": jnp.asarray([10.0, 20.0, 30.0, 40.0])}
     tvs = {"x": jnp.asarray([[4.0, 3.0, 2.0, -1.0], [-1.0, -3.0, 2.0, 4.0]])}
     got = kernels.ties(
-        base, tvs, density=0.75, scale=1.0, implementation=impl, block_sizes=_BS[impl]
+        base, tvs, density=0.5, scale=1.0, implementation=impl, block_sizes=_BS[impl]
     )
     # coord 0: 4 (τ1's -1 trimmed); 1: tie -> +, mean(3) = 3; 2: mean(2, 2); 3: 4 (-1 trimmed)
     np.testing.assert_array_equal(got["x"], [14.0, 23.0, 32.0, 44.0])

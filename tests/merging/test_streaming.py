@@ -43,8 +43,10 @@ def _ref_ties(base, fts, density, merge, scale):
     ]
     trimmed = []
     for tau in taus:
-        k = max(1, min(tau.size, int(np.floor(density * tau.size + 0.5))))
-        thr = np.sort(np.abs(tau))[::-1][k - 1]
+        # The TIES code's topk_values_mask: keep |tau| >= the (d - int(d * K))-th smallest
+        # magnitude (1-based); density 1, where that rank is 0, keeps everything.
+        k = tau.size - int(tau.size * density)
+        thr = np.sort(np.abs(tau))[max(k, 1) - 1]
         trimmed.append(np.where(np.abs(tau) >= thr, tau, 0))
     trimmed = np.stack(trimmed)
     s = np.sign(trimmed.sum(0))

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cljax import kernels
 from cljax import tree as ct
-from cljax.merging import _kth, ties
+from cljax.merging import _common, _kth, _streaming, ties
 
 
 def _tree(rng, dtype=np.float32, scales=(1.0, 1.0, 1.0)):
@@ -17,6 +18,31 @@ def _tree(rng, dtype=np.float32, scales=(1.0, 1.0, 1.0)):
         "head": {"kernel": jnp.asarray(rng.normal(size=(5, 3)) * scales[2], dtype)},
         "step": jnp.asarray([3, 4], jnp.int32),
     }
+
+
+def _paper_mask(flat, density):
+    """``topk_values_mask`` of the TIES code, literally, on a ``(T, d)`` array: k = d -
+    int(d * K), the k-th smallest |M| of each row (``kthvalue``), keep ``|M| >= it``."""
+    d = flat.shape[1]
+    k = d - int(d * density)
+    if k == 0:  # density 1: kthvalue(0) fails in the reference; cljax keeps every entry
+        return np.ones(flat.shape, bool)
+    kth = np.sort(np.abs(flat), axis=1)[:, k - 1 : k]
+    return np.abs(flat) >= kth
+
+
+def _mergekit_mask(flat, density):
+    """mergekit's ``magnitude`` sparsification, literally, per row of a ``(T, d)`` array:
+    k = int(density * numel), the first k of a descending argsort of |x| are kept."""
+    mask = np.zeros(flat.shape, bool)
+    if density >= 1:
+        return ~mask
+    k = int(density * flat.shape[1])
+    if k == 0:  # mergekit asserts k > 0 here; cljax keeps nothing (the leaf keeps theta0)
+        return mask
+    for t in range(flat.shape[0]):
+        mask[t, np.argsort(-np.abs(flat[t]), kind="stable")[:k]] = True
+    return mask
 
 
 def _reference(pre, taus, *, density, scale, merge, scope, excluded=()):
@@ -35,14 +61,13 @@ def _reference(pre, taus, *, density, scale, merge, scope, excluded=()):
     trimmed = {}
     for group in groups:
         flat = np.concatenate([tv[p].reshape(T, -1) for p in group], axis=1)
-        n = flat.shape[1]
-        k = max(1, int(np.floor(density * n + 0.5)))
-        for t in range(T):
-            thr = np.sort(np.abs(flat[t]))[::-1][k - 1]
-            for p in group:
-                trimmed.setdefault(p, np.zeros_like(tv[p]))[t] = np.where(
-                    np.abs(tv[p][t]) >= thr, tv[p][t], 0
-                )
+        keep = (_paper_mask if scope == "global" else _mergekit_mask)(flat, density)
+        start = 0
+        for p in group:
+            size = tv[p][0].size
+            kept = np.where(keep[:, start : start + size], flat[:, start : start + size], 0)
+            trimmed[p] = kept.reshape(tv[p].shape)
+            start += size
     gammas = {p: np.sign(trimmed[p].sum(0)) for p in paths}
     majority = np.sign(sum(g.sum() for g in gammas.values()))
     out = {p: np.asarray(x) for p, x in ct.leaves_with_paths(pre)}
@@ -84,7 +109,8 @@ def test_ties_matches_numpy_reference(rng, density, merge, scope):
 
 
 def _vectorised_reference(pre, taus, *, density, scale, scope):
-    """TIES in numpy, thresholds by np.partition; asserts the inputs hold no exact ties."""
+    """TIES in numpy, thresholds by np.partition (rank from each scope's reference rule);
+    asserts the inputs hold no exact ties."""
     paths = sorted(pre)
     num_tasks = len(taus)
     tv = {p: np.stack([np.asarray(t[p]) for t in taus]).reshape(num_tasks, -1) for p in paths}
@@ -92,7 +118,10 @@ def _vectorised_reference(pre, taus, *, density, scale, scope):
     thr = {}
     for group in groups:
         a = np.abs(np.concatenate([tv[p] for p in group], axis=1))
-        k = max(1, int(np.floor(density * a.shape[1] + 0.5)))
+        n = a.shape[1]
+        # k-th largest: the paper's (n - int(n d))-th smallest, or mergekit's int(n d)-th.
+        k = min(int(n * density) + 1, n) if scope == "global" else int(n * density)
+        assert k >= 1
         kth = -np.partition(-a, k - 1, axis=1)[:, k - 1]
         thr.update(dict.fromkeys(group, kth[:, None]))
     out = {}
@@ -228,8 +257,9 @@ def test_non_finite_input_takes_the_unmarked_merge(rng):
 
 
 def test_global_and_leaf_scope_differ_where_they_should(rng):
-    # "big" holds every large value: a global top-50% keeps only big entries, so "small"
-    # is trimmed to zero and keeps theta0; per leaf, half of "small" survives.
+    # "big" holds every large value. Globally density 0.5 of 20 keeps int(10) + 1 = 11
+    # entries (the paper's code keeps one more than density * N): all of "big" and the
+    # largest of "small"; per leaf (mergekit), int(5) = 5 of each.
     pre = {"big": jnp.zeros((10,)), "small": jnp.zeros((10,))}
     taus = [
         {
@@ -239,7 +269,8 @@ def test_global_and_leaf_scope_differ_where_they_should(rng):
     ]
     glob = ties(pre, taus, density=0.5, scope="global")
     leaf = ties(pre, taus, density=0.5, scope="leaf")
-    np.testing.assert_array_equal(glob["small"], 0)
+    small = np.asarray(taus[0]["small"])
+    np.testing.assert_array_equal(glob["small"], np.where(small == small.max(), small, 0))
     np.testing.assert_array_equal(glob["big"], taus[0]["big"])
     assert int((np.asarray(leaf["small"]) != 0).sum()) == 5
     assert int((np.asarray(leaf["big"]) != 0).sum()) == 5
@@ -250,6 +281,79 @@ def test_threshold_ties_are_kept():
     taus = [{"w": jnp.array([3.0, -2.0, 2.0, 2.0, 1.0])}]
     got = ties({"w": jnp.zeros(5)}, taus, density=0.4)
     np.testing.assert_array_equal(got["w"], [3.0, -2.0, 2.0, 2.0, 0.0])
+
+
+# (N, density): the counts of each reference, worked by hand. round(N * density) matches
+# neither: 1 for (3, 0.2), 1 for (5, 0.2), 4 for (7, 0.5), 3 for (5, 0.5), 2 for (10, 0.2).
+_COUNTS = [
+    # N, density, paper's global count (N - kthvalue rank + 1), mergekit's per-leaf count
+    (3, 0.2, 1, 0),
+    (5, 0.2, 2, 1),
+    (7, 0.2, 2, 1),
+    (3, 0.5, 2, 1),
+    (5, 0.5, 3, 2),
+    (7, 0.5, 4, 3),
+    (10, 0.2, 3, 2),
+    (10, 0.7, 8, 7),  # 10 * 0.7 = 7.000000000000001 in floats
+    (4, 1.0, 4, 4),
+]
+
+
+@pytest.mark.parametrize("n,density,paper,mergekit", _COUNTS)
+def test_keep_count_follows_each_reference(rng, n, density, paper, mergekit):
+    assert _common.keep_count(density, n, scope="global") == paper
+    assert _common.keep_count(density, n, scope="leaf") == mergekit
+    # ... and so do the literal re-implementations the merge tests compare against.
+    flat = rng.normal(size=(2, n))
+    np.testing.assert_array_equal(_paper_mask(flat, density).sum(1), [paper, paper])
+    np.testing.assert_array_equal(_mergekit_mask(flat, density).sum(1), [mergekit, mergekit])
+
+
+def test_keep_count_is_one_function():
+    assert kernels._ties_merge.keep_count is _common.keep_count
+    assert _streaming.keep_count is _common.keep_count
+
+
+def test_keep_count_bad_inputs():
+    with pytest.raises(ValueError, match="scope='layer' must be one of"):
+        _common.keep_count(0.2, 10, scope="layer")
+    with pytest.raises(ValueError, match=r"density=0 must be in \(0, 1\]"):
+        _common.keep_count(0, 10, scope="leaf")
+    with pytest.raises(ValueError, match="n=-1 must be a non-negative int"):
+        _common.keep_count(0.2, -1, scope="global")
+
+
+@pytest.mark.parametrize("scope", ["global", "leaf"])
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_small_leaves_follow_each_reference(rng, scope, density):
+    # Leaves of 3, 5 and 7 entries, where round(density * N) and int(density * N) differ;
+    # per leaf at density 0.2 the 3-entry leaf keeps nothing (int(0.6) = 0): theta0.
+    shapes = {"a": (3,), "b": (5,), "c": (7,)}
+    pre = {p: jnp.asarray(rng.normal(size=s), jnp.float32) for p, s in shapes.items()}
+    taus = [
+        {p: jnp.asarray(rng.normal(size=s), jnp.float32) for p, s in shapes.items()}
+        for _ in range(3)
+    ]
+    for merge in ("mean", "sum"):
+        ref = _reference(pre, taus, density=density, scale=0.8, merge=merge, scope=scope)
+        eager = ties(pre, taus, density=density, scale=0.8, merge=merge, scope=scope)
+        jitted = jax.jit(
+            lambda p, t, m=merge: ties(p, t, density=density, scale=0.8, merge=m, scope=scope)
+        )(pre, taus)
+        _check(eager, ref)
+        _check(jitted, ref)
+    if scope == "leaf" and density == 0.2:
+        np.testing.assert_array_equal(eager["a"], pre["a"])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_kernel_ties_keeps_the_papers_count(rng, impl):
+    # 15 entries at density 0.2: the paper's code keeps int(3) + 1 = 4 per task.
+    pre = {"a": jnp.zeros((3,)), "b": jnp.zeros((5,)), "c": jnp.zeros((7,))}
+    taus = [{p: jnp.asarray(rng.normal(size=x.shape), jnp.float32) for p, x in pre.items()}]
+    got = kernels.ties(pre, taus, density=0.2, implementation=impl)
+    assert sum(int((np.asarray(x) != 0).sum()) for x in got.values()) == 4
+    _check(got, _reference(pre, taus, density=0.2, scale=1.0, merge="mean", scope="global"))
 
 
 def test_scale_zero_returns_pretrained(rng):
