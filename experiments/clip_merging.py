@@ -8,8 +8,9 @@ checkpoints that merging benchmarks publish) or fine-tuned here with the recipe 
 §2.1 (AdamW lr 1e-5, weight decay 0.1, batch 128, cosine with 500 warm-up steps, clip 1.0,
 head frozen; ``--finetune_steps``, about 2,000 in the papers). Then task arithmetic (λ from
 0, 0.05, ..., 1 on validation), TIES (dis-mean with λ 0.8..2.5 and dis-sum with λ 0..1, on
-validation) and aTLAS task addition (block-wise coefficients, AdamW 1e-3, wd 0.1, 20 epochs
-over the validation splits, best epoch by mean normalised validation accuracy).
+validation) and aTLAS task addition (block-wise coefficients with q, k and v of each layer
+tied as in open_clip, AdamW 1e-3, wd 0.1, 20 epochs over the validation splits, best epoch
+by mean normalised validation accuracy).
 
 Command (on a machine with the data; TFDS datasets prepared under ``--data_dir``)::
 
@@ -232,7 +233,7 @@ def run(cfg: ClipConfig) -> dict[str, Any]:
         lam_t, _ = merging.select_scale(lambda s, fn=fn: mean_normalised_val(fn(s)), g)
         merges[f"TIES dis-{merge} (λ={lam_t})"] = fn(lam_t)
 
-    spec = atlas.blocks(theta0)
+    spec = atlas_blocks(theta0)
     objective = atlas.task_addition_objective(
         [lambda p, b, f=logits_fns[t]: f(p, b["x"]) for t in cfg.tasks]
     )
@@ -271,6 +272,13 @@ def run(cfg: ClipConfig) -> dict[str, Any]:
     if tmp is not None:
         tmp.cleanup()
     return results
+
+
+def atlas_blocks(theta0) -> atlas.Blocks:
+    """aTLAS blocks as the reference's open_clip encoder has them: one per tensor, with the q,
+    k and v kernels of each attention layer one block and their biases another (open_clip's
+    packed ``in_proj_weight`` and ``in_proj_bias``)."""
+    return atlas.blocks(theta0, groups=atlas.CLIP_QKV_GROUPS)
 
 
 def _finetune(cfg: ClipConfig, theta0, logits_fn, task):

@@ -3,8 +3,11 @@
 A *block* is a set of parameter entries that share one coefficient per task vector. By
 default every floating-point leaf of the parameter tree is one block (the JAX counterpart
 of the reference's one block per ``state_dict`` tensor). Path rules merge leaves into one
-block (``groups``) or leave them out (``exclude``); ``partitions=K`` splits each block's
-entries into K random groups (aTLAS×K). The composed parameters are
+block (``groups``) or leave them out (``exclude``): :data:`CLIP_QKV_GROUPS` ties q, k and v
+of each attention layer of a Hugging Face-layout CLIP as the reference's packed open_clip
+tensors do. ``partitions=K`` splits each block's entries into K random groups (aTLAS×K),
+one draw shared by every block of the same shape, as the reference. The composed
+parameters are
 
     θ_b = θ0_b + Σ_t Λ[t, b] · τ_{t, b}
 
@@ -45,6 +48,8 @@ from cljax.losses._entropy import entropy_loss, pseudo_label_loss
 from cljax.train import TrainState, apply_step, make_step
 
 __all__ = [
+    "CLIP_QKV_GROUPS",
+    "VIT_QKV_GROUPS",
     "Blocks",
     "FitResult",
     "blocks",
@@ -65,6 +70,23 @@ __all__ = [
 Params = ct.Params
 PyTree = ct.PyTree
 PartitionScope = Literal["2d", "2d_only", "all"]
+
+#: ``groups`` for the Hugging Face CLIP layout of :mod:`cljax.models.clip` (paths such as
+#: ``vision_model/encoder/layers_3/self_attn/q_proj/kernel``): per attention layer, the q, k
+#: and v kernels form one block and the q, k and v biases another, as the reference's
+#: open_clip encoder stores them (one packed ``in_proj_weight`` and one ``in_proj_bias``
+#: tensor per layer, one coefficient each).
+CLIP_QKV_GROUPS: tuple[tuple[str, str], ...] = (
+    (r"^(.*/self_attn)/[qkv]_proj/kernel$", r"\1/qkv_kernel"),
+    (r"^(.*/self_attn)/[qkv]_proj/bias$", r"\1/qkv_bias"),
+)
+
+#: The same ties for Flax linen's ``nn.MultiHeadDotProductAttention`` (``.../query/kernel``,
+#: ``.../key/bias``, ...), the attention of :class:`cljax.models.ViT`.
+VIT_QKV_GROUPS: tuple[tuple[str, str], ...] = (
+    (r"^(.*)/(query|key|value)/kernel$", r"\1/qkv_kernel"),
+    (r"^(.*)/(query|key|value)/bias$", r"\1/qkv_bias"),
+)
 
 _REF = (
     "Zhang, Fournier, Gould et al., 'Knowledge Composition using Task Vectors with Learned "
@@ -150,16 +172,21 @@ def blocks(
     * ``exclude``: regexes (``re.search`` on the ``/``-joined path); a matching leaf is not
       composed (it keeps θ0 and has no coefficient). Exclusion wins over grouping.
     * ``groups``: ``(regex, name)`` pairs; a matching leaf joins the block called
-      ``match.expand(name)``, so backreferences make one group per layer:
-      ``(r"(.*)/(query|key|value)/kernel$", r"\\1/qkv")`` ties q, k and v of each layer
-      as open_clip's packed ``in_proj_weight`` does in the reference. Unlike most cljax
-      rules, groups are *not* first-match: a leaf matched by two groups is an error, since
-      a silent choice would change which leaves share a coefficient.
+      ``match.expand(name)``, so backreferences make one group per layer.
+      :data:`CLIP_QKV_GROUPS` (Hugging Face CLIP, :mod:`cljax.models.clip`) and
+      :data:`VIT_QKV_GROUPS` (linen attention, :class:`cljax.models.ViT`) tie the q, k and
+      v kernels of each layer into one block and their biases into another, as open_clip's
+      packed ``in_proj_weight`` and ``in_proj_bias`` are one block each in the reference.
+      Unlike most cljax rules, groups are *not* first-match: a leaf matched by two groups
+      is an error, since a silent choice would change which leaves share a coefficient.
 
-    A rule that selects no leaf draws a warning listing it.
+    A ``groups`` rule that selects no floating-point leaf is an error (a rule written for
+    another layout would silently leave the blocks per leaf); an ``exclude`` rule that
+    selects none draws a warning.
 
     With ``partitions=K`` (aTLAS×K) the entries of each partitioned block are assigned to K
-    groups by a fixed random draw from ``seed`` (see :func:`partition_masks`), one
+    groups by a fixed random draw from ``seed``, drawn once per block shape and shared by
+    every block of that shape, as the reference (see :func:`partition_masks`); one
     coefficient per (task vector, block, group). ``partition_scope`` says which blocks are
     partitioned. The reference partitions the 2-D tensors of open_clip (linear weights, the
     packed q/k/v projection, the position embedding); their Flax counterparts are the
@@ -186,11 +213,12 @@ def blocks(
       A hashable :class:`Blocks`.
 
     Raises:
-      ValueError: on K < 1, an unknown scope, a malformed rule, a leaf claimed by two
-        groups, or a block name that collides with another block's name or nests under it.
+      ValueError: on K < 1, an unknown scope, a malformed rule, a ``groups`` rule that
+        matches no leaf (naming the rule and example paths), a leaf claimed by two groups,
+        or a block name that collides with another block's name or nests under it.
 
     Example:
-      >>> spec = blocks(params, groups=[(r"(.*)/(query|key|value)/kernel$", r"\\1/qkv")])
+      >>> spec = blocks(clip_params, groups=CLIP_QKV_GROUPS)
       >>> print(spec.describe())
 
     References:
@@ -253,8 +281,16 @@ def blocks(
         member_ndims[names[name]].append(tuple(np.shape(x)))
         block_of.append(names[name])
 
+    no_group = [f"groups[{j}]={groups[j][0]!r}" for j, n in enumerate(gr_hits) if n == 0]
+    if no_group:
+        floats = [p for p, x in leaves if ct.is_float(x)]
+        examples = ", ".join(repr(p) for p in floats[:4]) + (", ..." if len(floats) > 4 else "")
+        raise ValueError(
+            f"aTLAS groups rule(s) that match no floating-point leaf: {', '.join(no_group)}; "
+            f"leaf paths look like {examples} (for cljax.models.clip use "
+            "atlas.CLIP_QKV_GROUPS)"
+        )
     unused = [f"exclude[{j}]={exclude[j]!r}" for j, n in enumerate(ex_hits) if n == 0]
-    unused += [f"groups[{j}]={groups[j][0]!r}" for j, n in enumerate(gr_hits) if n == 0]
     if unused:
         warnings.warn(
             "aTLAS block rules that match no leaf: " + ", ".join(unused), UserWarning, stacklevel=2
@@ -320,8 +356,15 @@ def _check_names(names: list[str]) -> None:
 def partition_masks(params: Params, spec: Blocks) -> list[np.ndarray | None]:
     """The fixed random group assignment of every leaf's entries (aTLAS×K).
 
-    Leaf ``i`` of a partitioned block gets ``default_rng([seed, i]).integers(0, K, shape)``:
-    deterministic, independent of the other leaves, each entry in exactly one group.
+    As the reference, the assignment is drawn once per tensor *shape*: every block of the
+    same shape shares one draw (the reference keys its masks by ``p.shape``, so same-shaped
+    tensors in different layers use the same mask). A block's shape is the tuple of its
+    member leaves' shapes: a block of q, k and v kernels, ``((d, d),) * 3``, is the
+    counterpart of open_clip's packed ``(3d, d)`` tensor, its members get independent
+    entries of one draw, and it shares that draw with the q/k/v blocks of the other layers
+    but not with a single ``(d, d)`` leaf. The draw of a shape is
+    ``default_rng([seed, <the shape's integers>])``, member by member, so it does not depend
+    on which other leaves the tree holds. Each entry is in exactly one of the K groups.
 
     Args:
       params: the parameter tree the layout was built from (only shapes are read).
@@ -329,22 +372,38 @@ def partition_masks(params: Params, spec: Blocks) -> list[np.ndarray | None]:
 
     Returns:
       A list with one entry per leaf (flattening order): an ``int8``/``int32`` numpy array
-      of the leaf's shape for leaves of partitioned blocks, ``None`` otherwise. Pass it to
-      :func:`compose` as ``masks`` (it is data, not a constant of the compiled function).
+      of the leaf's shape for leaves of partitioned blocks (leaves of blocks of the same
+      shape hold the same array), ``None`` otherwise. Pass it to :func:`compose` as
+      ``masks`` (it is data, not a constant of the compiled function).
 
     Raises:
       ValueError: if ``spec`` does not describe ``params``.
     """
     _check_spec(params, spec)
     dtype = np.int8 if (spec.partitions or 1) <= 127 else np.int32
-    out: list[np.ndarray | None] = []
-    for i, (shape, b) in enumerate(zip(spec.shapes, spec.block_of, strict=True)):
+    members: dict[int, list[int]] = {}
+    for i, b in enumerate(spec.block_of):
         if b >= 0 and spec.partitioned[b]:
-            rng = np.random.default_rng([spec.seed, i])
-            out.append(rng.integers(0, spec.partitions, size=shape, dtype=dtype))
-        else:
-            out.append(None)
+            members.setdefault(b, []).append(i)
+    out: list[np.ndarray | None] = [None] * len(spec.paths)
+    drawn: dict[tuple[tuple[int, ...], ...], list[np.ndarray]] = {}
+    for idx in members.values():
+        shape = tuple(spec.shapes[i] for i in idx)
+        if shape not in drawn:
+            rng = np.random.default_rng([spec.seed, *_shape_words(shape)])
+            drawn[shape] = [rng.integers(0, spec.partitions, size=s, dtype=dtype) for s in shape]
+        for i, m in zip(idx, drawn[shape], strict=True):
+            out[i] = m
     return out
+
+
+def _shape_words(shape: tuple[tuple[int, ...], ...]) -> list[int]:
+    """A block's shape as seed words, unambiguous: the member count, then per member its
+    rank and sizes."""
+    words = [len(shape)]
+    for s in shape:
+        words += [len(s), *s]
+    return words
 
 
 def _check_spec(params: Params, spec: Blocks) -> list[tuple[str, Any]]:
@@ -997,7 +1056,11 @@ def fit(
     coefs = init(pretrained, tvs, spec) if coefficients is None else coefficients
     masks = None
     if any(spec.partitioned):  # on the device once, not with every step's arguments
-        masks = [None if m is None else jnp.asarray(m) for m in partition_masks(pretrained, spec)]
+        on_device: dict[int, jax.Array] = {}  # blocks of one shape share one mask
+        masks = [
+            None if m is None else on_device.setdefault(id(m), jnp.asarray(m))
+            for m in partition_masks(pretrained, spec)
+        ]
     _compose_jit(pretrained, tvs, coefs, spec, masks=masks)  # validates eagerly
     score_fn = (lambda m: float(m[score])) if isinstance(score, str) else score
     tx = default_optimizer() if optimizer is None else optimizer

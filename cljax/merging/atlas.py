@@ -4,7 +4,7 @@ Public namespace of :mod:`cljax.merging._atlas`::
 
     from cljax.merging import atlas
 
-    spec = atlas.blocks(params, groups=[(r"(.*)/(query|key|value)/kernel$", r"\\1/qkv")])
+    spec = atlas.blocks(params, groups=atlas.CLIP_QKV_GROUPS)  # CLIP: q, k, v tied per layer
     coefs = atlas.init(params, task_vectors, spec)          # zeros: starts at θ0
     theta = atlas.compose(params, task_vectors, coefs, spec)
     res = atlas.fit(atlas.supervised_objective(logits_fn), params, task_vectors,
@@ -17,6 +17,8 @@ References:
 """
 
 from cljax.merging._atlas import (
+    CLIP_QKV_GROUPS,
+    VIT_QKV_GROUPS,
     Blocks,
     FitResult,
     blocks,
@@ -35,6 +37,8 @@ from cljax.merging._atlas import (
 )
 
 __all__ = [
+    "CLIP_QKV_GROUPS",
+    "VIT_QKV_GROUPS",
     "Blocks",
     "FitResult",
     "blocks",

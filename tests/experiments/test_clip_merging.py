@@ -31,3 +31,20 @@ def test_clip_preset_needs_a_checkpoint(tmp_path):
         merging.main(["--preset", "clip-vit-b32", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="not one of"):
         merging.main(["--preset", "clip-vit-h99", "--out", str(tmp_path)])
+
+
+def test_clip_preset_ties_qkv_as_the_reference(tmp_path):
+    # open_clip packs q, k, v into one in_proj_weight and one in_proj_bias per layer: two
+    # blocks a layer in the reference, where the Hugging Face layout holds six leaves.
+    from cljax.models import clip
+    from experiments import clip_merging
+
+    cfg = clip_merging.PRESETS["clip-tiny"]
+    path, _, config = clip_merging._tiny_checkpoints(cfg, tmp_path)
+    theta0 = clip.load_hf_safetensors(path, clip.CLIPImageEncoder(config))
+    spec = clip_merging.atlas_blocks(theta0)
+    for i in range(config.vision.num_layers):
+        attn = f"vision_model/encoder/layers_{i}/self_attn"
+        for kind in ("kernel", "bias"):
+            want = sorted(f"{attn}/{n}_proj/{kind}" for n in "qkv")
+            assert sorted(spec.members(f"{attn}/qkv_{kind}")) == want

@@ -83,6 +83,42 @@ def test_default_blocks_one_per_float_leaf(rng):
     assert spec.num_coefficients(3) == 3 * len(float_paths)
 
 
+def _clip_params():
+    from cljax.models import clip
+
+    vision = clip.CLIPVisionConfig(
+        image_size=16, patch_size=8, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2
+    )
+    text = clip.CLIPTextConfig(
+        vocab_size=10,
+        max_position_embeddings=4,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=2,
+    )
+    encoder = clip.CLIPImageEncoder(clip.CLIPConfig(vision, text, projection_dim=4))
+    return jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+
+
+def test_clip_qkv_groups_match_the_hugging_face_layout():
+    params = _clip_params()
+    spec = atlas.blocks(params, groups=atlas.CLIP_QKV_GROUPS)
+    for i in range(2):
+        attn = f"vision_model/encoder/layers_{i}/self_attn"
+        assert spec.members(f"{attn}/qkv_kernel") == [
+            f"{attn}/{n}_proj/kernel" for n in ("k", "q", "v")
+        ]
+        assert spec.members(f"{attn}/qkv_bias") == [
+            f"{attn}/{n}_proj/bias" for n in ("k", "q", "v")
+        ]
+        assert spec.members(f"{attn}/out_proj/kernel") == [f"{attn}/out_proj/kernel"]
+    # Every other leaf stays its own block: 4 fewer blocks a layer than leaves.
+    assert spec.num_blocks == len(jax.tree.leaves(params)) - 2 * 4
+    coefs = atlas.init(params, jax.tree.map(lambda x: jnp.zeros((3, *x.shape)), params), spec)
+    assert coefs["vision_model"]["encoder"]["layers_0"]["self_attn"]["qkv_kernel"].shape == (3,)
+
+
 def test_groups_tie_leaves_and_exclude_wins(rng):
     params = _params(rng)
     spec = atlas.blocks(params, groups=[QKV], exclude=[r"/ln/"])
@@ -145,8 +181,58 @@ def test_partition_masks_deterministic_and_exclusive(rng):
         onehot = np.stack([a == k for k in range(4)])
         np.testing.assert_array_equal(onehot.sum(0), 1)  # every entry in exactly one group
         assert onehot.reshape(4, -1).any(1).all()  # and every group is used
-    # Leaves draw independent masks.
+    # Leaves of different shapes draw independent masks.
     assert not np.array_equal(m1[paths.index("v")], m1[paths.index("w")][:20, :10])
+
+
+def _reference_sharing(params, partitions):
+    """The reference's ``WeightedImageEncoder.__init__`` literally: for every tensor in
+    order, draw a mask and store it under ``mask_mats[p.shape]`` (a later tensor of the
+    same shape overwrites it); the forward pass reads ``mask_mats[shape]``. Returns, per
+    leaf, the identity of the mask it ends up using."""
+    mask_mats = {}
+    shapes = [tuple(x.shape) for x in jax.tree.leaves(params)]
+    for shape in shapes:
+        mask_mats[shape] = object()  # a fresh draw
+    return [mask_mats[shape] for shape in shapes]
+
+
+def test_partition_masks_drawn_once_per_shape(rng):
+    a = lambda *s: jnp.zeros(s)
+    params = {
+        "l0": {"w": a(6, 5), "u": a(5, 6)},
+        "l1": {"w": a(6, 5), "u": a(5, 6)},
+        "pos": a(6, 5),
+        "big": a(7, 9),
+    }
+    spec = atlas.blocks(params, partitions=3, seed=2)
+    masks = atlas.partition_masks(params, spec)
+    ref = _reference_sharing(params, 3)
+    n = len(masks)
+    for i in range(n):
+        for j in range(n):
+            same = np.shape(masks[i]) == np.shape(masks[j]) and np.array_equal(masks[i], masks[j])
+            assert same == (ref[i] is ref[j]), (spec.paths[i], spec.paths[j])
+    # A shape's draw does not depend on the other leaves of the tree.
+    alone = {"x": a(6, 5)}
+    only = atlas.partition_masks(alone, atlas.blocks(alone, partitions=3, seed=2))[0]
+    np.testing.assert_array_equal(only, masks[spec.paths.index("l0/w")])
+
+
+def test_grouped_qkv_partition_like_the_packed_tensor(rng):
+    # q, k, v of one layer are one block, the counterpart of open_clip's packed (3d, d)
+    # in_proj_weight: independent entries inside the block, the same draw in every layer.
+    a = lambda *s: jnp.zeros(s)
+    layer = {n: {"kernel": a(4, 4), "bias": a(4)} for n in ("query", "key", "value")}
+    params = {"layer_0": layer, "layer_1": layer, "out": {"kernel": a(4, 4)}}
+    spec = atlas.blocks(params, partitions=4, groups=atlas.VIT_QKV_GROUPS, seed=5)
+    masks = dict(zip(spec.paths, atlas.partition_masks(params, spec), strict=True))
+    for n in ("query", "key", "value"):
+        np.testing.assert_array_equal(masks[f"layer_0/{n}/kernel"], masks[f"layer_1/{n}/kernel"])
+        assert masks[f"layer_0/{n}/bias"] is None  # 1-D: one coefficient per task vector
+    q, k = masks["layer_0/query/kernel"], masks["layer_0/key/kernel"]
+    assert not np.array_equal(q, k)
+    assert not np.array_equal(masks["out/kernel"], q)  # a single (d, d) leaf: its own draw
 
 
 @pytest.mark.parametrize(
@@ -391,13 +477,27 @@ def test_mismatched_coefficients_raise(rng):
         atlas.compose({"a": jnp.zeros(2)}, {"a": jnp.zeros((1, 2))}, {"a": jnp.zeros(1)}, spec)
 
 
-def test_rule_matching_nothing_warns(rng):
+def test_exclude_matching_nothing_warns(rng):
     params = _params(rng)
-    with pytest.warns(UserWarning, match=r"exclude\[1\]='nothing_here'.*groups\[0\]='absent'"):
-        atlas.blocks(params, exclude=["ln", "nothing_here"], groups=[("absent", "x")])
+    with pytest.warns(UserWarning, match=r"exclude\[1\]='nothing_here'"):
+        atlas.blocks(params, exclude=["ln", "nothing_here"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         atlas.blocks(params, exclude=["ln"], groups=[QKV])
+
+
+def test_groups_rule_matching_nothing_raises(rng):
+    # A rule written for another layout (here linen's query/key/value on Hugging Face
+    # q_proj/k_proj/v_proj paths) must not silently leave the blocks per leaf.
+    params = {"enc": {"self_attn": {"q_proj": {"kernel": jnp.zeros((4, 4))}}}}
+    with pytest.raises(
+        ValueError,
+        match=r"groups\[1\]='\^\(\.\*\)/\(query\|key\|value\)/bias\$'.*"
+        r"'enc/self_attn/q_proj/kernel'.*CLIP_QKV_GROUPS",
+    ):
+        atlas.blocks(params, groups=[(r"q_proj", "q"), atlas.VIT_QKV_GROUPS[1]])
+    with pytest.raises(ValueError, match=r"match no floating-point leaf: groups\[0\]=.count."):
+        atlas.blocks(_params(rng), groups=[("count", "c")])  # an int leaf only
 
 
 def test_leaf_claimed_by_two_groups_raises(rng):
