@@ -273,27 +273,39 @@ class CheckpointManager:
             if s not in valid and s < max(valid, default=-1):
                 shutil.rmtree(self.path(s), ignore_errors=True)
 
-    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+    def restore(self, step: int, target: Any, *, allow_cast: bool = False) -> tuple[Any, dict]:
         """Restores checkpoint ``step`` into the structure (and shardings) of ``target``.
 
         ``target`` is a pytree of arrays or ``jax.ShapeDtypeStruct`` (with ``sharding`` to
         restore onto the current mesh, whatever mesh saved it).
+
+        Args:
+          step: the checkpoint to restore.
+          target: the tree whose structure, shapes, dtypes and shardings the result takes.
+          allow_cast: convert leaves stored in another dtype than ``target``'s (float32 stored,
+            bfloat16 wanted); by default that is an error, since a silent cast (float32 to
+            int32, say) loses the values.
 
         Returns:
           ``(tree, metadata)``.
 
         Raises:
           CheckpointCorruptError: if verification fails.
+          ValueError: if the checkpoint does not fit ``target``, or a leaf is stored in another
+            dtype and ``allow_cast`` is false (the message names the first such leaves).
         """
         import orbax.checkpoint as ocp
 
         manifest = self.verify(step)
+        storable = _to_storable(target)
         abstract = jax.tree.map(
             lambda x: (
                 x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)
             ),
-            _to_storable(target),
+            storable,
         )
+        if not allow_cast:
+            self._check_dtypes(step, abstract)
         try:
             restored = ocp.StandardCheckpointer().restore(self.path(step) / "state", abstract)
         except Exception as e:  # orbax raises many types for structure mismatches
@@ -302,11 +314,47 @@ class CheckpointManager:
             ) from e
         return _from_storable(restored, target), manifest.get("metadata", {})
 
-    def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
-        """Restores the newest good checkpoint, or returns ``None`` if there is none."""
+    def _check_dtypes(self, step: int, abstract: Any) -> None:
+        """Raises if a leaf of checkpoint ``step`` is stored in another dtype than ``abstract``'s."""
+        import numpy as np
+        import orbax.checkpoint as ocp
+
+        try:
+            meta = ocp.StandardCheckpointer().metadata(self.path(step) / "state")
+        except Exception as e:  # orbax raises many types for unreadable metadata
+            raise ValueError(
+                f"checkpoint {self.path(step)}: cannot read the stored dtypes: {e}"
+            ) from e
+        tree = getattr(meta, "item_metadata", meta)  # a StepMetadata in newer orbax
+        tree = getattr(tree, "tree", tree)
+        stored = {
+            m.name: m.dtype
+            for m in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "dtype"))
+            if hasattr(m, "name") and getattr(m, "dtype", None) is not None
+        }
+        names = ocp.tree.get_param_names(abstract, include_empty_nodes=False)
+        bad = [
+            f"{name!r} is stored as {np.dtype(stored[name])}, the target has {np.dtype(x.dtype)}"
+            for name, x in zip(jax.tree.leaves(names), jax.tree.leaves(abstract), strict=True)
+            if name in stored and np.dtype(stored[name]) != np.dtype(x.dtype)
+        ]
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise ValueError(
+                f"checkpoint {self.path(step)}: {'; '.join(bad[:3])}{more}; "
+                "pass allow_cast=True to convert"
+            )
+
+    def restore_latest(
+        self, target: Any, *, allow_cast: bool = False
+    ) -> tuple[int, Any, dict] | None:
+        """Restores the newest good checkpoint, or returns ``None`` if there is none.
+
+        ``allow_cast`` is :meth:`restore`'s.
+        """
         for step in reversed(self.steps()):
             try:
-                tree, meta = self.restore(step, target)
+                tree, meta = self.restore(step, target, allow_cast=allow_cast)
                 return step, tree, meta
             except CheckpointCorruptError as e:
                 warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)

@@ -64,3 +64,26 @@ def test_incomplete_write_is_ignored(tmp_path):
     assert CheckpointManager(tmp_path / "empty").restore_latest(_tree()) is None
     with pytest.raises(ValueError, match="keep"):
         CheckpointManager(tmp_path, keep=0)
+
+
+def test_restore_into_another_dtype_needs_allow_cast(tmp_path):
+    m = CheckpointManager(tmp_path)
+    stored = {"w": jnp.asarray([1.5, -2.25, 3.0], jnp.float32), "n": jnp.arange(2, dtype=jnp.int32)}
+    m.save(1, stored)
+    target = {"w": jnp.zeros(3, jnp.int32), "n": jnp.zeros(2, jnp.int32)}
+    with pytest.raises(ValueError, match=r"step_1: 'w' is stored as float32, the target has int32"):
+        m.restore(1, target)
+    with pytest.raises(ValueError, match="allow_cast=True"):
+        m.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target))
+    # asked for: converted as numpy converts (truncation toward zero)
+    tree, _ = m.restore(1, target, allow_cast=True)
+    assert tree["w"].dtype == jnp.int32
+    chex.assert_trees_all_equal(tree["w"], jnp.asarray([1, -2, 3], jnp.int32))
+    step, tree, _ = m.restore_latest(
+        {"w": jnp.zeros(3, jnp.bfloat16), "n": target["n"]}, allow_cast=True
+    )
+    assert step == 1 and tree["w"].dtype == jnp.bfloat16
+    # same dtypes restore without the flag, PRNG keys included
+    m.save(2, _tree(2.0))
+    _, tree, _ = m.restore_latest(_tree())
+    assert tree_fingerprint(tree) == tree_fingerprint(_tree(2.0))
