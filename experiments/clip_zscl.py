@@ -20,9 +20,10 @@ yet. Methods:
   (``l2_weight`` 1, as ``ZSCL.sh``).
 
 The recipe is the reference's (METHODS §8.1): 1,000 iterations of batch 64 per task, AdamW
-with weight decay 0, lr 1e-5 (5e-5 for Aircraft and MNIST), cosine with 100 warm-up
-iterations and a fresh optimiser per task, label smoothing 0.2, WE every 100 iterations,
-reference batches of 64 ImageNet training images without augmentation. Metrics (METHODS
+with weight decay 0, lr 1e-5 (5e-5 for Aircraft and MNIST), its cosine schedule with 100
+warm-up iterations and a fresh optimiser per task, label smoothing 0.2, WE every 100
+iterations, training images through a random resized crop of 90-100 % of the area (its
+training transform), reference batches of 64 ImageNet training images without augmentation. Metrics (METHODS
 §8.2, :mod:`cljax.continual`): Transfer, Avg and Last of the accuracy matrix.
 
 Command (TFDS datasets prepared under ``--data_dir``; a text file of reference captions,
@@ -71,6 +72,7 @@ from cljax.checkpoint import CheckpointManager
 from cljax.models import clip
 from cljax.train import TrainState, make_step
 from experiments import _common
+from experiments.clip_merging import cosine_lr
 
 #: MTIL order I (ZSCL; CIFAR10 is evaluated by the reference but left out of its metrics).
 MTIL_ORDER_I = (
@@ -105,7 +107,8 @@ class ClipZsclConfig:
     lr: float = 1e-5
     fast_lr: float = 5e-5
     fast_lr_tasks: tuple[str, ...] = ("aircraft", "mnist")
-    warmup: int = 100
+    warmup: int = 100  # ZSCL's --warmup_length (task_vectors' 500 is another recipe)
+    augment: bool = True  # ZSCL's training transform: RandomResizedCrop(scale=(0.9, 1.0))
     label_smoothing: float = 0.2
     avg_freq: int = 100
     temperature: float = 2.0
@@ -205,7 +208,7 @@ def _copy(tree: Any) -> Any:
 def run(cfg: ClipZsclConfig) -> dict[str, Any]:
     """Runs every method of ``cfg`` over the sequence; returns what ``results.json`` holds."""
     from cljax.data import TFDSTask
-    from experiments.clip_merging import _hf_tokenizer, _toy_tokenize
+    from experiments.clip_merging import AugmentedTask, _hf_tokenizer, _toy_tokenize
 
     _validate(cfg)
     out = Path(cfg.out)
@@ -229,6 +232,12 @@ def run(cfg: ClipZsclConfig) -> dict[str, Any]:
     size = config.vision.image_size
     data_dir = cfg.data_dir or None
     tasks = {t: TFDSTask(t, data_dir=data_dir, image_size=size, seed=0) for t in cfg.tasks}
+    # The task's training batches go through ZSCL's training transform; evaluation and the
+    # reference images through the eval transform, as the reference.
+    train_tasks = {
+        t: AugmentedTask(t, data_dir=data_dir, image_size=size) if cfg.augment else tasks[t]
+        for t in cfg.tasks
+    }
     reference = TFDSTask(cfg.reference_images, data_dir=data_dir, image_size=size, seed=0)
     scale = 100.0 if tiny else float(np.exp(np.asarray(full["logit_scale"])))
     text_tower = jax.jit(
@@ -307,6 +316,7 @@ def run(cfg: ClipZsclConfig) -> dict[str, Any]:
             "encoder": encoder,
             "theta0": theta0,
             "tasks": tasks,
+            "train_tasks": train_tasks,
             "reference": reference,
             "heads": heads,
             "anchors": anchors,
@@ -332,7 +342,7 @@ def _run_method(
     method: str, cfg: ClipZsclConfig, env: dict[str, Any], ckpt_dir: Path, fingerprint: dict
 ) -> tuple[np.ndarray, int]:
     """Trains ``method`` over the sequence; returns the accuracy matrix and the resume point."""
-    encoder, theta0, tasks, heads = env["encoder"], env["theta0"], env["tasks"], env["heads"]
+    encoder, theta0, tasks, heads = env["encoder"], env["theta0"], env["train_tasks"], env["heads"]
     flags = _flags(method)
     we = weight_ensemble(cfg.avg_freq)
     ls = cfg.label_smoothing
@@ -365,13 +375,12 @@ def _run_method(
     step = make_step(
         loss_fn, has_aux=True, post_update=averaging_hook({"we": we}) if flags["we"] else None
     )
-    # AdamW without weight decay, cosine with warm-up, a fresh state per task. The peak
-    # learning rate is a hyperparameter in the state, so the tasks with the larger rate
-    # share the compiled step.
-    total = max(cfg.steps_per_task, cfg.warmup + 1)
+    # AdamW without weight decay, the reference's cosine schedule with warm-up (its
+    # utils.cosine_lr), a fresh state per task. The peak learning rate is a hyperparameter
+    # in the state, so the tasks with the larger rate share the compiled step.
     tx = optax.chain(
         optax.scale_by_adam(),
-        optax.scale_by_schedule(optax.warmup_cosine_decay_schedule(0.0, 1.0, cfg.warmup, total)),
+        optax.scale_by_schedule(cosine_lr(1.0, cfg.warmup, cfg.steps_per_task)),
         optax.inject_hyperparams(optax.scale)(step_size=-cfg.lr),
     )
 

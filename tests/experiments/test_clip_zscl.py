@@ -75,3 +75,12 @@ def test_mtil_preset_bad_inputs(tmp_path):
         zscl.main(["--preset", "mtil", "--tasks", "dtd", "dtd", *out])
     with pytest.raises(ValueError, match="wise_alpha=1.5 must be in"):
         zscl.main(["--preset", "mtil", "--wise_alpha", "1.5", *out])
+
+
+def test_mtil_preset_keeps_zscl_recipe():
+    # ZSCL's own recipe (its args.py --warmup_length 100 and the RandomResizedCrop(scale=(0.9,
+    # 1.0)) training transform of its clip.py), not task_vectors' 500 warm-up steps.
+    from experiments import clip_zscl
+
+    cfg = clip_zscl.PRESETS["mtil"]
+    assert cfg.warmup == 100 and cfg.augment
