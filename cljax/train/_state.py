@@ -12,6 +12,33 @@ from flax import struct
 __all__ = ["TrainState"]
 
 
+def _concrete(x: Any) -> bool:
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def _copy_arrays(tree: Any, *, only_repeated: bool = False, seen: set | None = None) -> Any:
+    """Copies the concrete ``jax.Array`` leaves of ``tree`` onto their own shardings.
+
+    With ``only_repeated``, copies only the leaves that are the same array as an earlier leaf
+    or as one in ``seen`` (ids); tracers and non-array leaves are kept as they are.
+    """
+    seen = set() if seen is None else seen
+    leaves, treedef = jax.tree.flatten(tree)
+    todo = []
+    for i, x in enumerate(leaves):
+        if _concrete(x):
+            if not only_repeated or id(x) in seen:
+                todo.append(i)
+            seen.add(id(x))
+    if todo:  # one batched device-to-device copy, same shardings, new buffers
+        copies = jax.device_put(
+            [leaves[i] for i in todo], [leaves[i].sharding for i in todo], may_alias=False
+        )
+        for i, c in zip(todo, copies, strict=True):
+            leaves[i] = c
+    return jax.tree.unflatten(treedef, leaves)
+
+
 class TrainState(struct.PyTreeNode):
     """Step counter, parameters, optimizer state, RNG and the states of cljax methods.
 
@@ -44,26 +71,50 @@ class TrainState(struct.PyTreeNode):
         tx: optax.GradientTransformation,
         rng: jax.Array | int = 0,
         methods: dict[str, Any] | None = None,
+        *,
+        copy: bool = True,
     ) -> TrainState:
         """Builds a state at step 0 with ``tx.init(params)``.
+
+        A step built by :func:`~cljax.train.make_step` donates the state it is given, which
+        deletes its arrays. So that the caller's arrays survive (the pretrained weights
+        ``params`` came from, an anchor in ``methods``, the key ``rng``), the state owns
+        copies of them: one device-to-device copy, on the arrays' own shardings; arrays that
+        ``tx.init`` hands back from ``params`` (lookahead's slow weights, say) are copied
+        too, so no buffer is donated twice. Inside ``jit`` or ``eval_shape`` nothing is
+        copied (the traced result is fresh anyway).
 
         Args:
           params: the parameters to train.
           tx: an optax transformation.
           rng: a PRNG key or an integer seed.
           methods: initial method states.
+          copy: copy the arrays given, as above. ``False`` saves the memory of one copy of
+            them, and then the first donating step deletes the caller's arrays.
+
+        Example::
+
+          state = TrainState.create(theta0, optax.adam(1e-3))
+          state, metrics = make_step(loss_fn)(state, batch)
+          theta0  # still readable; state.params is the trained copy
         """
         if isinstance(rng, int):
             rng = jax.random.key(rng)
-        return cls(
+        methods = dict(methods or {})
+        if copy:
+            params, rng, methods = _copy_arrays((params, rng, methods))
+        state = cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             rng=rng,
-            methods=dict(methods or {}),
+            methods=methods,
             skipped=jnp.zeros((), jnp.int32),
             tx=tx,
         )
+        if copy:
+            state = _copy_arrays(state, only_repeated=True)
+        return state
 
     def apply_gradients(self, grads: Any, **extra_args: Any) -> TrainState:
         """One optimizer update; extra keyword args go to ``tx.update`` (extra-args transforms)."""

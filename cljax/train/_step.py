@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cljax.train._state import TrainState
+from cljax.train._state import TrainState, _concrete
+from cljax.tree import path_str
 
 __all__ = ["NonFiniteError", "apply_step", "make_step"]
 
@@ -18,6 +19,32 @@ LossFn = Callable[..., Any]
 
 class NonFiniteError(FloatingPointError):
     """Raised (outside jit) when a step produced non-finite gradients and the policy is 'raise'."""
+
+
+def _donation_problem(state: Any) -> str | None:
+    """Why a donating step cannot take ``state``: a deleted array, or one array held twice."""
+    seen: dict[int, str] = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not _concrete(x):
+            continue
+        where = path_str(path)
+        if x.is_deleted():
+            return (
+                f"state leaf {where!r} was deleted: a step built with make_step(donate=True) "
+                "donates the state it is given, so that state's arrays are gone after the "
+                "call. Pass the state the step returned, not the one passed in; to keep an "
+                "array (pretrained weights, an anchor) hold a copy of it (TrainState.create "
+                "copies what it is given unless copy=False) or build the step with "
+                "donate=False."
+            )
+        if id(x) in seen:
+            return (
+                f"state leaves {seen[id(x)]!r} and {where!r} are the same array, and a "
+                "donated state cannot hold one buffer twice (e.g. methods['anchor'] set to "
+                "state.params); give one of them its own copy (jnp.copy)."
+            )
+        seen[id(x)] = where
+    return None
 
 
 def apply_step(
@@ -80,13 +107,16 @@ def make_step(
         :class:`NonFiniteError` with the step number (this needs one host sync per step).
       post_update: ``state -> state`` applied after the optimizer update, inside the jit.
       jit: compile the step.
-      donate: donate the input state's buffers (only with ``jit``).
+      donate: donate the input state's buffers (only with ``jit``): they are reused for
+        the new state and deleted, so keep using the returned state. A state that holds a
+        deleted array or one array twice raises a ``ValueError`` naming the leaf.
 
     Returns:
       The step function. Its metrics hold ``loss``, ``grad_norm``, ``finite`` and aux.
 
     Raises:
-      ValueError: for an unknown ``nonfinite`` policy.
+      ValueError: for an unknown ``nonfinite`` policy; from the step, for a state whose
+        arrays were already donated (see ``donate``).
     """
     if nonfinite not in ("apply", "skip", "raise"):
         raise ValueError(f"{nonfinite=} must be one of 'apply', 'skip', 'raise'")
@@ -101,6 +131,20 @@ def make_step(
 
     if jit:
         step = jax.jit(step, donate_argnums=(0,) if donate else ())
+    if jit and donate:
+        jitted = step
+
+        def step(state: TrainState, batch: Any):
+            try:
+                return jitted(state, batch)
+            except Exception as e:  # XLA's "Buffer has been deleted or donated", and others
+                problem = _donation_problem(state)
+                if problem is None:
+                    raise
+                raise ValueError(problem) from e
+
+        step.lower = jitted.lower  # type: ignore[attr-defined]
+        step.trace = jitted.trace  # type: ignore[attr-defined]
 
     if nonfinite != "raise":
         return step

@@ -71,3 +71,23 @@ def test_post_update_runs_inside_step():
     new, _ = step(state, None)
     chex.assert_trees_all_close(new.params["w"], jnp.ones(3))
     chex.assert_trees_all_close(new.methods["avg"]["w"], 0.5 * jnp.ones(3))
+
+
+def test_reusing_a_donated_state_is_a_clear_error():
+    state = TrainState.create({"w": jnp.ones(3)}, optax.sgd(0.1))
+    step = make_step(_loss)
+    batch = {"x": jnp.ones((2, 3)), "y": jnp.ones(2)}
+    new, _ = step(state, batch)
+    with pytest.raises(ValueError, match=r"state leaf 'step' was deleted: .*donate"):
+        step(state, batch)  # the state passed in, not the one returned
+    new, _ = step(new, batch)  # the returned state goes on
+    assert int(new.step) == 2
+
+
+def test_one_buffer_twice_in_a_donated_state_is_a_clear_error():
+    state = TrainState.create({"w": jnp.ones(3)}, optax.sgd(0.1))
+    state = state.replace(methods={"anchor": state.params})
+    with pytest.raises(ValueError, match="'params/w' and 'methods/anchor/w' are the same array"):
+        make_step(_loss)(state, {"x": jnp.ones((2, 3)), "y": jnp.ones(2)})
+    # not donated, the same state is fine
+    make_step(_loss, donate=False)(state, {"x": jnp.ones((2, 3)), "y": jnp.ones(2)})
