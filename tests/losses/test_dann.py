@@ -143,3 +143,14 @@ def test_bad_inputs():
         losses.domain_adversarial_loss(jnp.ones((2, 3)), jnp.ones(2))
     with pytest.raises(ValueError, match=r"domain_logits_target has shape \(0,\)"):
         losses.domain_adversarial_loss(jnp.ones(2), jnp.ones(0))
+
+
+def test_docs_page_code_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "dann.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/dann.md", "exec"), {})
