@@ -2,6 +2,13 @@
 
 from cljax.data._benchmarks import MergingBenchmark, merging_benchmark
 from cljax.data._continual import permuted_mnist, rotated_mnist, split_mnist
+from cljax.data._mixture import (
+    MixedBatcher,
+    MixtureSchedule,
+    mixed_batch_at,
+    mixed_batch_counts,
+    mixture_schedule,
+)
 from cljax.data._mtil import (
     MTIL_TASKS,
     MtilSequence,
@@ -20,6 +27,8 @@ __all__ = [
     "DATASETS",
     "MTIL_TASKS",
     "MergingBenchmark",
+    "MixedBatcher",
+    "MixtureSchedule",
     "MtilSequence",
     "TFDSTask",
     "Task",
@@ -30,6 +39,9 @@ __all__ = [
     "load_mnist_attributes",
     "load_multi_mnist",
     "merging_benchmark",
+    "mixed_batch_at",
+    "mixed_batch_counts",
+    "mixture_schedule",
     "mtil_domain_tasks",
     "mtil_pretraining_data",
     "mtil_reference_images",
