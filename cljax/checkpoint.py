@@ -5,8 +5,14 @@ A checkpoint is a folder ``<directory>/step_<N>`` holding an orbax checkpoint of
 JSON metadata. It is written under a temporary name and renamed into place only once the
 manifest is complete, so a crash mid-write leaves either the old set of checkpoints or the
 new one, never a half-written ``step_<N>``. Older checkpoints are pruned only after the new
-one is in place. On restore the manifest is checked; a truncated or corrupted checkpoint is
-reported by name (a warning) and the previous good one is used.
+one is in place. The manifest carries its own checksum, so a damaged manifest (metadata
+included) is detected like a damaged array file.
+
+On restore the manifest is checked; a truncated, altered or incomplete checkpoint, or one
+that orbax cannot read, is reported by name (a warning), moved aside to
+``<directory>/.corrupt-<N>`` (kept for inspection, never deleted) and the previous good one
+is used; with none left, :meth:`CheckpointManager.restore_latest` returns ``None`` and the
+run starts over. A later save of the same step writes a fresh checkpoint in its place.
 
 Example::
 
@@ -36,6 +42,39 @@ __all__ = ["CheckpointCorruptError", "CheckpointManager", "tree_fingerprint"]
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _MANIFEST = "manifest.json"
+_CORRUPT = ".corrupt-"
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    """A manifest as written: the SHA-256 of its JSON body, a newline, the body."""
+    body = json.dumps(manifest, sort_keys=True).encode()
+    return hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+
+
+def _parse_manifest(raw: bytes) -> dict:
+    """The manifest in ``raw``; raises ``ValueError`` if it is damaged.
+
+    A manifest without the checksum line (written by an older version) is read as plain JSON.
+    """
+    if raw[:1] == b"{":
+        manifest = json.loads(raw)
+    else:
+        head, sep, body = raw.partition(b"\n")
+        if not sep or hashlib.sha256(body).hexdigest().encode() != head:
+            raise ValueError("its checksum does not match (altered or truncated)")
+        manifest = json.loads(body)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError("it has no file table")
+    for rel, info in manifest["files"].items():
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("size"), int)
+            and isinstance(info.get("sha256"), str)
+        ):
+            raise ValueError(f"its entry of {rel!r} is malformed")
+    if not isinstance(manifest.get("metadata", {}), dict):
+        raise ValueError("its metadata is not a JSON object")
+    return manifest
 
 
 class CheckpointCorruptError(RuntimeError):
@@ -48,6 +87,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _fsync_dir(path: Path) -> None:
@@ -182,13 +227,12 @@ class CheckpointManager:
                 f"checkpoint {root} has no {_MANIFEST} (incomplete write?)"
             )
         try:
-            manifest = json.loads(mpath.read_text())
-            files = manifest["files"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            manifest = _parse_manifest(mpath.read_bytes())
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeError are ValueErrors
             raise CheckpointCorruptError(
                 f"checkpoint {root}: unreadable {_MANIFEST}: {e}"
             ) from None
-        for rel, info in files.items():
+        for rel, info in manifest["files"].items():
             f = root / rel
             if not f.is_file():
                 raise CheckpointCorruptError(f"checkpoint {root}: file {rel} is missing")
@@ -202,6 +246,35 @@ class CheckpointManager:
                     f"checkpoint {root}: file {rel} does not match its checksum"
                 )
         return manifest
+
+    def quarantine(self, step: int, reason: str = "damaged") -> Path | None:
+        """Moves checkpoint ``step`` aside to ``<directory>/.corrupt-<step>``, with a warning.
+
+        The folder is kept (renamed, never deleted), so nothing is lost if the judgement was
+        wrong; :meth:`steps` no longer lists it and a new checkpoint of the same step can be
+        saved. Only the primary process moves it.
+
+        Returns:
+          The new path of the folder, or ``None`` if there was nothing to move (or this
+          process is not the primary).
+        """
+        src = self.path(step)
+        if not self.primary or not src.exists():
+            return None
+        dst = self.directory / f"{_CORRUPT}{int(step)}"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.directory / f"{_CORRUPT}{int(step)}-{n}"
+        try:
+            os.replace(src, dst)
+        except OSError:
+            if not src.exists():  # another process moved it
+                return None
+            raise
+        _fsync_dir(self.directory)
+        warnings.warn(f"{reason}; moved {src} aside to {dst}", stacklevel=2)
+        return dst
 
     def latest_valid_step(self) -> int | None:
         """The newest step that passes :meth:`verify` (warning about each one that does not)."""
@@ -221,7 +294,8 @@ class CheckpointManager:
           The path of the new checkpoint.
 
         Raises:
-          ValueError: if ``step`` is negative or a checkpoint of that step already exists.
+          ValueError: if ``step`` is negative or a good checkpoint of that step already
+            exists (a damaged one is moved aside, see :meth:`quarantine`, and replaced).
           TypeError: if ``metadata`` is not JSON-serialisable.
         """
         import orbax.checkpoint as ocp
@@ -231,7 +305,12 @@ class CheckpointManager:
             raise ValueError(f"{step=} must be >= 0")
         final = self.path(step)
         if final.exists():
-            raise ValueError(f"checkpoint {final} already exists")
+            try:
+                self.verify(step)
+            except CheckpointCorruptError as e:  # a damaged one: replaced by this save
+                self.quarantine(step, f"{e}; saving over it")
+            else:
+                raise ValueError(f"checkpoint {final} already exists")
         meta_json = json.dumps(metadata or {})  # fail before writing anything
         tmp = self.directory / f".tmp-{step}-{_shared_token()}"
         ckptr = ocp.StandardCheckpointer()
@@ -244,8 +323,8 @@ class CheckpointManager:
             }
             manifest = {"step": step, "files": files, "metadata": json.loads(meta_json)}
             mtmp = tmp / (_MANIFEST + ".part")
-            with open(mtmp, "w") as fh:
-                json.dump(manifest, fh)
+            with open(mtmp, "wb") as fh:
+                fh.write(_manifest_bytes(manifest))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(mtmp, tmp / _MANIFEST)
@@ -290,9 +369,11 @@ class CheckpointManager:
           ``(tree, metadata)``.
 
         Raises:
-          CheckpointCorruptError: if verification fails.
-          ValueError: if the checkpoint does not fit ``target``, or a leaf is stored in another
-            dtype and ``allow_cast`` is false (the message names the first such leaves).
+          CheckpointCorruptError: if verification fails, or orbax cannot read a checkpoint
+            that the manifest vouches for (damage the manifest cannot see).
+          ValueError: if the checkpoint does not fit ``target`` (other leaf names or
+            shapes), or a leaf is stored in another dtype and ``allow_cast`` is false (the
+            message names the first such leaves).
         """
         import orbax.checkpoint as ocp
 
@@ -304,45 +385,70 @@ class CheckpointManager:
             ),
             storable,
         )
-        if not allow_cast:
-            self._check_dtypes(step, abstract)
+        self._check_fit(step, abstract, allow_cast)
         try:
-            restored = ocp.StandardCheckpointer().restore(self.path(step) / "state", abstract)
-        except Exception as e:  # orbax raises many types for structure mismatches
-            raise ValueError(
-                f"checkpoint {self.path(step)} does not fit the target tree: {e}"
+            with ocp.StandardCheckpointer() as ckptr:
+                restored = ckptr.restore(self.path(step) / "state", abstract)
+        except Exception as e:  # the stored tree fits the target: the data is damaged
+            raise CheckpointCorruptError(
+                f"checkpoint {self.path(step)} cannot be read: {type(e).__name__}: {_short(e)}"
             ) from e
         return _from_storable(restored, target), manifest.get("metadata", {})
 
-    def _check_dtypes(self, step: int, abstract: Any) -> None:
-        """Raises if a leaf of checkpoint ``step`` is stored in another dtype than ``abstract``'s."""
+    def _check_fit(self, step: int, abstract: Any, allow_cast: bool) -> None:
+        """Compares the stored tree of checkpoint ``step`` with ``abstract``.
+
+        Raises:
+          CheckpointCorruptError: if the stored tree's metadata cannot be read.
+          ValueError: if the leaf names or shapes differ, or (without ``allow_cast``) a dtype.
+        """
         import numpy as np
         import orbax.checkpoint as ocp
 
+        root = self.path(step)
         try:
-            meta = ocp.StandardCheckpointer().metadata(self.path(step) / "state")
+            meta = ocp.StandardCheckpointer().metadata(root / "state")
+            tree = getattr(meta, "item_metadata", meta)  # a StepMetadata in newer orbax
+            tree = getattr(tree, "tree", tree)
+            stored = {
+                m.name: m
+                for m in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "dtype"))
+                if hasattr(m, "name") and getattr(m, "dtype", None) is not None
+            }
         except Exception as e:  # orbax raises many types for unreadable metadata
-            raise ValueError(
-                f"checkpoint {self.path(step)}: cannot read the stored dtypes: {e}"
+            raise CheckpointCorruptError(
+                f"checkpoint {root}: cannot read the stored tree: {type(e).__name__}: {_short(e)}"
             ) from e
-        tree = getattr(meta, "item_metadata", meta)  # a StepMetadata in newer orbax
-        tree = getattr(tree, "tree", tree)
-        stored = {
-            m.name: m.dtype
-            for m in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "dtype"))
-            if hasattr(m, "name") and getattr(m, "dtype", None) is not None
-        }
-        names = ocp.tree.get_param_names(abstract, include_empty_nodes=False)
+        names = jax.tree.leaves(ocp.tree.get_param_names(abstract, include_empty_nodes=False))
+        leaves = jax.tree.leaves(abstract)
+        if stored:
+            missing = [n for n in names if n not in stored]
+            extra = sorted(set(stored) - set(names))
+            if missing or extra:
+                raise ValueError(
+                    f"checkpoint {root} does not fit the target tree: leaves missing from "
+                    f"the checkpoint: {missing[:3]}; leaves not in the target: {extra[:3]}"
+                )
+        bad_shape = [
+            f"{n!r} is stored with shape {tuple(stored[n].shape)}, the target has {tuple(x.shape)}"
+            for n, x in zip(names, leaves, strict=True)
+            if n in stored
+            and getattr(stored[n], "shape", None) is not None
+            and tuple(stored[n].shape) != tuple(x.shape)
+        ]
+        if bad_shape:
+            raise ValueError(f"checkpoint {root} does not fit the target tree: {bad_shape[0]}")
+        if allow_cast:
+            return
         bad = [
-            f"{name!r} is stored as {np.dtype(stored[name])}, the target has {np.dtype(x.dtype)}"
-            for name, x in zip(jax.tree.leaves(names), jax.tree.leaves(abstract), strict=True)
-            if name in stored and np.dtype(stored[name]) != np.dtype(x.dtype)
+            f"{n!r} is stored as {np.dtype(stored[n].dtype)}, the target has {np.dtype(x.dtype)}"
+            for n, x in zip(names, leaves, strict=True)
+            if n in stored and np.dtype(stored[n].dtype) != np.dtype(x.dtype)
         ]
         if bad:
             more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
             raise ValueError(
-                f"checkpoint {self.path(step)}: {'; '.join(bad[:3])}{more}; "
-                "pass allow_cast=True to convert"
+                f"checkpoint {root}: {'; '.join(bad[:3])}{more}; pass allow_cast=True to convert"
             )
 
     def restore_latest(
@@ -350,12 +456,36 @@ class CheckpointManager:
     ) -> tuple[int, Any, dict] | None:
         """Restores the newest good checkpoint, or returns ``None`` if there is none.
 
-        ``allow_cast`` is :meth:`restore`'s.
+        A checkpoint that fails verification or cannot be read is named in a warning and
+        moved aside (:meth:`quarantine`); the previous one is tried, and with none left the
+        result is ``None`` (start over). A checkpoint that does not fit ``target`` (see
+        :meth:`restore`) is skipped likewise if an older one fits (the newer one is then
+        damaged); if none fits, that error is raised and nothing is moved: the target is
+        wrong, not the checkpoints.
+
+        Args:
+          target: as in :meth:`restore`.
+          allow_cast: as in :meth:`restore`.
+
+        Returns:
+          ``(step, tree, metadata)`` or ``None``.
+
+        Raises:
+          ValueError: if no checkpoint restores and the newest does not fit ``target``.
         """
+        misfits: list[tuple[int, ValueError]] = []
         for step in reversed(self.steps()):
             try:
                 tree, meta = self.restore(step, target, allow_cast=allow_cast)
-                return step, tree, meta
             except CheckpointCorruptError as e:
-                warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+                self.quarantine(step, f"{e}; falling back to the previous checkpoint")
+                continue
+            except ValueError as e:
+                misfits.append((step, e))
+                continue
+            for bad, e in misfits:  # an older checkpoint fits: the newer ones are damaged
+                self.quarantine(bad, f"{e}, but checkpoint {step} fits")
+            return step, tree, meta
+        if misfits:
+            raise misfits[0][1]
         return None

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import chex
 import jax
@@ -87,3 +88,155 @@ def test_restore_into_another_dtype_needs_allow_cast(tmp_path):
     m.save(2, _tree(2.0))
     _, tree, _ = m.restore_latest(_tree())
     assert tree_fingerprint(tree) == tree_fingerprint(_tree(2.0))
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+
+
+def _data_files(root):
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.stat().st_size > 0 and p.name != "manifest.json"
+    )
+
+
+def _array_file(root):
+    # the merged OCDBT store under state/d holds the array bytes
+    return max(_data_files(root / "state" / "d"), key=lambda p: p.stat().st_size)
+
+
+def _flip(path, at=None):
+    b = bytearray(path.read_bytes())
+    b[len(b) // 2 if at is None else at] ^= 0x5A
+    path.write_bytes(bytes(b))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def _rewrite_manifest(root):
+    """Recomputes the manifest's table: damage the manifest cannot see."""
+    from cljax.checkpoint import _manifest_bytes, _parse_manifest, _sha256
+
+    manifest = _parse_manifest((root / "manifest.json").read_bytes())
+    manifest["files"] = {
+        rel: {"size": (root / rel).stat().st_size, "sha256": _sha256(root / rel)}
+        for rel in manifest["files"]
+        if (root / rel).is_file()
+    }
+    (root / "manifest.json").write_bytes(_manifest_bytes(manifest))
+
+
+DAMAGE = {
+    "truncate array file": lambda r: _truncate(_array_file(r)),
+    "flip array byte": lambda r: _flip(_array_file(r)),
+    "delete array file": lambda r: _array_file(r).unlink(),
+    "truncate every file": lambda r: [_truncate(p) for p in _data_files(r)],
+    "flip orbax metadata byte": lambda r: _flip(r / "state" / "_METADATA"),
+    "delete manifest": lambda r: (r / "manifest.json").unlink(),
+    "truncate manifest": lambda r: _truncate(r / "manifest.json"),
+    "flip manifest byte": lambda r: _flip(r / "manifest.json"),
+    "flip manifest metadata byte": lambda r: _flip(
+        r / "manifest.json", (r / "manifest.json").read_bytes().index(b'"epoch": ') + 9
+    ),
+    "empty folder": lambda r: [shutil.rmtree(r), r.mkdir()],
+    # the manifest is rewritten to match: only orbax can tell
+    "unseen: delete array files": lambda r: [
+        [p.unlink() for p in _data_files(r / "state" / "d")],
+        _rewrite_manifest(r),
+    ],
+    "unseen: truncate array files": lambda r: [
+        [_truncate(p) for p in _data_files(r / "state" / "d")],
+        _rewrite_manifest(r),
+    ],
+    "unseen: truncate metadata": lambda r: [
+        _truncate(r / "state" / "_METADATA"),
+        _rewrite_manifest(r),
+    ],
+    "unseen: delete ocdbt manifest": lambda r: [
+        (r / "state" / "manifest.ocdbt").unlink(),
+        _rewrite_manifest(r),
+    ],
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_is_moved_aside_and_replaced(tmp_path, damage):
+    m = CheckpointManager(tmp_path, keep=3)
+    m.save(1, _tree(1.0), metadata={"epoch": 1})
+    m.save(2, _tree(2.0), metadata={"epoch": 2})
+    DAMAGE[damage](tmp_path / "step_2")
+    with pytest.warns(UserWarning, match=r"step_2.*moved .* aside to .*\.corrupt-2"):
+        step, tree, meta = m.restore_latest(_tree())
+    assert (step, meta) == (1, {"epoch": 1})
+    assert tree_fingerprint(tree) == tree_fingerprint(_tree(1.0))
+    assert m.steps() == [1] and (tmp_path / ".corrupt-2").is_dir()  # kept, not deleted
+    # the run goes on from step 1 and saves step 2 again: no "already exists" crash loop
+    m.save(2, _tree(2.0), metadata={"epoch": 2})
+    step, tree, meta = CheckpointManager(tmp_path).restore_latest(_tree())
+    assert (step, meta) == (2, {"epoch": 2})
+    assert tree_fingerprint(tree) == tree_fingerprint(_tree(2.0))
+
+
+@pytest.mark.parametrize(
+    "damage", ["flip array byte", "delete manifest", "unseen: delete array files"]
+)
+def test_only_checkpoint_damaged_starts_over_and_saving_over_it_works(tmp_path, damage):
+    m = CheckpointManager(tmp_path)
+    m.save(3, _tree(3.0))
+    DAMAGE[damage](tmp_path / "step_3")
+    with pytest.warns(UserWarning, match="step_3"):
+        assert m.restore_latest(_tree()) is None
+    assert m.restore_latest(_tree()) is None  # and again: nothing left to trip over
+    m.save(3, _tree(4.0))
+    assert tree_fingerprint(m.restore_latest(_tree())[1]) == tree_fingerprint(_tree(4.0))
+    # twice damaged: both copies kept under their own names
+    DAMAGE[damage](tmp_path / "step_3")
+    with pytest.warns(UserWarning, match=r"\.corrupt-3-2"):
+        assert m.restore_latest(_tree()) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".corrupt-3", ".corrupt-3-2"]
+
+
+def test_save_over_a_damaged_step_without_restoring_first(tmp_path):
+    m = CheckpointManager(tmp_path)
+    m.save(1, _tree(1.0))
+    _truncate(_array_file(tmp_path / "step_1"))
+    with pytest.warns(UserWarning, match="saving over it"):
+        m.save(1, _tree(5.0))
+    assert tree_fingerprint(m.restore(1, _tree())[0]) == tree_fingerprint(_tree(5.0))
+    with pytest.raises(ValueError, match="already exists"):  # a good one is never replaced
+        m.save(1, _tree())
+
+
+def test_wrong_target_raises_and_moves_nothing(tmp_path, recwarn):
+    m = CheckpointManager(tmp_path, keep=3)
+    m.save(1, _tree(1.0))
+    m.save(2, _tree(2.0))
+    wrong = {**_tree(), "extra": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"step_2 does not fit the target tree.*'extra'"):
+        m.restore_latest(wrong)
+    shaped = {**_tree(), "w": jnp.ones((2, 3))}
+    with pytest.raises(ValueError, match=r"'w' is stored with shape \(3, 2\)"):
+        m.restore_latest(shaped)
+    assert m.steps() == [1, 2] and not recwarn.list
+    # an older checkpoint that fits shows the newer misfit is damage: that one is moved aside
+    m.save(3, {"w": jnp.ones(3)})
+    with pytest.warns(UserWarning, match=r"step_3 does not fit.*but checkpoint 2 fits"):
+        step, _, _ = m.restore_latest(_tree())
+    assert step == 2 and m.steps() == [1, 2]
+
+
+def test_manifest_written_by_an_older_version_is_read(tmp_path):
+    import json
+
+    from cljax.checkpoint import _parse_manifest
+
+    m = CheckpointManager(tmp_path)
+    m.save(1, _tree(1.0), metadata={"epoch": 1})
+    mpath = tmp_path / "step_1" / "manifest.json"
+    mpath.write_text(json.dumps(_parse_manifest(mpath.read_bytes())))  # plain JSON
+    step, tree, meta = m.restore_latest(_tree())
+    assert (step, meta) == (1, {"epoch": 1})
