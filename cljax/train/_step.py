@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -45,6 +46,31 @@ def _donation_problem(state: Any) -> str | None:
             )
         seen[id(x)] = where
     return None
+
+
+def _takes_rng(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` is ``loss_fn(params, batch, rng)`` rather than ``(params, batch)``.
+
+    Decided by binding three, then two positional arguments to its signature; a callable
+    without a signature is given the key (the form every loss had before).
+
+    Raises:
+      TypeError: if the signature takes neither form.
+    """
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return True
+    for n in (3, 2):
+        try:
+            sig.bind(*range(n))
+        except TypeError:
+            continue
+        return n == 3
+    raise TypeError(
+        f"make_step: {loss_fn=} must take (params, batch) or (params, batch, rng); "
+        f"its signature is {sig}"
+    )
 
 
 def apply_step(
@@ -94,12 +120,15 @@ def make_step(
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``step(state, batch) -> (state, metrics)``.
 
-    The step splits ``state.rng``, computes ``loss_fn(params, batch, rng)`` and its gradient,
-    applies ``state.tx`` and then ``post_update`` (e.g. an EMA update of a method state).
+    The step splits ``state.rng``, computes ``loss_fn(params, batch, rng)`` (or
+    ``loss_fn(params, batch)``) and its gradient, applies ``state.tx`` and then
+    ``post_update`` (e.g. an EMA update of a method state).
 
     Args:
       loss_fn: ``loss_fn(params, batch, rng) -> loss`` or ``-> (loss, aux)`` with
-        ``has_aux=True``; ``aux`` must be a dict of scalars, merged into the metrics.
+        ``has_aux=True``; ``aux`` must be a dict of scalars, merged into the metrics. A
+        loss that needs no randomness may be ``loss_fn(params, batch)``: the signature
+        decides (a third positional parameter, or ``*args``, gets the key).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       nonfinite: what to do when the gradient holds NaN/Inf. ``"apply"`` does nothing
         special; ``"skip"`` leaves params and optimizer state unchanged and counts the
@@ -117,14 +146,18 @@ def make_step(
     Raises:
       ValueError: for an unknown ``nonfinite`` policy; from the step, for a state whose
         arrays were already donated (see ``donate``).
+      TypeError: if ``loss_fn`` takes neither ``(params, batch)`` nor ``(params, batch,
+        rng)``.
     """
     if nonfinite not in ("apply", "skip", "raise"):
         raise ValueError(f"{nonfinite=} must be one of 'apply', 'skip', 'raise'")
+    takes_rng = _takes_rng(loss_fn)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
     def step(state: TrainState, batch: Any):
         rng, sub = jax.random.split(state.rng)
-        out, grads = grad_fn(state.params, batch, sub)
+        args = (sub,) if takes_rng else ()
+        out, grads = grad_fn(state.params, batch, *args)
         return apply_step(
             state, rng, out, grads, has_aux=has_aux, nonfinite=nonfinite, post_update=post_update
         )

@@ -91,3 +91,36 @@ def test_one_buffer_twice_in_a_donated_state_is_a_clear_error():
         make_step(_loss)(state, {"x": jnp.ones((2, 3)), "y": jnp.ones(2)})
     # not donated, the same state is fine
     make_step(_loss, donate=False)(state, {"x": jnp.ones((2, 3)), "y": jnp.ones(2)})
+
+
+def test_loss_without_rng_is_detected_by_its_signature(rng):
+    """loss_fn(params, batch) gets no key; (params, batch, rng) and *args get the step's key."""
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+        "y": jnp.asarray(rng.normal(size=(8,)), jnp.float32),
+    }
+    w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+    seen = []
+
+    def no_rng(params, batch):
+        return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+
+    def with_rng(params, batch, rng):
+        seen.append(rng)
+        return no_rng(params, batch)
+
+    def var_args(params, *args):
+        seen.append(len(args))
+        return no_rng(params, args[0])
+
+    out = {}
+    for f in (no_rng, with_rng, var_args):
+        state = TrainState.create({"w": w}, optax.sgd(0.1), rng=0)
+        new, metrics = make_step(f, donate=False)(state, batch)
+        out[f.__name__] = (new.params["w"], metrics["loss"])
+    chex.assert_trees_all_close(out["no_rng"], out["with_rng"])
+    chex.assert_trees_all_close(out["no_rng"], out["var_args"])
+    assert seen[-1] == 2  # *args received batch and the key
+    assert jax.dtypes.issubdtype(seen[0].dtype, jax.dtypes.prng_key)
+    with pytest.raises(TypeError, match="must take"):
+        make_step(lambda params: 0.0)
