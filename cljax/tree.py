@@ -5,11 +5,17 @@ the few conventions they all share:
 
 * **Paths** are the ``/``-joined keys of :func:`jax.tree_util.tree_flatten_with_path`
   (``"params/Dense_0/kernel"``). :func:`path_str` builds one, :func:`paths` lists them.
+  The attribute key under which a ``flax.nnx`` variable holds its array (``.../value``)
+  is dropped, so an ``nnx.State`` has the paths of the matching linen params
+  (``"linear/kernel"``, not ``"linear/kernel/value"``) and one rule selects the same
+  leaves in both.
 * **Stacked sets**: T trees of one structure are held as one tree whose leaves have a
   leading axis of size T (:func:`stack`, :func:`unstack`, :func:`as_stacked`).
 * **Path rules** are ordered ``(regex, value)`` pairs; the first regex that
   :func:`re.search`-matches a leaf's path gives that leaf its value (:func:`rule_values`,
-  :func:`rule_mask`). :func:`describe_rules` prints what each rule selected.
+  :func:`rule_mask`). A rule that selects no leaf is an error naming the rule and a few
+  paths (a rule written for another layout would otherwise be a silent no-op).
+  :func:`describe_rules` prints what each rule selected.
 * **Validation** raises :class:`ValueError` naming the first differing path
   (:func:`check_same_structure`, :func:`check_finite`).
 * **Accumulation dtype**: weight-space arithmetic accumulates in float32 whatever the
@@ -66,8 +72,22 @@ def _key_str(key: Any) -> str:
     return str(key)
 
 
+def _is_variable_value(key: Any) -> bool:
+    """The key under which an ``nnx.Variable`` (or an older ``VariableState``) flattens
+    its array: an attribute key named ``value``. Dict keys named ``"value"`` are kept."""
+    return isinstance(key, jax.tree_util.GetAttrKey) and key.name in ("value", "raw_value")
+
+
 def path_str(path: Sequence[Any]) -> str:
-    """Joins the keys of a ``tree_flatten_with_path`` path with ``/``."""
+    """Joins the keys of a ``tree_flatten_with_path`` path with ``/``.
+
+    A trailing ``flax.nnx`` variable key is dropped: the leaf of ``nnx.state(model)`` at
+    ``("linear", "kernel", GetAttrKey("value"))`` has the path ``"linear/kernel"``, as the
+    linen leaf ``params["linear"]["kernel"]`` does.
+    """
+    path = tuple(path)
+    if path and _is_variable_value(path[-1]):
+        path = path[:-1]
     return "/".join(_key_str(k) for k in path)
 
 
@@ -228,19 +248,63 @@ def _compile(rules: Rules) -> list[tuple[re.Pattern, Any]]:
     return out
 
 
-def rule_values(tree: PyTree, rules: Rules, default: Any = None) -> PyTree:
+def _check_used(tree: PyTree, rules: Rules, compiled: list[tuple[re.Pattern, Any]]) -> None:
+    """Raises ``ValueError`` for the first rule that selects no leaf (first match wins)."""
+    all_paths = paths(tree)
+    if not all_paths or not compiled:
+        return
+    owner: list[int] = []
+    for p in all_paths:
+        owner.append(next((i for i, (rx, _) in enumerate(compiled) if rx.search(p)), -1))
+    used = set(owner)
+    for i, (rx, value) in enumerate(compiled):
+        if i in used:
+            continue
+        shadowed = [(p, o) for p, o in zip(all_paths, owner, strict=True) if rx.search(p)]
+        rule = f"rules[{i}]=({rx.pattern!r}, {value!r})"
+        if shadowed:
+            p, o = shadowed[0]
+            raise ValueError(
+                f"{rule} selects no leaf: every path it matches is taken by an earlier rule "
+                f"(e.g. {p!r} by rules[{o}]={rules[o][0]!r}); reorder or remove it"
+            )
+        examples = ", ".join(repr(p) for p in all_paths[:4])
+        more = f", ... ({len(all_paths)} leaves)" if len(all_paths) > 4 else ""
+        raise ValueError(
+            f"{rule} selects no leaf; paths look like {examples}{more}. "
+            "Print cljax.tree.describe_rules(tree, rules) to see what each rule selects."
+        )
+
+
+def rule_values(
+    tree: PyTree, rules: Rules, default: Any = None, *, allow_unused: bool = False
+) -> PyTree:
     """Maps each leaf to the value of the first rule whose regex matches its path.
 
     Args:
-      tree: any pytree.
+      tree: any pytree (linen params, an ``nnx.State``, ...; see :func:`path_str`).
       rules: ordered ``(regex, value)`` pairs; ``re.search`` on the ``/``-joined path.
       default: value of leaves that no rule matches.
+      allow_unused: accept rules that select no leaf. Only for a rule set shared by
+        trees of different layouts (partition rules applied to the parameters and to a
+        batch); a method's own rules should select something.
 
     Returns:
       A tree of the structure of ``tree`` holding the values (not arrays: use it with
       ``jax.tree.map`` outside of tracing, it is static).
+
+    Raises:
+      ValueError: for a malformed rule or an invalid regex; unless ``allow_unused``, for a
+        rule that selects no leaf of a non-empty tree (it matches no path, or only paths
+        an earlier rule took), naming the rule and a few paths.
+
+    Example:
+      >>> rule_values({"enc": {"kernel": w}, "head": {"kernel": h}}, [("^head/", 0.0)], 1.0)
+      {'enc': {'kernel': 1.0}, 'head': {'kernel': 0.0}}
     """
     compiled = _compile(rules)
+    if not allow_unused:
+        _check_used(tree, rules, compiled)
 
     def pick(p, _):
         for rx, v in compiled:
@@ -253,9 +317,15 @@ def rule_values(tree: PyTree, rules: Rules, default: Any = None) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, [pick(path_str(p), x) for p, x in flat])
 
 
-def rule_mask(tree: PyTree, rules: Rules, default: bool = False) -> PyTree:
-    """A boolean tree from rules whose values are booleans (e.g. ``[("head", False), (".*", True)]``)."""
-    return rule_values(tree, rules, default=default)
+def rule_mask(
+    tree: PyTree, rules: Rules, default: bool = False, *, allow_unused: bool = False
+) -> PyTree:
+    """A boolean tree from rules whose values are booleans (e.g. ``[("head", False), (".*", True)]``).
+
+    Raises:
+      ValueError: as :func:`rule_values`.
+    """
+    return rule_values(tree, rules, default=default, allow_unused=allow_unused)
 
 
 def _matches(tree: PyTree, rules: Rules) -> list[list[str]]:

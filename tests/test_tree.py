@@ -99,3 +99,38 @@ def test_accumulation_dtypes():
     back = ct.cast_like(acc, t)
     assert back["a"].dtype == jnp.bfloat16
     assert ct.is_float(np.ones(2, np.float16)) and not ct.is_float(np.ones(2, np.int8))
+
+
+def test_nnx_paths_drop_the_variable_key():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.Dense_0 = nnx.Linear(3, 4, rngs=rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    state = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+    raw = [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    assert raw[0][-1] == jax.tree_util.GetAttrKey("value")  # what flax produces
+    assert ct.paths(state) == ["Dense_0/bias", "Dense_0/kernel", "head/bias", "head/kernel"]
+    # The same rules select the same leaves as in the linen-style dict.
+    linen = {"Dense_0": {"kernel": 0, "bias": 0}, "head": {"kernel": 0, "bias": 0}}
+    rules = [(r"^head/", False), (r"kernel$", True)]
+    got = sorted(p for p, m in ct.leaves_with_paths(ct.rule_mask(state, rules)) if m)
+    want = sorted(p for p, m in ct.leaves_with_paths(ct.rule_mask(linen, rules)) if m)
+    assert got == want == ["Dense_0/kernel"]
+    # A dict key called "value" is a real key and stays in the path.
+    assert ct.paths({"a": {"value": 1}}) == ["a/value"]
+
+
+def test_a_rule_that_selects_nothing_is_an_error():
+    with pytest.raises(ValueError, match=r"rules\[1\]=\('kernel/value\$', True\) selects no leaf"):
+        ct.rule_mask(_params(), [("head", False), ("kernel/value$", True)])
+    with pytest.raises(ValueError, match=r"'encoder/Dense_0/bias'"):  # names example paths
+        ct.rule_values(_params(), [("nope", 1)])
+    # Fully shadowed by an earlier rule (first match wins): also selects nothing.
+    with pytest.raises(ValueError, match=r"taken by an earlier rule .*rules\[0\]='\.\*'"):
+        ct.rule_mask(_params(), [(".*", True), ("head", False)])
+    # The documented opt-out, and an empty tree has nothing to select.
+    assert ct.rule_values(_params(), [("nope", 1)], default=0, allow_unused=True)["step"] == 0
+    assert ct.rule_values({}, [("nope", 1)]) == {}

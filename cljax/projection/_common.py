@@ -7,10 +7,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cljax import tree as ct
 
-__all__ = ["find_state", "map_state", "select_targets"]
+__all__ = ["check_finite_inputs", "find_state", "map_state", "select_targets"]
 
 
 def select_targets(
@@ -32,11 +33,11 @@ def select_targets(
       The selected paths, in flattening order.
 
     Raises:
-      ValueError: if no leaf is selected, or a selected leaf has a rank not in
-        ``allowed_ndim``.
+      ValueError: if no leaf is selected, a rule selects no leaf (naming it and a few
+        paths), or a selected leaf has a rank not in ``allowed_ndim``.
     """
     targets = list(targets)
-    mask = ct.rule_mask(params, targets, default=False)
+    mask = ct.rule_mask(params, targets, default=False, allow_unused=True)
     chosen = []
     for (path, leaf), (_, sel) in zip(
         ct.leaves_with_paths(params), ct.leaves_with_paths(mask), strict=True
@@ -55,7 +56,35 @@ def select_targets(
             f"{method}: the target rules {targets!r} select no parameter; paths are e.g. "
             f"{ct.paths(params)[:4]}"
         )
+    try:
+        ct.rule_mask(params, targets, default=False)  # every rule must select something
+    except ValueError as e:
+        raise ValueError(f"{method}: target {e}") from None
     return tuple(chosen)
+
+
+def check_finite_inputs(arrays: Any, *, where: str, what: str) -> None:
+    """Raises ``ValueError`` if a between-task hook's input holds NaN or Inf.
+
+    An SVD of a non-finite matrix returns NaN bases, which would then zero or corrupt every
+    later update of the layer; the hooks refuse them instead. Traced arrays (a hook called
+    under ``jit``) cannot be inspected and are let through.
+
+    Args:
+      arrays: per target, in target order.
+      where: the hook's name, for the message.
+      what: what the arrays are (``"representation"``, ``"weight"``).
+    """
+    for i, x in enumerate(arrays):
+        if isinstance(x, jax.core.Tracer):
+            continue
+        arr = np.asarray(jnp.asarray(x, jnp.float32))
+        bad = int(arr.size - np.isfinite(arr).sum())
+        if bad:
+            raise ValueError(
+                f"{where}: {what} {i} (shape {arr.shape}) holds {bad} non-finite value(s); "
+                "check the data and the model that produced it (a diverged task?)"
+            )
 
 
 def _by_path(tree: Any) -> dict[str, Any]:
