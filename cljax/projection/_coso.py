@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from cljax import tree as ct
-from cljax.projection._common import select_targets
+from cljax.projection._common import check_finite_inputs, select_targets
 
 __all__ = [
     "CoSOState",
@@ -345,12 +345,14 @@ def coso_next_task(state: CoSOState, threshold: float = 0.98) -> CoSOState:
       ``count = 0`` and ``task + 1``.
 
     Raises:
-      ValueError: for a threshold outside (0, 1].
+      ValueError: for a threshold outside (0, 1], or a sketch holding NaN or Inf (a
+        non-finite gradient reached it during the task).
 
     References:
       Cheng et al., "Continuous Subspace Optimization for Continual Learning", 2025.
     """
     t = _check_threshold(threshold)
+    check_finite_inputs(state.sketch, where="coso_next_task", what="gradient sketch of target")
     hist, hr = [], []
     for h, k, b in zip(state.history, state.hrank, state.sketch, strict=True):
         h2, k2 = _extend(h, k, b, t)

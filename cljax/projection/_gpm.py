@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from cljax import tree as ct
-from cljax.projection._common import select_targets
+from cljax.projection._common import check_finite_inputs, select_targets
 
 __all__ = [
     "GPMState",
@@ -220,7 +221,8 @@ def gpm_update_memory(
       The updated state, with ``task`` incremented.
 
     Raises:
-      ValueError: on thresholds outside (0, 1], a count or shape mismatch.
+      ValueError: on thresholds outside (0, 1], a count or shape mismatch, or a
+        representation holding NaN or Inf.
 
     References:
       Saha, Garg & Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021
@@ -238,6 +240,7 @@ def gpm_update_memory(
                 f"gpm_update_memory: representation {i} has shape {jnp.shape(x)}; "
                 f"expected [n, {m.shape[0]}]"
             )
+    check_finite_inputs(reps, where="gpm_update_memory", what="representation")
     first = state.task == 0
     mem, rank = [], []
     for x, m, k, t in zip(reps, state.memory, state.rank, ts, strict=True):
@@ -331,67 +334,131 @@ def conv_patches(
     return p.reshape(-1, int(np.prod(kernel_size)) * c)
 
 
+def _layer_rows(mod: Any, inp: jax.Array, key: str, is_conv: bool) -> jax.Array:
+    """One layer's input as representation rows (dense: tokens, conv: im2col patches)."""
+    inp = jnp.asarray(inp)
+    if not is_conv:
+        return inp.reshape(-1, inp.shape[-1])
+    ks = tuple(mod.kernel_size) if not isinstance(mod.kernel_size, int) else (mod.kernel_size,)
+    if mod.feature_group_count != 1 or any(v != 1 for v in _tuple(mod.input_dilation, len(ks))):
+        raise ValueError(
+            f"record_layer_inputs: {key}: grouped or input-dilated convs are not supported"
+        )
+    if inp.ndim == len(ks) + 1:  # unbatched
+        inp = inp[None]
+    return conv_patches(
+        inp, ks, strides=mod.strides, padding=mod.padding, kernel_dilation=mod.kernel_dilation
+    )
+
+
 def record_layer_inputs(
-    module: nn.Module,
-    variables: Any,
+    module: nn.Module | nnx.Module,
     *args: Any,
-    layer_types: tuple[type, ...] = (nn.Dense, nn.Conv),
+    layer_types: tuple[type, ...] | None = None,
     **kwargs: Any,
 ) -> dict[str, jax.Array]:
-    """Runs ``module.apply(variables, *args, **kwargs)`` and records every layer's input.
+    """Runs a model once and records the input of every dense and conv layer.
 
-    Uses :func:`flax.linen.intercept_methods`, so it works on any linen model whose
-    layers are ``nn.Dense`` / ``nn.Conv`` submodules. Dense inputs ``[..., in]`` become
-    rows ``[prod(...), in]`` (each token of a transformer is one input); conv inputs become
-    :func:`conv_patches` with the layer's own strides, padding and dilation.
+    Two calling forms, one result:
+
+    * linen: ``record_layer_inputs(module, variables, *inputs)`` runs
+      ``module.apply(variables, *inputs, **kwargs)`` under
+      :func:`flax.linen.intercept_methods`; default layers ``nn.Dense`` and ``nn.Conv``.
+    * NNX: ``record_layer_inputs(model, *inputs)`` calls ``model(*inputs, **kwargs)`` on
+      the live ``nnx.Module``; default layers ``nnx.Linear`` and ``nnx.Conv``. Their
+      ``__call__`` is wrapped for the duration of the call (as :func:`flax.nnx.capture`
+      does), so do not run the same layer classes in another thread meanwhile. Under
+      ``jax.jit``, rebuild the model inside: ``lambda state, x:
+      record_layer_inputs(nnx.merge(graphdef, state), x)``.
+
+    Dense inputs ``[..., in]`` become rows ``[prod(...), in]`` (each token of a transformer
+    is one input); conv inputs become :func:`conv_patches` with the layer's own strides,
+    padding and dilation.
 
     Args:
-      module: a linen module.
-      variables: its variables (``{"params": ...}``).
-      *args, **kwargs: the inputs of ``module.apply``.
-      layer_types: the layer classes to record.
+      module: a linen module or an ``nnx.Module``.
+      *args: linen: the variables (``{"params": ...}``) then the inputs; NNX: the inputs.
+      layer_types: the layer classes to record (default: see above).
+      **kwargs: keyword inputs of the call.
 
     Returns:
       ``{"<module path>/kernel": rows [n, d]}``; module paths are ``/``-joined
-      (``"Dense_0/kernel"``); match them to parameter paths with :func:`gpm_representations`.
+      (linen ``"Dense_0/kernel"``, NNX ``"layers/0/kernel"``, the attribute path);
+      match them to parameter paths with :func:`gpm_representations`.
 
     Raises:
       ValueError: for grouped convolutions or convs with input dilation.
+      TypeError: if ``module`` is neither a linen nor an NNX module.
 
     Example::
 
-      reps = record_layer_inputs(model, {"params": params}, x[:300])
+      reps = record_layer_inputs(model, {"params": params}, x[:300])  # linen
+      reps = record_layer_inputs(nnx_model, x[:300])  # NNX
     """
+    if isinstance(module, nnx.Module):
+        return _record_nnx(module, args, kwargs, layer_types or (nnx.Linear, nnx.Conv))
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"record_layer_inputs: module={type(module).__name__} is neither a flax.linen "
+            "nor a flax.nnx Module"
+        )
+    if not args:
+        raise TypeError("record_layer_inputs: a linen module needs its variables")
+    variables, args = args[0], args[1:]
+    layer_types = layer_types or (nn.Dense, nn.Conv)
     recorded: dict[str, jax.Array] = {}
 
     def interceptor(next_fun, a, kw, context):
         mod = context.module
         if context.method_name == "__call__" and isinstance(mod, layer_types):
             key = "/".join(str(s) for s in mod.scope.path) + "/kernel"
-            inp = jnp.asarray(a[0])
-            if isinstance(mod, nn.Conv):
-                ks = tuple(mod.kernel_size)
-                if mod.feature_group_count != 1 or any(
-                    v != 1 for v in _tuple(mod.input_dilation, len(ks))
-                ):
-                    raise ValueError(
-                        f"record_layer_inputs: {key}: grouped or input-dilated convs are not supported"
-                    )
-                if inp.ndim == len(ks) + 1:  # unbatched
-                    inp = inp[None]
-                recorded[key] = conv_patches(
-                    inp,
-                    ks,
-                    strides=mod.strides,
-                    padding=mod.padding,
-                    kernel_dilation=mod.kernel_dilation,
-                )
-            else:
-                recorded[key] = inp.reshape(-1, inp.shape[-1])
+            recorded[key] = _layer_rows(mod, a[0], key, isinstance(mod, nn.Conv))
         return next_fun(*a, **kw)
 
     with nn.intercept_methods(interceptor):
         module.apply(variables, *args, **kwargs)
+    return recorded
+
+
+def _record_nnx(
+    model: nnx.Module, args: tuple, kwargs: dict, layer_types: tuple[type, ...]
+) -> dict[str, jax.Array]:
+    keys = {
+        id(m): "/".join(str(k) for k in path) + "/kernel"
+        for path, m in nnx.iter_modules(model)
+        if path and isinstance(m, layer_types)
+    }
+    recorded: dict[str, jax.Array] = {}
+    active: set[int] = set()
+    classes = {type(m) for _, m in nnx.iter_modules(model) if id(m) in keys}
+    saved = {cls: cls.__dict__.get("__call__") for cls in classes}
+
+    def wrap(cls):
+        inner = cls.__call__
+
+        def __call__(self, *a, **kw):
+            key = keys.get(id(self))
+            if key is None or not a or id(self) in active:  # outermost call of a layer only
+                return inner(self, *a, **kw)
+            recorded[key] = _layer_rows(self, a[0], key, isinstance(self, nnx.Conv))
+            active.add(id(self))
+            try:
+                return inner(self, *a, **kw)
+            finally:
+                active.discard(id(self))
+
+        return __call__
+
+    try:
+        for cls in classes:
+            cls.__call__ = wrap(cls)
+        model(*args, **kwargs)
+    finally:
+        for cls, orig in saved.items():
+            if orig is None:
+                del cls.__call__
+            else:
+                cls.__call__ = orig
     return recorded
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from cljax import tree as ct
-from cljax.projection._common import select_targets
+from cljax.projection._common import check_finite_inputs, select_targets
 
 __all__ = [
     "OSFTState",
@@ -204,7 +204,8 @@ def osft_begin_task(
       The state with new frozen bases and ``task + 1``.
 
     Raises:
-      ValueError: on a count/shape mismatch or ratios outside [0, 1].
+      ValueError: on a count/shape mismatch, ratios outside [0, 1], or a weight holding
+        NaN or Inf.
 
     References:
       Nayak et al., "Sculpting Subspaces", 2025.
@@ -220,6 +221,7 @@ def osft_begin_task(
                 f"osft_begin_task: weight {i} has shape {jnp.shape(w)}; "
                 f"expected {(a.shape[0], b.shape[0])}"
             )
+    check_finite_inputs(weights, where="osft_begin_task", what="weight")
     ks = osft_ranks([jnp.shape(w) for w in weights], ratios)
     for i, (k, a) in enumerate(zip(ks, state.u_high, strict=True)):
         if k > a.shape[1]:

@@ -122,3 +122,10 @@ def test_bad_inputs():
     for bad in (0.0, 1.01):
         with pytest.raises(ValueError, match=r"threshold=.* must be in \(0, 1\]"):
             pj.coso_next_task(st, bad)
+
+
+def test_nonfinite_sketch_is_rejected_at_the_task_boundary():
+    st = pj.coso(1e-3, [("w", True)]).init({"w": jnp.zeros((4, 3))})
+    sketch = st.sketch[0].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"coso_next_task: gradient sketch of target 0 .* 1 non"):
+        pj.coso_next_task(st._replace(sketch=(sketch,)), 0.98)

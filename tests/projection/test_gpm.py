@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from cljax import projection as pj
 
@@ -209,3 +210,67 @@ def test_bad_inputs(rng):
         pj.gpm_update_memory(state, reps[:1], 0.9)
     with pytest.raises(ValueError, match=r"no GPMState"):
         pj.map_state(optax.adam(1.0).init(params), pj.GPMState, lambda s: s)
+
+
+def test_nonfinite_representations_are_rejected(rng):
+    state = pj.gpm(TARGETS).init(_params(rng))
+    good = rng.normal(size=(4, 8))
+    for bad_value in (np.nan, np.inf):
+        bad = rng.normal(size=(4, 18))
+        bad[1, 2] = bad_value
+        with pytest.raises(ValueError, match=r"representation 0 .* 1 non-finite value"):
+            pj.gpm_update_memory(state, (bad, good), 0.9)
+
+
+class _NNXNet(nnx.Module):
+    """The NNX twin of ``_Net``: conv (stride 2, VALID), then two linear layers."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(2, 4, (3, 3), strides=2, padding="VALID", use_bias=False, rngs=rngs)
+        self.layers = nnx.List(
+            [nnx.Linear(36, 6, use_bias=False, rngs=rngs), nnx.Linear(6, 3, rngs=rngs)]
+        )
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv(x)).reshape(x.shape[0], -1)
+        return self.layers[1](nnx.relu(self.layers[0](x)))
+
+
+def test_record_layer_inputs_on_an_nnx_model(rng):
+    model = _NNXNet(nnx.Rngs(0))
+    x = jnp.asarray(rng.normal(size=(3, 7, 7, 2)), jnp.float32)
+    rec = pj.record_layer_inputs(model, x)
+    assert sorted(rec) == ["conv/kernel", "layers/0/kernel", "layers/1/kernel"]
+    assert nnx.Linear.__call__ is nnx.Linear.__dict__["__call__"]  # the wrapper is removed
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    reps = pj.gpm_representations(params, TARGETS, rec)  # paths: "conv/kernel", no "/value"
+    assert [r.shape for r in reps] == [(3 * 9, 18), (3, 36), (3, 6)]
+    # Independent reference: the layers' inputs computed by hand.
+    conv_out = jax.lax.conv_general_dilated(
+        x, model.conv.kernel[...], (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    h0 = jax.nn.relu(conv_out).reshape(3, -1)
+    np.testing.assert_allclose(reps[1], h0, rtol=1e-5, atol=1e-6)
+    h1 = jax.nn.relu(h0 @ model.layers[0].kernel[...])
+    np.testing.assert_allclose(reps[2], h1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        reps[0] @ model.conv.kernel[...].reshape(18, 4),
+        conv_out.reshape(-1, 4),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+    @jax.jit
+    def record(params, x):  # traceable: rebuild the module from its state inside jit
+        return pj.record_layer_inputs(nnx.merge(graphdef, params, rest), x)
+
+    chex.assert_trees_all_close(record(params, x), rec, rtol=1e-5, atol=1e-6)
+    # The memory hook takes them as it takes linen representations.
+    tx = pj.gpm(TARGETS)
+    state = pj.gpm_update_memory(tx.init(params), reps, 0.97)
+    assert all(int(r) > 0 for r in state.rank)
+
+
+def test_record_layer_inputs_rejects_other_callables():
+    with pytest.raises(TypeError, match=r"neither a flax.linen nor a flax.nnx Module"):
+        pj.record_layer_inputs(lambda x: x, jnp.ones(3))

@@ -134,3 +134,11 @@ def test_bad_inputs(rng):
         pj.io_cosine_similarity(np.ones((2, 3)), np.ones((2, 4)))
     with pytest.raises(ValueError, match=r"min_ratio"):
         pj.adaptive_ratios([1.0], min_ratio=0.8, max_ratio=0.2)
+
+
+def test_nonfinite_weights_are_rejected_at_the_task_boundary():
+    st = pj.osft(RULES).init({"w": jnp.zeros((3, 4))})
+    for bad in (jnp.nan, jnp.inf):
+        w = jnp.ones((3, 4)).at[2, 1].set(bad)
+        with pytest.raises(ValueError, match=r"osft_begin_task: weight 0 .* 1 non-finite"):
+            pj.osft_begin_task(st, [w], 0.5)
