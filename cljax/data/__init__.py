@@ -18,7 +18,12 @@ from cljax.data._mtil import (
     mtil_sequence,
     render_strokes,
 )
-from cljax.data._multi_mnist import load_mnist_attributes, load_multi_mnist
+from cljax.data._multi_mnist import (
+    MultiDigitImages,
+    generate_multi_mnist,
+    load_mnist_attributes,
+    load_multi_mnist,
+)
 from cljax.data._sources import load_digits, load_mnist1d, load_mnist5k
 from cljax.data._task import Task, split_train_val
 from cljax.data._tfds import DATASETS, TFDSTask, clip_preprocess, tfds_task
@@ -38,6 +43,8 @@ __all__ = [
     "load_mnist5k",
     "load_mnist_attributes",
     "load_multi_mnist",
+    "generate_multi_mnist",
+    "MultiDigitImages",
     "merging_benchmark",
     "mixed_batch_at",
     "mixed_batch_counts",
