@@ -5,11 +5,16 @@ axis T, or a list of T trees) and return one gradient tree; they are pure and ji
 share one signature ``aggregator(task_grads, *, key=None, **hyperparameters)``. Each
 docstring states its scale convention (mean or sum). Gram-based ones compute the T×T Gram
 matrix of global dot products once, in float32.
+
+Inside optax, :func:`aggregate` wraps any aggregator as the first transformation of a
+chain: it takes the stacked per-task gradients of :func:`task_grad_fn` (or F-MTL's
+:func:`fmtl_grad_fn`) and keeps the aggregator's PRNG key in its state.
 """
 
+from cljax.mtl._aggregate import AggregateState, FMTLGrads, aggregate
 from cljax.mtl._aligned import aligned_mtl
 from cljax.mtl._cagrad import cagrad
-from cljax.mtl._fmtl import fmtl, mtl_grad_fn
+from cljax.mtl._fmtl import fmtl, fmtl_grad_fn, mtl_grad_fn, task_grad_fn
 from cljax.mtl._graddrop import graddrop
 from cljax.mtl._gram import combine, gram
 from cljax.mtl._harness import (
@@ -38,12 +43,15 @@ from cljax.mtl._weighting import (
 )
 
 __all__ = [
+    "AggregateState",
     "DWAState",
+    "FMTLGrads",
     "HEAD_RULES",
     "LossWeighting",
     "MultiHead",
     "TaskGrads",
     "UWState",
+    "aggregate",
     "aligned_mtl",
     "cagrad",
     "classification_losses",
@@ -52,6 +60,7 @@ __all__ = [
     "dwa",
     "evaluate_accuracy",
     "fmtl",
+    "fmtl_grad_fn",
     "graddrop",
     "gram",
     "head_mask",
@@ -67,5 +76,6 @@ __all__ = [
     "random_loss_weighting",
     "sam_gradient",
     "sam_perturbation",
+    "task_grad_fn",
     "uncertainty_weighting",
 ]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import tree as ct
+from cljax.mtl._aggregate import FMTLGrads
 from cljax.mtl._linear import linear
 from cljax.mtl._per_task import (
     _check_losses,
@@ -21,7 +22,7 @@ from cljax.mtl._per_task import (
     task_map,
 )
 
-__all__ = ["GradFn", "fmtl", "mtl_grad_fn"]
+__all__ = ["GradFn", "fmtl", "fmtl_grad_fn", "mtl_grad_fn", "task_grad_fn"]
 
 PyTree = Any
 Aggregator = Callable[..., PyTree]
@@ -181,13 +182,139 @@ def fmtl(
       arXiv 2211.13723 (ICCV 2025: "Beyond Losses Reweighting: Empowering Multi-Task
       Learning via the Generalization Perspective").
     """
-    if not rho >= 0:
-        raise ValueError(f"fmtl: {rho=} must be >= 0")
-    if normalization not in ("joint", "separate"):
-        raise ValueError(f"fmtl: {normalization=} must be 'joint' or 'separate'")
-    check_task_batch_size("fmtl", task_batch_size, unroll)
+    sam_fn = fmtl_grad_fn(
+        loss_fn,
+        rho=rho,
+        adaptive=adaptive,
+        normalization=normalization,
+        head_rules=head_rules,
+        has_aux=has_aux,
+        task_batch_size=task_batch_size,
+        unroll=unroll,
+        eps=eps,
+        name="fmtl",
+    )
 
     def grad_fn(params, batch, *args, key=None, weights=None):
+        tg, info = sam_fn(params, batch, *args, weights=weights)
+        mask = head_mask(params, head_rules)
+        g, _ = split_parts(tg.clean, mask)
+        g_sam, heads = split_parts(tg.sam, mask)
+        h = jax.tree.map(lambda a, b: a - b, g_sam, g)
+        k_g, k_h = _keys(key, 2)
+        shared = jax.tree.map(lambda a, b: a + b, aggregator(g, key=k_g), aggregator(h, key=k_h))
+        return merge_parts(shared, sum_heads(heads)), info
+
+    return grad_fn
+
+
+def task_grad_fn(
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    task_batch_size: int | None = None,
+    unroll: bool = False,
+) -> GradFn:
+    """A gradient function returning the stacked per-task gradients of every parameter.
+
+    ``grad_fn(params, batch, *args, weights=None) -> (stacked, info)``: one forward and T
+    (vectorised) backward passes; ``stacked`` has the parameters' structure with a leading
+    task axis T on every leaf (row i is ``grad L_i``, ``grad (weights[i] L_i)`` with
+    ``weights``), the input of :func:`cljax.mtl.aggregate`. Heads are not split off here:
+    the aggregate transform's ``head_rules`` do that.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, *args) -> losses[T]`` or ``(losses, aux)``.
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+      task_batch_size: tasks per vectorised chunk (``lax.map``), ``None`` for all (vmap).
+      unroll: run the chunks as a Python loop (see :func:`cljax.mtl.per_task_grads`).
+
+    Returns:
+      The gradient function; ``info`` holds ``"losses"`` ([T]) and ``"aux"``.
+
+    Raises:
+      ValueError: on a bad ``task_batch_size``, or ``unroll`` without one.
+
+    Example::
+
+      >>> tx = optax.chain(cljax.mtl.aggregate(cljax.mtl.mgda), optax.adam(1e-3))
+      >>> stacked, info = task_grad_fn(losses_fn)(params, batch)
+    """
+    check_task_batch_size("task_grad_fn", task_batch_size, unroll)
+
+    def grad_fn(params, batch, *args, weights=None):
+        f = lambda p: _call_loss(loss_fn, has_aux, p, batch, args)
+        losses, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
+        t = _check_losses(losses)
+        cot = jnp.eye(t, dtype=losses.dtype)
+        if weights is not None:
+            cot = cot * jnp.asarray(weights, losses.dtype)[:, None]
+        (jac,) = task_map(vjp_fn, cot, task_batch_size, unroll)
+        return jac, {"losses": losses, "aux": aux}
+
+    return grad_fn
+
+
+def fmtl_grad_fn(
+    loss_fn: Callable[..., Any],
+    *,
+    rho: float,
+    adaptive: bool = False,
+    normalization: Literal["joint", "separate"] = "joint",
+    head_rules: ct.Rules = (),
+    has_aux: bool = False,
+    task_batch_size: int | None = None,
+    unroll: bool = False,
+    eps: float = 1e-12,
+    name: str = "fmtl_grad_fn",
+) -> GradFn:
+    """F-MTL's per-task gradients, clean and sharpness-aware, for :func:`cljax.mtl.aggregate`.
+
+    ``grad_fn(params, batch, *args, weights=None) -> (FMTLGrads(clean, sam), info)``:
+    steps 1-3 of :func:`cljax.mtl.fmtl` (T+1 forward, 2T backward passes), leaving step 4
+    (the two aggregator solves) to the aggregate transform, which holds the key. Both
+    trees are stacked (leading axis T on every leaf); ``head_rules`` here only serve
+    ``normalization="separate"`` (a perturbation touches the shared leaves and its own
+    task's head either way, since ``L_i`` does not depend on the other heads).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, *args) -> losses[T]`` or ``(losses, aux)``.
+      rho: perturbation radius, ``>= 0``.
+      adaptive: ASAM perturbation.
+      normalization: ``"joint"`` or ``"separate"`` (see :func:`cljax.mtl.fmtl`).
+      head_rules: ``(regex, bool)`` rules, ``True`` for task-specific (head) leaves.
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+      task_batch_size: tasks per vectorised chunk (``lax.map``), ``None`` for all (vmap).
+      unroll: run the chunks as a Python loop, not ``lax.map``.
+      eps: added to the perturbation norms.
+      name: used in error messages.
+
+    Returns:
+      The gradient function; ``info`` holds ``"losses"`` (clean, [T]), ``"aux"`` (clean),
+      ``"sam_losses"`` ([T]).
+
+    Raises:
+      ValueError: if ``rho < 0``, on an unknown ``normalization``, a bad
+        ``task_batch_size`` or ``unroll`` without one.
+
+    Example::
+
+      >>> heads = [(r"^head_", True)]
+      >>> tx = optax.chain(cljax.mtl.aggregate(cljax.mtl.pcgrad, head_rules=heads),
+      ...                  optax.adam(1e-3))
+      >>> grads, info = fmtl_grad_fn(losses_fn, rho=0.05, head_rules=heads)(params, batch)
+
+    References:
+      Phan et al., "Improving Multi-task Learning via Seeking Task-based Flat Regions",
+      arXiv 2211.13723.
+    """
+    if not rho >= 0:
+        raise ValueError(f"{name}: {rho=} must be >= 0")
+    if normalization not in ("joint", "separate"):
+        raise ValueError(f"{name}: {normalization=} must be 'joint' or 'separate'")
+    check_task_batch_size(name, task_batch_size, unroll)
+
+    def grad_fn(params, batch, *args, weights=None):
         f = lambda p: _call_loss(loss_fn, has_aux, p, batch, args)
         losses, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
         t = _check_losses(losses)
@@ -241,13 +368,7 @@ def fmtl(
                 lambda x: x * w.astype(x.dtype).reshape((t,) + (1,) * (x.ndim - 1)), tree
             )
             jac, jac_sam = scale_rows(jac), scale_rows(jac_sam)
-        g, _ = split_parts(jac, mask)
-        g_sam, heads = split_parts(jac_sam, mask)
-        h = jax.tree.map(lambda a, b: a - b, g_sam, g)
-        k_g, k_h = _keys(key, 2)
-        shared = jax.tree.map(lambda a, b: a + b, aggregator(g, key=k_g), aggregator(h, key=k_h))
-        heads = sum_heads(heads)
-        grads = merge_parts(shared, heads)
-        return grads, {"losses": losses, "aux": aux, "sam_losses": sam_losses}
+        info = {"losses": losses, "aux": aux, "sam_losses": sam_losses}
+        return FMTLGrads(clean=jac, sam=jac_sam), info
 
     return grad_fn

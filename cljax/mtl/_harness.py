@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -75,6 +76,14 @@ def multitask_batch(
     return {"x": bs[0]["x"], "y": np.stack([b["y"] for b in bs], axis=-1)}
 
 
+def _takes_key(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return "key" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def make_mtl_step(
     grad_fn: Callable[..., Any],
     *,
@@ -84,39 +93,54 @@ def make_mtl_step(
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """``step(state, batch) -> (state, metrics)`` from a multi-task gradient function.
 
-    ``grad_fn`` is built by :func:`cljax.mtl.mtl_grad_fn` or :func:`cljax.mtl.fmtl` with
-    ``has_aux=True`` around a loss ``loss_fn(params, batch, model_state) -> (losses,
-    new_model_state)``; ``model_state`` (e.g. ``{"batch_stats": ...}``, or ``{}``) lives in
-    ``state.methods["model_state"]`` and is replaced by the clean pass's output. With a
-    ``weighting``, its state lives in ``state.methods["weighting"]`` and its weights scale
-    the task losses.
+    Two kinds of ``grad_fn``, told apart by whether it takes a ``key`` keyword:
+
+    * the aggregator inside optax (recommended): :func:`cljax.mtl.task_grad_fn` or
+      :func:`cljax.mtl.fmtl_grad_fn` return stacked per-task gradients, and ``state.tx``
+      is ``optax.chain(cljax.mtl.aggregate(aggregator, ...), optimizer)``, which holds
+      the aggregator's key;
+    * a gradient function that aggregates itself (:func:`cljax.mtl.mtl_grad_fn`,
+      :func:`cljax.mtl.fmtl`): it gets a key split from ``state.rng`` each step.
+
+    If ``state.methods`` holds ``"model_state"`` (e.g. ``{"batch_stats": ...}``, or
+    ``{}``), it is passed to ``grad_fn`` after the batch (a loss ``loss_fn(params, batch,
+    model_state) -> (losses, new_model_state)`` with ``has_aux=True``) and replaced by
+    the clean pass's output; otherwise the loss is ``loss_fn(params, batch)``. With a
+    ``weighting``, its state lives in ``state.methods["weighting"]`` and its weights
+    scale the task losses.
 
     Args:
-      grad_fn: ``grad_fn(params, batch, model_state, key=, weights=) -> (grads, info)``.
+      grad_fn: ``grad_fn(params, batch, [model_state], [key=], weights=) -> (grads,
+        info)``.
       weighting: optional :class:`cljax.mtl.LossWeighting`.
       jit: compile the step.
       donate: donate the input state (with ``jit``).
 
     Returns:
       The step; metrics hold ``loss`` (sum of task losses), ``losses`` ([T]), ``weights``
-      ([T]) and ``grad_norm``.
+      ([T]) and ``grad_norm`` (the norm of what ``grad_fn`` returned: with stacked
+      per-task gradients, of all of them).
 
     Example::
 
-      >>> state = TrainState.create(params, optax.adam(1e-3), rng=0,
-      ...                           methods={"model_state": {}})
-      >>> step = make_mtl_step(fmtl(loss_fn, cljax.mtl.mgda, rho=0.05, has_aux=True,
-      ...                           head_rules=HEAD_RULES))
+      >>> heads = [(r"^head_", True)]
+      >>> tx = optax.chain(cljax.mtl.aggregate(cljax.mtl.pcgrad, key=0, head_rules=heads),
+      ...                  optax.adam(1e-3))
+      >>> state = TrainState.create(params, tx)
+      >>> step = make_mtl_step(cljax.mtl.task_grad_fn(losses_fn))
+      >>> state, metrics = step(state, batch)
     """
+    takes_key = _takes_key(grad_fn)
 
     def step(state: TrainState, batch: Any):
         rng, k_agg, k_w = jax.random.split(state.rng, 3)
         methods = dict(state.methods)
-        ms = methods.get("model_state", {})
+        args = (methods["model_state"],) if "model_state" in methods else ()
         w = None if weighting is None else weighting.weights(methods["weighting"], k_w)
-        grads, info = grad_fn(state.params, batch, ms, key=k_agg, weights=w)
+        kw = {"key": k_agg} if takes_key else {}
+        grads, info = grad_fn(state.params, batch, *args, weights=w, **kw)
         new = state.apply_gradients(grads)
-        if info.get("aux") is not None:
+        if args and info.get("aux") is not None:
             methods["model_state"] = info["aux"]
         if weighting is not None:
             methods["weighting"] = weighting.update(methods["weighting"], info["losses"])
