@@ -7,12 +7,18 @@ dataclasses into library calls and use these helpers for everything around them.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import os
 import statistics
+import sys
+import textwrap
 import time
-from collections.abc import Callable, Iterable, Sequence
+import tokenize
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +42,103 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """Adds ``--field`` flags for the scalar fields of a config dataclass (defaults from it)."""
+def _field_comments(config_cls: type) -> dict[str, str]:
+    """``{field: text}`` from the ``# comment`` on a field's line of the class source (or
+    the comment lines right above it); empty if the source cannot be read."""
+    try:
+        src = textwrap.dedent(inspect.getsource(config_cls))
+        tree = ast.parse(src)
+        comments: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+        return {}
+    lines = src.splitlines()
+    out = {}
+    cls = tree.body[0] if tree.body and isinstance(tree.body[0], ast.ClassDef) else None
+    for node in cls.body if cls is not None else []:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        end = node.end_lineno or node.lineno
+        text = [comments[n] for n in range(node.lineno, end + 1) if n in comments]
+        if not text:  # comment-only lines directly above the field
+            n = node.lineno - 1
+            while n in comments and lines[n - 1].lstrip().startswith("#"):
+                text.insert(0, comments[n])
+                n -= 1
+        if text:
+            out[node.target.id] = " ".join(t for t in text if t)
+    return out
+
+
+def _fmt_default(v: Any) -> str:
+    if isinstance(v, tuple | list):
+        return " ".join(map(str, v)) if v else "(empty)"
+    if isinstance(v, str):
+        return repr(v) if v == "" else v
+    return str(v)
+
+
+def _presets_of(config_cls: type) -> list[str]:
+    module = sys.modules.get(config_cls.__module__)
+    presets = getattr(module, "PRESETS", None)
+    return [str(k) for k in presets] if isinstance(presets, Mapping) else []
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    config_cls: type,
+    *,
+    presets: Iterable[str] | None = None,
+) -> None:
+    """Adds ``--field`` flags for the scalar and tuple fields of a config dataclass.
+
+    Every flag's default is ``None`` (so :func:`config_from_flags` changes only what was
+    given) and its help shows the dataclass default. The help text comes from
+    ``dataclasses.field(metadata={"help": ...})``, else from the ``# comment`` on the
+    field's line (or the comment lines right above it), else from the field's name and type.
+    The preset names (``presets``, default: the keys of ``PRESETS`` in the config's module)
+    are listed in the ``--preset`` help and in the epilog, unless the parser has one.
+    """
+    comments = _field_comments(config_cls)
+    names = list(presets) if presets is not None else _presets_of(config_cls)
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
+        text = f.metadata.get("help") or comments.get(f.name) or f.name.replace("_", " ")
+        if f.name == "preset" and names:
+            text += f"; one of: {', '.join(names)}"
+        text = f"{text} (default: {_fmt_default(default)})".replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(
-                f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None
+                f"--{f.name}",
+                type=lambda s: s.lower() in ("1", "true", "yes"),
+                default=None,
+                metavar="BOOL",
+                help=text,
             )
         elif isinstance(default, int | float | str):
-            parser.add_argument(f"--{f.name}", type=type(default), default=None)
+            kind = type(default).__name__.upper()
+            parser.add_argument(
+                f"--{f.name}", type=type(default), default=None, metavar=kind, help=text
+            )
         elif isinstance(default, tuple | list):
             elem = type(default[0]) if default else str
-            parser.add_argument(f"--{f.name}", type=elem, nargs="+", default=None)
+            parser.add_argument(
+                f"--{f.name}",
+                type=elem,
+                nargs="+",
+                default=None,
+                metavar=elem.__name__.upper(),
+                help=text,
+            )
+    if names and not parser.epilog:
+        parser.epilog = (
+            f"presets: {', '.join(names)} (--preset NAME; a preset replaces some of the "
+            "defaults shown above)"
+        )
 
 
 def config_from_flags(base: Any, args: argparse.Namespace) -> Any:

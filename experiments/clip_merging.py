@@ -510,3 +510,17 @@ def main(preset: str, args) -> dict[str, Any]:
         with tfds.testing.mock_data(num_examples=64):
             return run(cfg)
     return run(cfg)
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m experiments.clip_merging [--preset clip-vit-b32|clip-tiny] [flags]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    _common.add_config_flags(parser, ClipConfig)
+    args = parser.parse_args(argv)
+    return main(args.preset or ClipConfig.preset, args)
+
+
+if __name__ == "__main__":
+    cli()

@@ -504,3 +504,15 @@ def main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
         (out / "table.md").write_text(table + "\n")
         _plot(results, out / "matrices.png")
     return results
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m experiments.clip_zscl [--preset mtil|mtil-tiny] [flags]``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=ClipZsclConfig.preset)
+    known, _ = pre.parse_known_args(argv)
+    return main(known.preset, argv)
+
+
+if __name__ == "__main__":
+    cli()
