@@ -23,3 +23,11 @@ def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch):
     # A second run finds every run in its checkpoint and trains nothing.
     res2 = mtl.main(["--preset", "tiny", "--out", str(out)])
     assert res2["runs"] == res["runs"]
+
+
+def test_multi_mnist_gen_dataset_loads():
+    import dataclasses
+
+    cfg = dataclasses.replace(mtl.PRESETS["tiny"], num_train=64, num_val=16, num_test=16)
+    left, right = mtl.load("multi_mnist_gen", cfg)
+    assert left.x_train.shape == (64, 36, 36, 1) and len(right.y_test) == 16
