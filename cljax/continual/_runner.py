@@ -38,7 +38,8 @@ from cljax.checkpoint import CheckpointManager
 from cljax.continual._metrics import summarize
 from cljax.data import Task
 from cljax.projection._common import find_state
-from cljax.train import TrainState
+from cljax.train import NonFiniteError, TrainState
+from cljax.tree import path_str
 
 __all__ = [
     "ContinualResult",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 SCENARIOS = ("task", "class", "domain")
+NONFINITE = ("raise", "skip")
 _NEG = -1e9
 
 
@@ -216,6 +218,8 @@ class ContinualResult:
       losses: per task, the mean training loss of its last 10 % steps.
       resumed_from: task index the run resumed at (0 for a fresh run).
       resumed_at_step: step within task ``resumed_from`` it resumed at (0 at a boundary).
+      skipped: optimiser steps skipped for a non-finite loss, gradient or update over the
+        whole run (``nonfinite="skip"``; always 0 with ``"raise"``).
     """
 
     accuracy: np.ndarray
@@ -225,6 +229,7 @@ class ContinualResult:
     losses: list[float]
     resumed_from: int
     resumed_at_step: int = 0
+    skipped: int = 0
 
 
 def _carry_states(fresh: Any, old: Any, types: Sequence[type]) -> Any:
@@ -238,12 +243,73 @@ def _carry_states(fresh: Any, old: Any, types: Sequence[type]) -> Any:
     return fresh
 
 
+def _nonfinite_leaf(tree: Any) -> str | None:
+    """The path of the first floating leaf of ``tree`` holding NaN or Inf, or ``None``."""
+    paths, checks = [], []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.inexact):
+            paths.append(path_str(path))
+            checks.append(jnp.all(jnp.isfinite(x)))
+    for where, ok in zip(paths, jax.device_get(checks), strict=True):
+        if not ok:
+            return where
+    return None
+
+
+def _check_finite(tree: Any, what: str) -> None:
+    where = _nonfinite_leaf(tree)
+    if where is not None:
+        raise NonFiniteError(f"{what}: leaf {where!r} holds NaN or Inf")
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def _save(manager: CheckpointManager, step: int, tree: Any, metadata: dict) -> None:
-    # A folder already at this step is one the restore skipped (it failed verification):
-    # the run went back to an earlier checkpoint and now replaces it.
+    # Never write a non-finite state: a resumed run would start from it as a good one.
+    _check_finite(tree, f"refusing to checkpoint step {step} in {manager.directory}")
+    # A folder already at this step is one the restore skipped (a damaged one is moved aside
+    # by the save itself; a good one here is ahead of the resumed run): moved aside, not lost.
     if manager.path(step).exists():
-        shutil.rmtree(manager.path(step))
+        try:
+            manager.verify(step)
+        except Exception:  # the save below moves it aside as damaged
+            pass
+        else:
+            manager.quarantine(step, f"checkpoint {step} is ahead of the resumed run")
     manager.save(step, tree, metadata=metadata)
+
+
+def _restore_latest(
+    manager: CheckpointManager, target: Any, other_run: Callable[[dict], str | None]
+) -> tuple[int, Any, dict] | None:
+    """``manager.restore_latest(target)``, raising ``other_run(metadata)`` when it says so.
+
+    A checkpoint of another run does not fit ``target``; its metadata tells why better than
+    the tree does.
+    """
+    try:
+        restored = manager.restore_latest(target)
+    except ValueError as e:
+        for step in reversed(manager.steps()):
+            try:
+                problem = other_run(manager.verify(step).get("metadata", {}))
+            except Exception:  # a damaged one: restore_latest's error says what it can
+                continue
+            if problem is not None:
+                raise ValueError(problem) from e
+        raise
+    if restored is not None:
+        problem = other_run(restored[2])
+        if problem is not None:
+            raise ValueError(problem)
+    return restored
 
 
 def _check_checkpoint_every(checkpoint_every: Any, checkpoint_dir: Any) -> None:
@@ -288,6 +354,7 @@ def run_sequence(
     checkpoint_dir: str | os.PathLike | None = None,
     progress: Callable[[Iterable, str, int], Iterable] | None = None,
     checkpoint_every: int | None = None,
+    nonfinite: str = "raise",
 ) -> ContinualResult:
     """Trains on ``tasks`` in order and returns the accuracy matrix and final state.
 
@@ -322,6 +389,17 @@ def run_sequence(
         re-run resumes at the newest one, without repeating ``begin_task``, and ends
         bit-identical to an uninterrupted run (on CPU). The interval may change between
         runs; mid-task checkpoints of a finished task are removed at its boundary.
+      nonfinite: what a NaN or Inf in a step's loss, gradient or updated parameters does.
+        ``"raise"`` (the default) stops the run with :class:`cljax.train.NonFiniteError`
+        naming the first such step and its task, before anything of it is checkpointed
+        or evaluated (the check runs at each mid-task checkpoint and at the end of each
+        task, so the run may compute a few more steps before it stops).
+        ``"skip"`` leaves the parameters, optimiser state and method states of that step
+        unchanged (the PRNG key and ``state.step`` advance), counts it in
+        ``state.skipped`` and :attr:`ContinualResult.skipped`, and reports the mean loss
+        of the task's finite tail steps. Under either policy a non-finite state after a
+        between-task hook (a method's ``end_task`` or ``begin_task``) raises
+        :class:`cljax.train.NonFiniteError`, and no non-finite state is ever saved.
 
     Returns:
       A :class:`ContinualResult`.
@@ -329,9 +407,15 @@ def run_sequence(
     Raises:
       ValueError: on an empty sequence, an unknown scenario, a non-positive step count or
         batch size, duplicate method names, a ``checkpoint_every`` that is not a positive
-        int or comes without ``checkpoint_dir``, or a checkpoint of another run (another
-        number of tasks; for mid-task checkpoints also another ``steps_per_task``,
-        ``batch_size`` or ``seed``).
+        int or comes without ``checkpoint_dir``, an unknown ``nonfinite`` policy, or a
+        checkpoint of another run (another number of tasks; for mid-task checkpoints also
+        another ``steps_per_task``, ``batch_size`` or ``seed``).
+      cljax.train.NonFiniteError: with ``nonfinite="raise"``, at the first step whose loss,
+        gradient or update is not finite (naming the step and the task); under either
+        policy, when a between-task hook leaves a non-finite state.
+
+    A damaged checkpoint (see :class:`cljax.checkpoint.CheckpointManager`) is moved aside
+    with a warning and the run resumes from the previous good one, or starts over.
 
     Example::
 
@@ -357,6 +441,8 @@ def run_sequence(
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique; got {names}")
     _check_checkpoint_every(checkpoint_every, checkpoint_dir)
+    if not isinstance(nonfinite, str) or nonfinite not in NONFINITE:
+        raise ValueError(f"{nonfinite=} must be one of {NONFINITE}")
     progress = progress or (lambda it, desc, total: it)
 
     tx = optimizer
@@ -401,27 +487,32 @@ def run_sequence(
             "initial": np.zeros(n_tasks) if initial is None else initial,
             "losses": np.zeros(n_tasks),
         }
-        restored = ckpt.restore_latest(target)
+
+        def other_boundary(meta: dict) -> str | None:
+            if meta.get("num_tasks") == n_tasks:
+                return None
+            return (
+                f"checkpoint in {checkpoint_dir} is of a {meta.get('num_tasks')}-task run; "
+                f"this run has {n_tasks} tasks (use another folder)"
+            )
+
+        def other_mid(meta: dict) -> str | None:
+            mine = {"num_tasks": n_tasks, **identity}
+            if all(meta.get(k) == v for k, v in mine.items()):
+                return None
+            saved = {k: meta.get(k) for k in mine}
+            return (
+                f"mid-task checkpoint in {mid.directory} is of another run ({saved}); "
+                f"this run has {mine} (use another folder)"
+            )
+
+        restored = _restore_latest(ckpt, target, other_boundary)
         if restored is not None:
             start, tree, meta = restored
-            if meta.get("num_tasks") != n_tasks:
-                raise ValueError(
-                    f"checkpoint in {checkpoint_dir} is of a {meta.get('num_tasks')}-task run; "
-                    f"this run has {n_tasks} tasks (use another folder)"
-                )
         # A mid-task checkpoint is newer than the last boundary if it is in a later task.
-        in_task = None if mid is None else mid.restore_latest(target)
+        in_task = None if mid is None else _restore_latest(mid, target, other_mid)
         if in_task is not None and in_task[2].get("task", -1) >= start:
             _, tree, meta = restored = in_task
-            if meta.get("num_tasks") != n_tasks or any(
-                meta.get(k) != v for k, v in identity.items()
-            ):
-                saved = {k: meta.get(k) for k in ("num_tasks", *identity)}
-                mine = {"num_tasks": n_tasks, **identity}
-                raise ValueError(
-                    f"mid-task checkpoint in {mid.directory} is of another run ({saved}); "
-                    f"this run has {mine} (use another folder)"
-                )
             start, start_step = int(meta["task"]), int(meta["task_step"])
             tail0 = [np.asarray(v, meta["tail_dtype"]) for v in meta["tail"]]
         if restored is not None:
@@ -455,17 +546,46 @@ def run_sequence(
             aux.update({f"{m.name}/{k}": v for k, v in a.items()})
         return loss, aux
 
-    def step(st: TrainState, batch: dict):
+    def step(st: TrainState, batch: dict, bad_at: jax.Array, at: jax.Array):
         rng, sub = jax.random.split(st.rng)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             st.params, batch, sub, st.methods
         )
-        st = st.apply_gradients(grads)
+        new = st.apply_gradients(grads)
         for m in methods:
-            st = m.post_step(st)
-        return st.replace(rng=rng), {"loss": loss, **aux}
+            new = m.post_step(new)
+        ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new.params)
+        ok = ok & _all_finite(new.methods)
+
+        def pick(a, b):
+            return jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
+
+        new = new.replace(
+            params=pick(new.params, st.params),
+            opt_state=pick(new.opt_state, st.opt_state),
+            methods=pick(new.methods, st.methods),
+            skipped=st.skipped + (~ok).astype(st.skipped.dtype),
+            rng=rng,
+        )
+        bad_at = jnp.where((bad_at < 0) & ~ok, at, bad_at)
+        return new, bad_at, {"loss": loss, "finite": ok, **aux}
 
     step = jax.jit(step, donate_argnums=(0,))
+    bad_at = jnp.asarray(-1, jnp.int32)  # the first non-finite step (within its task)
+
+    def check_steps(j: int) -> None:
+        if nonfinite == "raise" and int(bad_at) >= 0:
+            raise NonFiniteError(
+                f"non-finite loss, gradient or update at step {int(bad_at)} of task {j} "
+                f"({tasks[j].name!r}); the update was not applied and nothing after it "
+                "was checkpointed (pass nonfinite='skip' to skip such steps)"
+            )
+
+    def check_hook(j: int, where: str) -> None:
+        _check_finite(
+            {"params": state.params, "methods": state.methods},
+            f"the state after the {where} hooks of task {j} ({tasks[j].name!r})",
+        )
 
     tail_from = steps_per_task - max(1, steps_per_task // 10)
     for j in range(start, n_tasks):
@@ -477,16 +597,19 @@ def run_sequence(
                 state = state.replace(opt_state=_carry_states(fresh, state.opt_state, keep_types))
             for m in methods:
                 state = m.begin_task(state, ctx)
+            if methods:
+                check_hook(j, "begin_task")
         tail = list(tail0) if first > 0 else []
         steps = range(first, steps_per_task)
         for s in progress(steps, f"task {j}", len(steps)):
             raw = tasks[j].batch_at(s, batch_size, seed=seed * 1000 + j)
-            state, metrics = step(state, layout.batch(raw, j))
+            state, bad_at, metrics = step(state, layout.batch(raw, j), bad_at, np.int32(s))
             if s >= tail_from:
-                tail.append(metrics["loss"])
+                tail.append(jnp.where(metrics["finite"], metrics["loss"], jnp.nan))
             done = j * steps_per_task + s + 1  # optimiser steps of the run so far
             if checkpoint_every is not None and s + 1 < steps_per_task:
                 if done % checkpoint_every == 0:
+                    check_steps(j)
                     tail_host = [np.asarray(v) for v in jax.device_get(tail)]
                     meta = {
                         "num_tasks": n_tasks,
@@ -498,9 +621,17 @@ def run_sequence(
                         **identity,
                     }
                     _save(mid, done, snapshot(), meta)
-        losses.append(float(np.mean(jax.device_get(tail))))
+        check_steps(j)
+        tail_host = np.asarray(jax.device_get(tail))
+        finite_tail = tail_host[np.isfinite(tail_host)]
+        if len(finite_tail) == len(tail_host):
+            losses.append(float(np.mean(tail_host)))
+        else:  # skipped steps: the mean of the finite ones (NaN if none)
+            losses.append(float(np.mean(finite_tail)) if len(finite_tail) else float("nan"))
         for m in methods:
             state = m.end_task(state, ctx)
+        if methods:
+            check_hook(j, "end_task")
         acc[j] = [evaluate(state.params, i) for i in range(n_tasks)]
         if ckpt is not None:
             meta = {"num_tasks": n_tasks, "completed": j + 1, "scenario": scenario, **identity}
@@ -509,4 +640,6 @@ def run_sequence(
                 for old in mid.steps():
                     shutil.rmtree(mid.path(old), ignore_errors=True)
     metrics = summarize(acc, baseline=initial)
-    return ContinualResult(acc, initial, metrics, state, losses, start, start_step)
+    return ContinualResult(
+        acc, initial, metrics, state, losses, start, start_step, int(state.skipped)
+    )
