@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -43,7 +42,7 @@ import optax
 
 from cljax import kernels
 from cljax import tree as ct
-from cljax.checkpoint import CheckpointManager
+from cljax.checkpoint import CheckpointCorruptError, CheckpointManager
 from cljax.losses._entropy import entropy_loss, pseudo_label_loss
 from cljax.train import TrainState, apply_step, make_step
 
@@ -1118,8 +1117,13 @@ def fit(
             **identity,
         }  # numpy scalars (a score function's) as plain numbers
         meta = json.loads(json.dumps(meta, default=lambda v: np.asarray(v).item()))
-        if ckpt.path(done).exists():  # one the restore skipped as corrupt: replace it
-            shutil.rmtree(ckpt.path(done))
+        if ckpt.path(done).exists():  # one the restore skipped: moved aside, not lost
+            try:
+                ckpt.verify(done)
+            except CheckpointCorruptError:
+                pass  # the save moves a damaged one aside itself
+            else:
+                ckpt.quarantine(done, f"checkpoint {done} is ahead of the resumed fit")
         ckpt.save(done, {"state": state, "best": best[0]}, metadata=meta)
 
     for epoch in range(start // steps_per_epoch + 1, epochs + 1):
