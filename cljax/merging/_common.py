@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cljax import tree as ct
 from cljax.kernels._ties_merge import keep_count as keep_count  # TIES' one keep count
@@ -130,9 +131,66 @@ def accum(x: jax.Array) -> jax.Array:
 sum_slices = ct.sum_slices  # T arrays summed slice by slice in the accumulation dtype
 
 
+def check_scalar(
+    value: Any,
+    *,
+    name: str,
+    where: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Validates a scalar hyperparameter at call time: a real, finite scalar in range.
+
+    Python numbers, numpy scalars and 0-d concrete arrays are checked; a traced value (under
+    jit) cannot be and passes. Booleans, strings and arrays of more than one element raise.
+
+    Raises:
+      ValueError: naming ``where`` and the value.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return
+    bad = f"{where}: {name}={value!r}"
+    if isinstance(value, bool | np.bool_) or not isinstance(
+        value, int | float | np.number | np.ndarray | jax.Array
+    ):
+        raise ValueError(f"{bad} must be a real number")
+    arr = np.asarray(value)
+    if arr.ndim != 0:
+        raise ValueError(f"{bad} must be a scalar; got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"{bad} must be a real number; got dtype {arr.dtype}")
+    v = float(arr)
+    if not np.isfinite(v):
+        raise ValueError(f"{bad} must be finite")
+    lo_ok = low is None or (v > low if low_open else v >= low)
+    hi_ok = high is None or (v < high if high_open else v <= high)
+    if not (lo_ok and hi_ok):
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{bad} must be in {lo or '(-inf'}, {hi or 'inf)'}")
+
+
 def check_density(density: float, *, where: str) -> None:
-    if not isinstance(density, int | float) or not 0.0 < density <= 1.0:
-        raise ValueError(f"{where}: {density=} must be in (0, 1]")
+    check_scalar(density, name="density", where=where, low=0.0, low_open=True, high=1.0)
+
+
+def check_finite_trees(where: str, **trees: Any) -> None:
+    """With concrete inputs, raises ``ValueError`` naming the first tree and path with NaN/Inf.
+
+    A list/tuple value is checked as a set of trees (``name[t]``).
+    """
+    for name, tree in trees.items():
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+            raise ValueError(f"{where}: check_finite=True needs concrete arrays (not under jit)")
+        try:
+            if isinstance(tree, list | tuple):
+                check_finite_set(tree, name=name)
+            else:
+                ct.check_finite(tree, name=name)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 def check_choice(value: str, choices: Sequence[str], *, what: str, where: str) -> None:

@@ -22,6 +22,7 @@ def dare(
     key: jax.Array | int,
     rescale: bool = True,
     rules: ct.Rules | None = None,
+    check_finite: bool = False,
 ):
     """Drops each task-vector entry with probability p and rescales the rest by 1/(1−p).
 
@@ -45,12 +46,15 @@ def dare(
       rescale: multiply kept entries by 1/(1−p) (DARE). ``False`` gives "DropOnly".
       rules: optional path rules ``[(regex, bool), ...]``; excluded and integer leaves pass
         through unchanged (e.g. ``[(".*classifier.*", False)]`` as MergeLM does for heads).
+      check_finite: raise a ``ValueError`` if an input or the result holds NaN/Inf (needs
+        concrete arrays: not under jit).
 
     Returns:
       The processed task vectors as one stacked tree (leading axis T), dtypes preserved.
 
     Raises:
-      ValueError: for ``drop_rate`` outside [0, 1), an empty list, or mismatched trees.
+      ValueError: for ``drop_rate`` outside [0, 1) or not a real scalar (``True``, NaN),
+        an empty list, mismatched trees, or with ``check_finite`` on NaN/Inf.
 
     Example:
       >>> sparse = dare([tau_a, tau_b], drop_rate=0.9, key=jax.random.key(0))
@@ -60,12 +64,15 @@ def dare(
       Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
       Models as a Free Lunch", ICML 2024.
     """
-    if not isinstance(drop_rate, int | float) or not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"dare: {drop_rate=} must be in [0, 1)")
+    _common.check_scalar(
+        drop_rate, name="drop_rate", where="dare", low=0.0, high=1.0, high_open=True
+    )
     if isinstance(key, int):
         key = jax.random.key(key)
     reference = _common.reference_of(task_vectors)
     ts = _common.read_task_set(task_vectors, reference, ref_name="task_vectors[0]")
+    if check_finite:
+        _common.check_finite_trees("dare", task_vectors=task_vectors)
     mask = tuple(_common.participating(reference, rules))
     hashes = tuple(_common.path_hash(p) for p in ct.paths(reference))
     treedef = jax.tree.structure(reference)
@@ -78,7 +85,10 @@ def dare(
         drop_rate=float(drop_rate),
         rescale=rescale,
     )
-    return jax.tree.unflatten(treedef, out)
+    out = jax.tree.unflatten(treedef, out)
+    if check_finite:
+        _common.check_finite_trees("dare", result=out)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "hashes", "num_tasks", "drop_rate", "rescale"))

@@ -21,6 +21,7 @@ def average(
     weights: ArrayLike | None = None,
     *,
     rules: ct.Rules | None = None,
+    check_finite: bool = False,
 ):
     """Uniform or weighted average of T models (a uniform soup), in float32.
 
@@ -32,12 +33,16 @@ def average(
       weights: optional ``(T,)`` weights; ``None`` is the uniform soup.
       rules: optional path rules ``[(regex, bool), ...]``; excluded and integer leaves keep
         the value of the first tree.
+      check_finite: raise a ``ValueError`` if an input or the result holds NaN/Inf (needs
+        concrete arrays: not under jit).
 
     Returns:
       A tree with the structure and dtypes of one model.
 
     Raises:
-      ValueError: on an empty list, mismatched trees, or weights of the wrong shape.
+      ValueError: on an empty list, mismatched trees, weights of the wrong shape, and
+        (unless traced) weights that are not finite reals or sum to 0; with
+        ``check_finite`` on NaN/Inf.
 
     Example:
       >>> soup = average([theta_a, theta_b, theta_c])
@@ -53,9 +58,24 @@ def average(
             f"average: weights of shape {tuple(np.shape(weights))} must have shape "
             f"({ts.num_tasks},), one per tree"
         )
+    if weights is not None and not isinstance(weights, jax.core.Tracer):
+        w = np.asarray(weights)
+        if w.dtype == bool or not (
+            np.issubdtype(w.dtype, np.integer) or np.issubdtype(w.dtype, np.floating)
+        ):
+            raise ValueError(f"average: weights={weights!r} must be real numbers")
+        if not np.isfinite(w).all():
+            raise ValueError(f"average: weights={weights!r} must be finite")
+        if float(np.sum(w, dtype=np.float64)) == 0.0:
+            raise ValueError(f"average: weights={weights!r} sum to 0; they are normalised by it")
+    if check_finite:
+        _common.check_finite_trees("average", trees=trees)
     mask = tuple(_common.participating(reference, rules))
     out = _average_core(ts.leaves, weights, mask=mask, num_tasks=ts.num_tasks)
-    return jax.tree.unflatten(jax.tree.structure(reference), out)
+    out = jax.tree.unflatten(jax.tree.structure(reference), out)
+    if check_finite:
+        _common.check_finite_trees("average", result=out)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "num_tasks"))
@@ -90,7 +110,8 @@ def interpolate(a: ct.Params, b: ct.Params, alpha: ArrayLike, *, rules: ct.Rules
       A tree with the structure and dtypes of ``a``.
 
     Raises:
-      ValueError: if the trees differ in structure or shape (first path named).
+      ValueError: if the trees differ in structure or shape (first path named), or
+        ``alpha`` is not a finite real scalar (checked unless traced).
 
     Example:
       >>> robust = interpolate(theta_zeroshot, theta_finetuned, 0.5)
@@ -98,6 +119,7 @@ def interpolate(a: ct.Params, b: ct.Params, alpha: ArrayLike, *, rules: ct.Rules
     References:
       Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022.
     """
+    _common.check_scalar(alpha, name="alpha", where="interpolate")
     ct.check_same_structure(a, b, names=("a", "b"))
     mask = _common.participating(a, rules)
     la, treedef = jax.tree.flatten(a)

@@ -16,7 +16,13 @@ from cljax.merging import _common
 __all__ = ["apply", "task_arithmetic", "task_vector"]
 
 
-def task_vector(finetuned: ct.Params, pretrained: ct.Params, *, rules: ct.Rules | None = None):
+def task_vector(
+    finetuned: ct.Params,
+    pretrained: ct.Params,
+    *,
+    rules: ct.Rules | None = None,
+    check_finite: bool = False,
+):
     """The task vector τ = θ_ft − θ_0, leaf by leaf.
 
     Differences are taken in float32 (float64 for float64 leaves) and stored in the dtype of
@@ -28,6 +34,8 @@ def task_vector(finetuned: ct.Params, pretrained: ct.Params, *, rules: ct.Rules 
       pretrained: the parameters it was fine-tuned from, same structure and shapes.
       rules: optional path rules ``[(regex, bool), ...]``; first match wins; leaves that no
         rule matches take part.
+      check_finite: raise a ``ValueError`` if an input or the result holds NaN/Inf (needs
+        concrete arrays: not under jit).
 
     Returns:
       A tree shaped like ``finetuned``.
@@ -44,6 +52,8 @@ def task_vector(finetuned: ct.Params, pretrained: ct.Params, *, rules: ct.Rules 
       Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
     """
     ct.check_same_structure(pretrained, finetuned, names=("pretrained", "finetuned"))
+    if check_finite:
+        _common.check_finite_trees("task_vector", finetuned=finetuned, pretrained=pretrained)
     mask = _common.participating(pretrained, rules)
     ft, treedef = jax.tree.flatten(finetuned)
     pre = jax.tree.leaves(pretrained)
@@ -51,7 +61,10 @@ def task_vector(finetuned: ct.Params, pretrained: ct.Params, *, rules: ct.Rules 
         (_common.accum(f) - _common.accum(p)).astype(f.dtype) if m else jnp.zeros_like(f)
         for f, p, m in zip(ft, pre, mask, strict=True)
     ]
-    return jax.tree.unflatten(treedef, out)
+    out = jax.tree.unflatten(treedef, out)
+    if check_finite:
+        _common.check_finite_trees("task_vector", result=out)
+    return out
 
 
 def apply(
@@ -60,6 +73,7 @@ def apply(
     scale: ArrayLike = 1.0,
     *,
     rules: ct.Rules | None = None,
+    check_finite: bool = False,
 ):
     """Adds a scaled task vector: θ = θ_0 + scale·τ (negation: a negative ``scale``).
 
@@ -69,12 +83,15 @@ def apply(
       scale: λ, a Python number or a (traced) scalar.
       rules: optional path rules selecting the leaves that change; excluded and integer
         leaves keep the value of ``pretrained``.
+      check_finite: raise a ``ValueError`` if an input or the result holds NaN/Inf (needs
+        concrete arrays: not under jit).
 
     Returns:
       A tree with the structure and dtypes of ``pretrained``; arithmetic in float32.
 
     Raises:
-      ValueError: if the trees differ in structure or shape.
+      ValueError: if the trees differ in structure or shape, ``scale`` is not a finite
+        real scalar (checked unless traced), or with ``check_finite`` on NaN/Inf.
 
     Example:
       >>> forget = apply(theta0, tau, scale=-1.0)  # task negation
@@ -82,7 +99,10 @@ def apply(
     References:
       Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
     """
+    _common.check_scalar(scale, name="scale", where="apply")
     ct.check_same_structure(pretrained, task_vector, names=("pretrained", "task_vector"))
+    if check_finite:
+        _common.check_finite_trees("apply", pretrained=pretrained, task_vector=task_vector)
     mask = _common.participating(pretrained, rules)
     pre, treedef = jax.tree.flatten(pretrained)
     tau = jax.tree.leaves(task_vector)
@@ -90,7 +110,10 @@ def apply(
         (_common.accum(p) + scale * _common.accum(t)).astype(p.dtype) if m else p
         for p, t, m in zip(pre, tau, mask, strict=True)
     ]
-    return jax.tree.unflatten(treedef, out)
+    out = jax.tree.unflatten(treedef, out)
+    if check_finite:
+        _common.check_finite_trees("apply", result=out)
+    return out
 
 
 def task_arithmetic(
@@ -100,6 +123,7 @@ def task_arithmetic(
     *,
     rules: ct.Rules | None = None,
     implementation: str | None = None,
+    check_finite: bool = False,
 ):
     """Multi-task model by task arithmetic: θ = θ_0 + λ·Σ_t τ_t.
 
@@ -116,13 +140,17 @@ def task_arithmetic(
         False)]`` keeps the heads).
       implementation: ``None`` (the Pallas kernel :func:`cljax.kernels.weighted_sum` on
         GPU/TPU, this XLA code on the CPU), ``"xla"`` or ``"pallas"``.
+      check_finite: raise a ``ValueError`` if an input or the result holds NaN/Inf (needs
+        concrete arrays: not under jit).
 
     Returns:
       The merged tree, with the structure and dtypes of ``pretrained``; the sum is
       accumulated in float32.
 
     Raises:
-      ValueError: on an empty list of task vectors or mismatched trees (first path named).
+      ValueError: on an empty list of task vectors, mismatched trees (first path named),
+        a ``scale`` that is not a finite real scalar (checked unless traced; per-task
+        weights are not supported), or with ``check_finite`` on NaN/Inf.
 
     Example:
       >>> merged = task_arithmetic(theta0, [tau_a, tau_b], scale=0.3)
@@ -130,7 +158,17 @@ def task_arithmetic(
     References:
       Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
     """
+    _common.check_scalar(scale, name="scale", where="task_arithmetic")
     ts = _common.read_task_set(task_vectors, pretrained)
+    if check_finite:
+        _common.check_finite_trees(
+            "task_arithmetic", pretrained=pretrained, task_vectors=task_vectors
+        )
+        out = task_arithmetic(
+            pretrained, task_vectors, scale, rules=rules, implementation=implementation
+        )
+        _common.check_finite_trees("task_arithmetic", result=out)
+        return out
     mask = tuple(_common.participating(pretrained, rules))
     pre, treedef = jax.tree.flatten(pretrained)
     if kernels.resolve_implementation(implementation, where="task_arithmetic") == "pallas":

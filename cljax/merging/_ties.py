@@ -61,7 +61,8 @@ def ties(
       scope: ``"global"`` (threshold over the whole tree) or ``"leaf"`` (per leaf).
       rules: optional path rules ``[(regex, bool), ...]``; excluded and integer leaves keep
         the value of ``pretrained`` and do not count in N.
-      check_finite: raise if an input holds NaN/Inf (needs concrete arrays: not under jit).
+      check_finite: raise if an input or the result holds NaN/Inf (needs concrete arrays:
+        not under jit).
       implementation: ``None`` (the Pallas path :func:`cljax.kernels.ties` on GPU/TPU, this
         XLA code on the CPU), ``"xla"`` or ``"pallas"``. The Pallas path serves
         ``scope="global"``; ``scope="leaf"`` always runs this XLA code.
@@ -70,7 +71,8 @@ def ties(
       The merged tree with the structure and dtypes of ``pretrained`` (float32 arithmetic).
 
     Raises:
-      ValueError: for density outside (0, 1], an unknown ``merge`` or ``scope``, an empty
+      ValueError: for density outside (0, 1] or not a real scalar (``True``), a ``scale``
+        that is not a finite real scalar, an unknown ``merge`` or ``scope``, an empty
         list of task vectors, mismatched trees (first path named), or non-finite inputs
         when ``check_finite=True``.
 
@@ -82,16 +84,23 @@ def ties(
       NeurIPS 2023.
     """
     _common.check_density(density, where="ties")
+    density = float(density)  # a numpy scalar counts as a Python float
+    _common.check_scalar(scale, name="scale", where="ties")
     _common.check_choice(merge, _MERGES, what="merge", where="ties")
     _common.check_choice(scope, _SCOPES, what="scope", where="ties")
     ts = _common.read_task_set(task_vectors, pretrained)
     if check_finite:
-        ct.check_finite(pretrained, name="pretrained")
-        _common.check_finite_set(task_vectors)
+        _common.check_finite_trees("ties", pretrained=pretrained, task_vectors=task_vectors)
+
+    def finish(tree):
+        if check_finite:
+            _common.check_finite_trees("ties", result=tree)
+        return tree
+
     mask = tuple(_common.participating(pretrained, rules))
     pre, treedef = jax.tree.flatten(pretrained)
     if not any(mask):
-        return pretrained
+        return finish(pretrained)
     sizes = [p.size for p, m in zip(pre, mask, strict=True) if m]
     if scope == "global":
         ks = [_common.keep_count(density, sum(sizes), scope="global")]
@@ -111,7 +120,7 @@ def ties(
         out = list(pre)
         for i in idx:
             out[i] = merged[i]
-        return jax.tree.unflatten(treedef, out)
+        return finish(jax.tree.unflatten(treedef, out))
     # The ranks are data (uint32), so a new density does not recompile. Called outside a
     # trace, the rare second round (see _ties_core) is compiled and run only when needed.
     in_graph = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((pre, ts.leaves, scale)))
@@ -125,7 +134,7 @@ def ties(
     )
     if not in_graph and not bool(finite):
         out = _second_round(pre, ts.leaves, scale, thresholds, **static)
-    return jax.tree.unflatten(treedef, out)
+    return finish(jax.tree.unflatten(treedef, out))
 
 
 def _trimmed(xs, thr):
