@@ -108,6 +108,25 @@ def _nonfinite_step(_):
     return step(state, jnp.array([np.nan, 1.0]))
 
 
+def _nan_data_run(_):
+    import optax
+
+    from cljax import continual as cl
+    from cljax.data import Task
+
+    x = np.full((8, 2), np.nan, np.float32)
+    y = np.zeros(8, np.int32)
+    task = Task("t", ("a", "b"), x, y, x, y, x, y)
+    return cl.run_sequence(
+        [task],
+        apply_fn=lambda p, x: x @ p["w"],
+        params={"w": jnp.zeros((2, 2))},
+        optimizer=optax.sgd(0.1),
+        steps_per_task=2,
+        batch_size=4,
+    )
+
+
 def _corrupt_safetensors(tmp):
     from cljax import safetensors as st
 
@@ -341,6 +360,48 @@ def _method_rows() -> list[Row]:
         ),
         Row(
             "merging",
+            "TIES `density=True` (a bool, not a fraction)",
+            lambda _: merging.ties(_params(), [_tv()], density=True),
+            ValueError,
+            r"density=True must be a real number",
+        ),
+        Row(
+            "merging",
+            "a numpy `float32` density outside (0, 1]",
+            lambda _: merging.ties(_params(), [_tv()], density=np.float32(1.5)),
+            ValueError,
+            r"density=.*1\.5.* must be in \(0, 1\]",
+        ),
+        Row(
+            "merging",
+            "a NaN `scale`",
+            lambda _: merging.task_arithmetic(_params(), [_tv()], scale=float("nan")),
+            ValueError,
+            r"scale=nan must be finite",
+        ),
+        Row(
+            "merging",
+            "a non-scalar `scale`",
+            lambda _: merging.task_arithmetic(_params(), [_tv()], scale=jnp.ones(4)),
+            ValueError,
+            r"scale=.* must be a scalar",
+        ),
+        Row(
+            "merging",
+            "average weights summing to 0",
+            lambda _: merging.average([_params(), _params()], weights=[1.0, -1.0]),
+            ValueError,
+            r"sum to 0",
+        ),
+        Row(
+            "merging",
+            "NaN in a task vector for `task_arithmetic(check_finite=True)`",
+            lambda _: merging.task_arithmetic(_params(), [_nan_tree()], check_finite=True),
+            ValueError,
+            r"non-finite",
+        ),
+        Row(
+            "merging",
             "an unknown TIES merge function",
             lambda _: merging.ties(_params(), [_tv()], merge="max"),
             ValueError,
@@ -410,6 +471,28 @@ def _method_rows() -> list[Row]:
             ),
             ValueError,
             r"checkpoint_every=0 must be a positive int",
+        ),
+        Row(
+            "continual",
+            "an unknown non-finite policy",
+            lambda _: cl.run_sequence(
+                [_task()],
+                apply_fn=None,
+                params={},
+                optimizer=None,
+                steps_per_task=1,
+                batch_size=1,
+                nonfinite="apply",
+            ),
+            ValueError,
+            r"nonfinite='apply' must be one of",
+        ),
+        Row(
+            "continual",
+            'a NaN in the training data (default `nonfinite="raise"`)',
+            _nan_data_run,
+            FloatingPointError,
+            r"non-finite loss, gradient or update at step 0 of task 0 \('t'\)",
         ),
         Row(
             "continual",
