@@ -216,3 +216,18 @@ def test_ema_of_nnx_params():
     chex.assert_trees_all_close(_pure(mean), _pure(want), rtol=1e-5)
     nnx.update(model, mean)  # the average back into the module
     np.testing.assert_allclose(model.l1.kernel[...], mean["l1"]["kernel"][...], rtol=RTOL)
+
+
+def test_the_guide_runs():
+    """The code block of docs/nnx.md, run as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "nnx.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert len(blocks) == 1
+    scope: dict = {}
+    exec(compile(blocks[0], "docs/nnx.md", "exec"), scope)
+    assert sorted(scope["recorded"]) == ["head/kernel", "l1/kernel"]
+    gs = pj.find_state(as_pure(scope["opt"].opt_state), pj.GPMState)[0]
+    assert int(gs.task) == 1 and all(int(r) > 0 for r in gs.rank)
+    chex.assert_tree_all_finite(as_pure(scope["merged"]))
