@@ -33,7 +33,7 @@ test: lint
 parity: $(STAMP)
 	$(PY) -m pip install -q --no-deps torch
 	$(PY) -m pip install -q 'transformers>=4.40' 'safetensors>=0.4'
-	$(PY) -m pytest -q tests/models/test_clip.py tests/test_safetensors.py
+	$(PY) -m pytest -q tests/models/test_clip.py tests/models/test_embedded.py tests/test_safetensors.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -144,7 +144,11 @@ def load_pool(cfg: Config, out_dir: Path) -> Pool:
         print("experiments.merging.build_pool is not available: using the stand-in pool")
         pool_dir = Path(cfg.pool_dir) if cfg.pool_dir else out_dir / "pool"
         return standin_pool(pool_dir, tiny=cfg.preset == "tiny")
-    mcfg = merging_exp.PRESETS[cfg.preset]
+    # The digit benchmark's pool (a ViT pretrained here): aTLAS moves to the embedded
+    # foundation in its own change.
+    mcfg = merging_exp.PRESETS[
+        {"default": "digits", "tiny": "digits-tiny"}.get(cfg.preset, cfg.preset)
+    ]
     pool_dir = Path(cfg.pool_dir or mcfg.out)
     mp = merging_exp.build_pool(mcfg, pool_dir)
     return _as_pool(mp)

@@ -1,45 +1,48 @@
-"""Model merging on the embedded digit benchmark: the main job of ``make demo``.
+"""Model merging on the embedded foundation: the main job of ``make demo``.
 
-A small analogue of the 8-task CLIP merging benchmark (METHODS.md §1.1, §2): pretrain a ViT
-encoder, give every target task a frozen linear head fitted on the pretrained features (the
-role of CLIP's zero-shot heads; heads are never fine-tuned or merged), fine-tune the encoder
-on each task with its head frozen, and merge the fine-tuned encoders with task arithmetic,
-TIES (both conventions), DARE + task arithmetic and the uniform average. Every merge
-coefficient λ is chosen on held-out validation data (mean normalised accuracy); the test
-splits are used once, for the table.
+The 8-task CLIP merging benchmark (task vectors, TIES, DARE) in miniature: MiniCLIP, the
+CLIP pretrained by cljax on its procedural corpus and shipped inside the package, is evaluated
+on the 8 tasks of :func:`cljax.data.embedded_benchmark` with *zero-shot heads* (each task's
+class names in its prompt templates through the pretrained text tower; frozen, never merged).
+Its image encoder is fine-tuned on each task with the task-vectors recipe (AdamW, warm-up then
+cosine, gradient clipping, the zero-shot head frozen), and the fine-tuned encoders are merged
+with task arithmetic, TIES (both conventions), DARE + task arithmetic and the uniform
+average. Every merge coefficient λ is chosen on the validation splits (mean normalised
+accuracy); the test splits are used once, for the table. The control task (drawn from the
+pretraining distribution) is evaluated for every method too.
 
 Command::
 
-    python -m experiments.merging                  # the embedded default preset
-    python -m experiments.merging --preset tiny    # the smoke-test preset (seconds)
+    python -m experiments.merging                    # the default preset (make demo)
+    python -m experiments.merging --preset tiny      # the smoke-test preset (seconds)
+    python -m experiments.merging --preset digits    # the former digit benchmark (a ViT
+                                                     # pretrained here on one digit task)
     python -m experiments.merging --finetune_steps 400 --out runs/merging-long
 
-Runtime (default preset, measured on the 2-core development machine): see the README's
-``demo`` section; a re-run restores every checkpoint and only evaluates (about half a minute).
-
-Expected result: fine-tuned accuracy above the pretrained model on every task and each merge
-in between (README, ``demo`` section: mean 65.7 pretrained, 74.4 fine-tuned, task arithmetic
-67.4 with λ = 0.2, TIES dis-sum 67.5, dis-mean 67.3, DARE + TA 66.6, uniform average 67.2).
+Runtime and expected result: see the results page (``docs/results/merging.md``); a re-run
+restores every checkpoint and only evaluates.
 
 Stages are cached under ``<out>/ckpt/`` with :class:`cljax.checkpoint.CheckpointManager`
-(pretraining, heads, one fine-tune per task; each folder name carries a hash of the settings
-it depends on, so a changed setting retrains only what it changes). A killed run resumes from
-the last saved step of the stage it was in.
+(one fine-tune per task; each folder name carries a hash of the settings and of the
+pretrained weights it depends on, so a changed setting retrains only what it changes). A
+killed run resumes from the last saved step of the stage it was in. The benchmark's images
+are cached under ``<out>/data/``.
 
 Reuse by other experiments (aTLAS, ZSCL)::
 
     from experiments.merging import PRESETS, build_pool
 
     pool = build_pool(PRESETS["default"], "runs/merging")  # trains or restores from the cache
-    pool.encoder            # the flax ViT module (num_classes=None: features)
-    pool.pretrained         # θ_0, the encoder's params dict
-    pool.heads["rotated"]   # {"kernel": [D, C], "bias": [C]}, frozen
+    pool.encoder            # flax module: uint8 images -> L2-normalised image features
+    pool.pretrained         # θ_0, the image encoder's params (vision_model, visual_projection)
+    pool.heads["letters"]   # {"kernel": [D, C], "bias": [C]}, the frozen zero-shot head
     pool.tasks              # tuple of cljax.data.Task
+    pool.source             # the control task (its head: pool.heads["control"])
     pool.finetuned          # tuple of θ_t, one per task, in task order
     pool.task_vectors       # tuple of τ_t = θ_t − θ_0
-    pool.evaluate(params, "rotated", "val")      # accuracy in %
+    pool.evaluate(params, "letters", "val")      # accuracy in %
     pool.evaluate_all(params, "test")            # {task: accuracy}
-    pool.logits(params, "rotated", x)            # jit-able: encoder + frozen head
+    pool.logits(params, "letters", x)            # jit-able: encoder + frozen head
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ from jax.flatten_util import ravel_pytree
 
 from cljax import merging
 from cljax.checkpoint import CheckpointManager
-from cljax.data import Task, merging_benchmark
-from cljax.models import ViT
+from cljax.data import EMBEDDED_TASKS, Task, embedded_benchmark, merging_benchmark
+from cljax.models import ViT, clip
 from cljax.train import TrainState, make_step
 from experiments import _common
 
@@ -78,9 +81,13 @@ class Config:
     preset: str = "default"
     out: str = "runs/merging"
     seed: int = 0
-    # Benchmark (cljax.data.merging_benchmark).
-    tasks: tuple[str, ...] = ("mnist", "rotated", "flipped", "patches", "digits", "parity")
-    train_size: int = 1000
+    # "embedded": MiniCLIP and cljax.data.embedded_benchmark (zero-shot heads from the text
+    # tower); "digits": a ViT pretrained here on one digit task and merging_benchmark.
+    benchmark: str = "embedded"
+    clip_path: str = ""  # a Hugging Face CLIP folder; default: the embedded MiniCLIP
+    tasks: tuple[str, ...] = EMBEDDED_TASKS
+    train_size: int = 2000
+    val_size: int = 100
     test_size: int = 500
     source_size: int = 1000
     # Encoder (cljax.models.ViT).
@@ -95,10 +102,11 @@ class Config:
     pretrain_batch: int = 128
     # Frozen heads: L2-regularised logistic regression on pretrained features.
     head_l2: float = 1e-2
-    # Fine-tuning (METHODS §2.1 scaled down: AdamW, cosine with warm-up, clip 1.0, head frozen).
-    finetune_steps: int = 200
-    finetune_lr: float = 1e-4
-    finetune_batch: int = 64
+    # Fine-tuning (task vectors' recipe scaled down: AdamW, warm-up then cosine, clip 1.0,
+    # the zero-shot head frozen).
+    finetune_steps: int = 100
+    finetune_lr: float = 2e-4
+    finetune_batch: int = 32
     weight_decay: float = 0.1
     warmup_fraction: float = 0.1
     clip_norm: float = 1.0
@@ -109,11 +117,35 @@ class Config:
     eval_batch: int = 500
 
 
+_DIGITS = Config(
+    preset="digits",
+    out="runs/merging-digits",
+    benchmark="digits",
+    tasks=("mnist", "rotated", "flipped", "patches", "digits", "parity"),
+    train_size=1000,
+    finetune_steps=200,
+    finetune_lr=1e-4,
+    finetune_batch=64,
+)
 PRESETS: dict[str, Config] = {
     "default": Config(),
     "tiny": Config(
         preset="tiny",
         out="runs/merging-tiny",
+        tasks=("mnist", "letters", "textures"),
+        train_size=64,
+        val_size=16,
+        test_size=32,
+        finetune_steps=4,
+        finetune_batch=16,
+        save_every=2,
+        eval_batch=64,
+    ),
+    "digits": _DIGITS,
+    "digits-tiny": dataclasses.replace(
+        _DIGITS,
+        preset="digits-tiny",
+        out="runs/merging-digits-tiny",
         tasks=("mnist", "rotated", "parity"),
         train_size=60,
         test_size=40,
@@ -142,20 +174,23 @@ class Pool:
 
     Attributes:
       config: the settings the pool was built with.
-      encoder: the ViT module (``num_classes=None``): ``encoder.apply({"params": p}, x)``
-        gives ``[N, hidden_dim]`` features.
+      encoder: a flax module; ``encoder.apply({"params": p}, x)`` gives the features that
+        the heads read: for the embedded benchmark, MiniCLIP's image encoder on uint8
+        images with the CLIP normalisation in front and an L2 normalisation behind (so a
+        zero-shot head is a plain linear map); for the digit benchmark, the ViT's features.
       pretrained: θ_0, the pretrained encoder's params dict.
       heads: ``{task: {"kernel": [D, C], "bias": [C]}}``, fitted on θ_0's features, frozen.
       tasks: the target tasks (:class:`cljax.data.Task`), in order.
       finetuned: θ_t per task, in task order.
       task_vectors: τ_t = θ_t − θ_0 per task, in task order.
-      source: the pretraining task.
+      source: the control task (embedded: drawn from the pretraining distribution, with its
+        zero-shot head in ``heads["control"]``; digits: the pretraining task).
       stages: ``{"trained": [...], "restored": [...]}``: what :func:`build_pool` trained in
         this call and what it restored from checkpoints.
     """
 
     config: Config
-    encoder: ViT
+    encoder: Any
     pretrained: dict
     heads: dict[str, dict]
     tasks: tuple[Task, ...]
@@ -169,6 +204,8 @@ class Pool:
         return tuple(t.name for t in self.tasks)
 
     def task(self, name: str) -> Task:
+        if name == "control" or (name not in self.names and name == self.source.name):
+            return self.source
         return self.tasks[self.names.index(name)]
 
     def logits(self, params: dict, task: str, x: jax.Array) -> jax.Array:
@@ -198,11 +235,11 @@ class Pool:
 
 
 @functools.cache
-def _features_fn(encoder: ViT) -> Callable:
+def _features_fn(encoder: Any) -> Callable:
     return jax.jit(lambda p, x: encoder.apply({"params": p}, x))
 
 
-def _features(encoder: ViT, params: dict, x: np.ndarray, batch: int) -> np.ndarray:
+def _features(encoder: Any, params: dict, x: np.ndarray, batch: int) -> np.ndarray:
     fn = _features_fn(encoder)
     out = []
     for i in range(0, len(x), batch):
@@ -211,7 +248,9 @@ def _features(encoder: ViT, params: dict, x: np.ndarray, batch: int) -> np.ndarr
         if n < batch:  # pad so every call has the compiled shape
             chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
         out.append(np.asarray(fn(params, chunk))[:n])
-    return np.concatenate(out) if out else np.zeros((0, encoder.hidden_dim), np.float32)
+    if not out:
+        raise ValueError("no inputs to encode")
+    return np.concatenate(out)
 
 
 def _accuracy(features: np.ndarray, labels: np.ndarray, head: dict) -> float:
@@ -304,10 +343,118 @@ def _pad_head(head: dict, width: int) -> dict:
     }
 
 
+class ZeroShotEncoder(clip.CLIPImageEncoder):
+    """CLIP's image encoder as the pool uses it: uint8 images in, L2-normalised features out.
+
+    Its params are :class:`cljax.models.clip.CLIPImageEncoder`'s (``vision_model``,
+    ``visual_projection``), so task vectors and merges see the plain CLIP tree.
+    """
+
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        f = super().__call__(clip.normalize_images(images, self.mean, self.std))
+        return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+
+
+def _finetune_all(
+    config: Config,
+    encoder: Any,
+    pretrained: dict,
+    heads: dict,
+    tasks: tuple[Task, ...],
+    ckpt: Path,
+    tag: str,
+    stats: dict,
+    key: jax.Array,
+) -> list[dict]:
+    """Fine-tunes ``encoder`` from ``pretrained`` on each task with its head frozen.
+
+    The head travels with the batch, padded to the largest number of classes (padded logits
+    get a -1e9 bias, so their probability is exactly 0): one compiled step serves every task.
+    """
+
+    def finetune_loss(p, batch, rng):
+        feats = encoder.apply({"params": p}, batch["x"])
+        return _cross_entropy(feats @ batch["kernel"] + batch["bias"], batch["y"])
+
+    step_fn = make_step(finetune_loss, nonfinite="raise")
+    tx = _optimizer(config, config.finetune_lr, config.finetune_steps)  # one static tx: no retrace
+    width = max(t.num_classes for t in tasks)
+    finetuned = []
+    ft_tag = _hash(config, _FINETUNE, tag)
+    for i, t in enumerate(tasks):
+        state = TrainState.create(pretrained, tx, rng=jax.random.fold_in(key, 100 + i))
+        head = _pad_head(heads[t.name], width)
+
+        def batch_at(s, t=t, head=head, i=i):
+            return {**t.batch_at(s, config.finetune_batch, seed=config.seed + 1 + i), **head}
+
+        state, trained = _train(
+            ckpt / f"finetune-{t.name}-{ft_tag}",
+            state,
+            step_fn,
+            batch_at,
+            config.finetune_steps,
+            save_every=config.save_every,
+            desc=f"fine-tune {t.name}",
+        )
+        stats["trained" if trained else "restored"].append(f"finetune-{t.name}")
+        finetuned.append(state.params)
+    return finetuned
+
+
+def _build_embedded_pool(config: Config, out: Path, log: Callable) -> Pool:
+    """MiniCLIP (or the CLIP at ``clip_path``), zero-shot heads, one fine-tune per task."""
+    ckpt = out / "ckpt"
+    stats: dict[str, Any] = {"trained": [], "restored": []}
+    bench = embedded_benchmark(
+        config.seed,
+        tasks=config.tasks,
+        train_size=config.train_size,
+        val_size=config.val_size,
+        test_size=config.test_size,
+        cache_dir=out / "data",
+    )
+    pre = clip.load_pretrained(config.clip_path or None)
+    encoder = ZeroShotEncoder(pre.model.config, mean=pre.mean, std=pre.std)
+    pretrained = clip.image_encoder_params(pre.params)
+    # Zero-shot heads: class names in the task's templates through the pretrained text tower,
+    # scaled by the model's learned logit scale (METHODS: frozen, never merged).
+    heads = {}
+    for t in (*bench.tasks, bench.control):
+        heads[t.name] = clip.zero_shot_head(
+            pre.encode_text, t.classes, bench.templates[t.name], logit_scale=pre.logit_scale
+        )
+    weights = hashlib.sha256((pre.path / "model.safetensors").read_bytes()).hexdigest()[:10]
+    tag = _hash(config, _DATA + ("val_size",), weights)
+    key = jax.random.key(config.seed)
+    finetuned = _finetune_all(
+        config, encoder, pretrained, heads, bench.tasks, ckpt, tag, stats, key
+    )
+    task_vectors = tuple(merging.task_vector(f, pretrained) for f in finetuned)
+    log(f"pool: trained {stats['trained'] or 'nothing'}, restored {stats['restored'] or 'nothing'}")
+    return Pool(
+        config,
+        encoder,
+        pretrained,
+        heads,
+        bench.tasks,
+        tuple(finetuned),
+        task_vectors,
+        bench.control,
+        stats,
+    )
+
+
 def build_pool(
     config: Config, out_dir: str | os.PathLike | None = None, *, log: Callable = print
 ) -> Pool:
-    """Pretrains, fits the frozen heads and fine-tunes, restoring every finished stage.
+    """Builds the pool of fine-tuned models, restoring every finished stage.
+
+    Embedded benchmark: loads MiniCLIP, builds the zero-shot heads, fine-tunes the image
+    encoder on each task. Digit benchmark: pretrains a ViT, fits frozen heads, fine-tunes.
 
     Args:
       config: the experiment settings (e.g. ``PRESETS["default"]``).
@@ -317,7 +464,11 @@ def build_pool(
     Returns:
       The :class:`Pool`; ``pool.stages`` says which stages were trained and which restored.
     """
+    if config.benchmark not in ("embedded", "digits"):
+        raise ValueError(f"benchmark={config.benchmark!r} must be 'embedded' or 'digits'")
     out = Path(out_dir if out_dir is not None else config.out)
+    if config.benchmark == "embedded":
+        return _build_embedded_pool(config, out, log)
     ckpt = out / "ckpt"
     stats: dict[str, Any] = {"trained": [], "restored": []}
     bench = merging_benchmark(
@@ -376,38 +527,10 @@ def build_pool(
         heads = restored[1]
         stats["restored"].append("heads")
 
-    # 3. Fine-tuning: the encoder on each task, its head frozen. The head travels with the
-    # batch, padded to the largest number of classes (padded logits get a -1e9 bias, so their
-    # probability is exactly 0): one compiled step serves every task.
-    def finetune_loss(p, batch, rng):
-        feats = encoder.apply({"params": p}, batch["x"])
-        return _cross_entropy(feats @ batch["kernel"] + batch["bias"], batch["y"])
-
-    step_fn = make_step(finetune_loss)
-    tx = _optimizer(config, config.finetune_lr, config.finetune_steps)  # one static tx: no retrace
-    width = max(t.num_classes for t in bench.tasks)
-    finetuned = []
-    ft_tag = _hash(config, _FINETUNE, tag + head_dir.name)
-    for i, t in enumerate(bench.tasks):
-        start = jax.tree.map(jnp.copy, pretrained)  # the step donates its state's buffers
-        state = TrainState.create(start, tx, rng=jax.random.fold_in(key, 100 + i))
-        head = _pad_head(heads[t.name], width)
-
-        def batch_at(s, t=t, head=head, i=i):
-            return {**t.batch_at(s, config.finetune_batch, seed=config.seed + 1 + i), **head}
-
-        state, trained = _train(
-            ckpt / f"finetune-{t.name}-{ft_tag}",
-            state,
-            step_fn,
-            batch_at,
-            config.finetune_steps,
-            save_every=config.save_every,
-            desc=f"fine-tune {t.name}",
-        )
-        stats["trained" if trained else "restored"].append(f"finetune-{t.name}")
-        finetuned.append(state.params)
-
+    # 3. Fine-tuning: the encoder on each task, its head frozen.
+    finetuned = _finetune_all(
+        config, encoder, pretrained, heads, bench.tasks, ckpt, tag + head_dir.name, stats, key
+    )
     task_vectors = tuple(merging.task_vector(f, pretrained) for f in finetuned)
     log(f"pool: trained {stats['trained'] or 'nothing'}, restored {stats['restored'] or 'nothing'}")
     return Pool(
@@ -479,6 +602,7 @@ def run(config: Config) -> dict:
         tau_m = merged - flat0
         lam, scores = merging.select_scale(lambda s, t=tau_m: val_score(at(t, s)), grid)
         rows[name] = {
+            "tau": tau_m,
             "scale": float(lam),
             "grid": list(merging.DEFAULT_GRID if grid is None else grid),
             "val_scores": [float(s) for s in scores],
@@ -490,12 +614,26 @@ def run(config: Config) -> dict:
         r["mean"] = _mean(r["test"])
         r["normalized"] = _normalized(r["test"], ft_test)
         r["normalized_mean"] = _mean(r["normalized"])
+    control = None
+    if "control" in pool.heads:  # the embedded benchmark: accuracy on the pretraining distribution
+        merged = {"pretrained": theta0, "average": average}
+        merged |= {n: at(rows[n]["tau"], rows[n]["scale"]) for n in directions}
+        control = {m: pool.evaluate(p, "control", "test") for m, p in merged.items()}
+        per_task = {
+            n: pool.evaluate(p, "control", "test")
+            for n, p in zip(names, pool.finetuned, strict=True)
+        }
+        control["fine-tuned"] = _mean(per_task)
+        control["fine-tuned (per task)"] = per_task
+    for r in rows.values():
+        r.pop("tau", None)
 
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     results = {
         "config": dataclasses.asdict(config),
         "tasks": list(names),
         "methods": rows,
+        "control": control,
         "stages": pool.stages,
         "time": {"wall_s": wall, "cpu_s": cpu, "pool_wall_s": t_pool},
     }
@@ -505,7 +643,7 @@ def run(config: Config) -> dict:
             out / "accuracy.png",
             [*names, "mean"],
             {m: [*r["test"].values(), r["mean"]] for m, r in rows.items()},
-            title="Merging on the embedded digit benchmark (test accuracy)",
+            title=f"Merging on the {config.benchmark} benchmark (test accuracy)",
         )
         print(format_results(results))
         print(f"\nwall {wall:.0f} s, CPU {cpu:.0f} s; wrote {out / 'results.json'}")
@@ -516,13 +654,18 @@ def format_results(results: dict) -> str:
     """Two markdown tables: absolute test accuracy and normalised accuracy (%), per task."""
     names = results["tasks"]
     absolute, normalized = [], []
+    control = results.get("control") or {}
     for method, r in results["methods"].items():
         lam = "" if r["scale"] is None else f"{r['scale']:.2f}"
-        absolute.append({"method": method, **r["test"], "mean": r["mean"], "λ": lam})
+        row = {"method": method, **r["test"], "mean": r["mean"], "λ": lam}
+        if control:
+            row["control"] = control[method]
+        absolute.append(row)
         normalized.append({"method": method, **r["normalized"], "mean": r["normalized_mean"]})
+    extra = ["control"] if control else []
     return (
         "Absolute test accuracy (%)\n\n"
-        + _common.format_table(absolute, ["method", *names, "mean", "λ"])
+        + _common.format_table(absolute, ["method", *names, "mean", "λ", *extra])
         + "\n\nNormalised accuracy (% of each task's fine-tuned model)\n\n"
         + _common.format_table(normalized, ["method", *names, "mean"])
     )

@@ -2,6 +2,8 @@
 
 from cljax.data._benchmarks import MergingBenchmark, merging_benchmark
 from cljax.data._continual import permuted_mnist, rotated_mnist, split_mnist
+from cljax.data._corpus import CONCEPTS, CorpusExample, corpus_batch, corpus_example
+from cljax.data._embedded import EMBEDDED_TASKS, EmbeddedBenchmark, embedded_benchmark
 from cljax.data._mixture import (
     MixedBatcher,
     MixtureSchedule,
@@ -29,6 +31,13 @@ from cljax.data._task import Task, split_train_val
 from cljax.data._tfds import DATASETS, TFDSTask, clip_preprocess, tfds_task
 
 __all__ = [
+    "EMBEDDED_TASKS",
+    "EmbeddedBenchmark",
+    "embedded_benchmark",
+    "CONCEPTS",
+    "CorpusExample",
+    "corpus_batch",
+    "corpus_example",
     "DATASETS",
     "MTIL_TASKS",
     "MergingBenchmark",

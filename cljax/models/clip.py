@@ -26,7 +26,15 @@ from cljax.models._clip_convert import (
     save_hf_pretrained,
     to_hf_state_dict,
 )
+from cljax.models._embedded import (
+    PretrainedCLIP,
+    embedded_checkpoint,
+    image_encoder_params,
+    load_pretrained,
+    normalize_images,
+)
 from cljax.models._heads import TEMPLATES, head_logits, zero_shot_head
+from cljax.models._tokenizer import CLIPTokenizer, train_bpe
 
 __all__ = [
     "CLIP",
@@ -34,19 +42,26 @@ __all__ = [
     "CLIPConfig",
     "CLIPImageEncoder",
     "CLIPTextConfig",
+    "CLIPTokenizer",
     "CLIPTextModel",
     "CLIPVisionConfig",
     "CLIPVisionModel",
     "CheckpointMismatchError",
+    "PretrainedCLIP",
     "clip_config",
     "config_from_hf",
     "config_to_hf",
+    "embedded_checkpoint",
     "from_hf_state_dict",
     "head_logits",
     "hf_key",
+    "image_encoder_params",
     "load_hf_safetensors",
+    "load_pretrained",
+    "normalize_images",
     "quick_gelu",
     "save_hf_pretrained",
     "to_hf_state_dict",
+    "train_bpe",
     "zero_shot_head",
 ]

@@ -14,16 +14,9 @@ from cljax.train import TrainState, make_step
 from experiments import merging as exp
 
 
-@pytest.mark.slow
-def test_main_tiny_then_resume(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
-    out = tmp_path / "run"
-    first = exp.main(["--preset", "tiny", "--out", str(out)])
-    printed = capsys.readouterr().out
-
-    results = json.loads((out / "results.json").read_text())
-    assert set(results) >= {"config", "tasks", "methods", "stages", "time"}
-    assert results["tasks"] == ["mnist", "rotated", "parity"]
+def _check_results(results, tasks, printed):
+    assert set(results) >= {"config", "tasks", "methods", "stages", "time", "control"}
+    assert results["tasks"] == list(tasks)
     methods = results["methods"]
     want = {"pretrained", "fine-tuned", "task arithmetic", "TIES (mean)", "TIES (sum)"}
     assert set(methods) == want | {"DARE + TA", "average"}
@@ -33,16 +26,51 @@ def test_main_tiny_then_resume(tmp_path, capsys, monkeypatch):
         np.testing.assert_allclose(r["mean"], np.mean(list(r["test"].values())))
         ratios = [100 * r["test"][t] / methods["fine-tuned"]["test"][t] for t in results["tasks"]]
         np.testing.assert_allclose(r["normalized_mean"], np.mean(ratios))
+        assert "tau" not in r
     assert methods["fine-tuned"]["normalized_mean"] == pytest.approx(100.0)
     assert methods["TIES (mean)"]["scale"] in exp.TIES_MEAN_GRID
     assert methods["task arithmetic"]["scale"] in exp.merging.DEFAULT_GRID
     assert len(methods["TIES (sum)"]["val_scores"]) == len(exp.merging.DEFAULT_GRID)
     assert results["stages"]["restored"] == []
     assert "| method" in printed and "| TIES (mean)" in printed and "Normalised" in printed
+
+
+@pytest.mark.slow
+def test_main_tiny_then_resume(tmp_path, capsys, monkeypatch):
+    """The embedded preset: MiniCLIP, zero-shot heads, the control task, resume."""
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    out = tmp_path / "run"
+    first = exp.main(["--preset", "tiny", "--out", str(out)])
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    _check_results(results, ("mnist", "letters", "textures"), printed)
+    control = results["control"]
+    assert set(control) >= set(results["methods"]) | {"fine-tuned (per task)"}
+    assert set(control["fine-tuned (per task)"]) == set(results["tasks"])
+    assert all(0.0 <= v <= 100.0 for k, v in control.items() if k != "fine-tuned (per task)")
+    assert "| control" in printed
     assert (out / "accuracy.png").stat().st_size > 1000
 
-    # A second run restores every stage from the checkpoints and reproduces the numbers.
+    # A second run restores every fine-tune and reproduces the numbers.
     second = exp.main(["--preset", "tiny", "--out", str(out)])
+    assert second["stages"]["trained"] == []
+    assert set(second["stages"]["restored"]) == {f"finetune-{t}" for t in results["tasks"]}
+    for name in results["methods"]:
+        assert second["methods"][name]["test"] == first["methods"][name]["test"], name
+    assert second["control"] == first["control"]
+
+
+@pytest.mark.slow
+def test_digits_tiny_then_resume(tmp_path, capsys, monkeypatch):
+    """The former digit benchmark stays available as a preset."""
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    out = tmp_path / "run"
+    first = exp.main(["--preset", "digits-tiny", "--out", str(out)])
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    _check_results(results, ("mnist", "rotated", "parity"), printed)
+    assert results["control"] is None
+    second = exp.main(["--preset", "digits-tiny", "--out", str(out)])
     assert second["stages"]["trained"] == []
     assert set(second["stages"]["restored"]) == {
         "pretrain",
@@ -51,8 +79,26 @@ def test_main_tiny_then_resume(tmp_path, capsys, monkeypatch):
         "finetune-rotated",
         "finetune-parity",
     }
-    for name in methods:
+    for name in results["methods"]:
         assert second["methods"][name]["test"] == first["methods"][name]["test"], name
+
+
+def test_zero_shot_encoder_matches_clip_and_normalises():
+    from cljax.models import clip
+
+    pre = clip.load_pretrained()
+    enc = exp.ZeroShotEncoder(pre.model.config, mean=pre.mean, std=pre.std)
+    params = clip.image_encoder_params(pre.params)
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    f = np.asarray(enc.apply({"params": params}, x))
+    ref = pre.model.apply(
+        {"params": pre.params},
+        clip.normalize_images(x, pre.mean, pre.std),
+        method=clip.CLIP.encode_image,
+    )
+    ref = np.asarray(ref) / np.linalg.norm(np.asarray(ref), axis=-1, keepdims=True)
+    np.testing.assert_allclose(f, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(f, axis=-1), 1.0, rtol=1e-6)
 
 
 def test_train_resumes_after_a_crash_bitwise(tmp_path):
@@ -109,6 +155,9 @@ def test_fit_head_and_padding():
 
 
 def test_presets_and_flags():
-    assert set(exp.PRESETS) >= {"default", "tiny"}
+    assert set(exp.PRESETS) >= {"default", "tiny", "digits", "digits-tiny"}
+    assert exp.PRESETS["default"].benchmark == "embedded"
+    with pytest.raises(ValueError, match="benchmark"):
+        exp.build_pool(exp.dataclasses.replace(exp.PRESETS["tiny"], benchmark="cars"), "/tmp/x")
     with pytest.raises(SystemExit):
         exp.main(["--preset", "nope"])
