@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cljax.models.clip import CLIPTokenizer, train_bpe
 from cljax.models._tokenizer import BOS, EOS, bytes_to_unicode, pre_tokenize
+from cljax.models.clip import CLIPTokenizer, train_bpe
 
 
 def test_byte_map_is_a_bijection_of_printable_characters():
