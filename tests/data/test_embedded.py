@@ -88,3 +88,15 @@ def test_bad_arguments():
         embedded_benchmark(val_size=0)
     with pytest.raises(ValueError, match="train_size"):
         embedded_benchmark(train_size=2.5)
+
+
+def test_the_guide_runs():
+    """Every python block of docs/embedded-foundation.md runs, in order."""
+    import re
+    from pathlib import Path
+
+    guide = Path(__file__).resolve().parents[2] / "docs" / "embedded-foundation.md"
+    namespace: dict = {}
+    for code in re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S):
+        exec(compile(code, str(guide), "exec"), namespace)
+    assert namespace["head"]["kernel"].shape[1] == 26
