@@ -405,6 +405,15 @@ def _finetune_all(
     return finetuned
 
 
+def _pool(config, encoder, pretrained, heads, tasks, finetuned, source, stats, log) -> Pool:
+    """The :class:`Pool` of fine-tuned encoders, with their task vectors; logs what was trained."""
+    task_vectors = tuple(merging.task_vector(f, pretrained) for f in finetuned)
+    log(f"pool: trained {stats['trained'] or 'nothing'}, restored {stats['restored'] or 'nothing'}")
+    return Pool(
+        config, encoder, pretrained, heads, tasks, tuple(finetuned), task_vectors, source, stats
+    )
+
+
 def _build_embedded_pool(config: Config, out: Path, log: Callable) -> Pool:
     """MiniCLIP (or the CLIP at ``clip_path``), zero-shot heads, one fine-tune per task."""
     ckpt = out / "ckpt"
@@ -433,18 +442,8 @@ def _build_embedded_pool(config: Config, out: Path, log: Callable) -> Pool:
     finetuned = _finetune_all(
         config, encoder, pretrained, heads, bench.tasks, ckpt, tag, stats, key
     )
-    task_vectors = tuple(merging.task_vector(f, pretrained) for f in finetuned)
-    log(f"pool: trained {stats['trained'] or 'nothing'}, restored {stats['restored'] or 'nothing'}")
-    return Pool(
-        config,
-        encoder,
-        pretrained,
-        heads,
-        bench.tasks,
-        tuple(finetuned),
-        task_vectors,
-        bench.control,
-        stats,
+    return _pool(
+        config, encoder, pretrained, heads, bench.tasks, finetuned, bench.control, stats, log
     )
 
 
@@ -531,18 +530,8 @@ def build_pool(
     finetuned = _finetune_all(
         config, encoder, pretrained, heads, bench.tasks, ckpt, tag + head_dir.name, stats, key
     )
-    task_vectors = tuple(merging.task_vector(f, pretrained) for f in finetuned)
-    log(f"pool: trained {stats['trained'] or 'nothing'}, restored {stats['restored'] or 'nothing'}")
-    return Pool(
-        config,
-        encoder,
-        pretrained,
-        heads,
-        bench.tasks,
-        tuple(finetuned),
-        task_vectors,
-        bench.source,
-        stats,
+    return _pool(
+        config, encoder, pretrained, heads, bench.tasks, finetuned, bench.source, stats, log
     )
 
 

@@ -155,7 +155,7 @@ def next_task_from_average(
 
     ZSCL saves its weight-ensemble model at the end of a task and starts the next task
     from it, with a fresh optimizer, a fresh ensemble initialised at those weights, and
-    (when used) an L2 anchor at those weights (METHODS §8.1.6-7, §8.3.6). This function
+    (when used) an L2 anchor at those weights (Zheng et al., ICCV 2023; github.com/Thunderbeee/ZSCL). This function
     does the first three; an anchor is a method state of its own.
 
     Args:

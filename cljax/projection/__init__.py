@@ -3,7 +3,7 @@
 Each method is an optax transform (a factory returning
 ``optax.GradientTransformationExtraArgs`` with a ``NamedTuple`` state) applied to the
 **final update**, after the optimiser, so its constraint holds exactly under Adam
-(METHODS §1.8), plus pure between-task hooks ``(state, data) -> state``. Hooks reach their
+(see each method's References), plus pure between-task hooks ``(state, data) -> state``. Hooks reach their
 sub-state inside an ``optax.chain`` with :func:`map_state`.
 
 Which side each method protects, for Flax ``[in, out]`` kernels:

@@ -10,7 +10,7 @@ projector and the Adam moments are reset.
 Side: the reference (PyTorch ``[out, in]`` weights) keeps **left** singular vectors of the
 gradient, i.e. the output dimension. A Flax kernel is ``[in, out]``, so here every subspace
 lives in the output dimension and acts from the **right**: ``G <- G - (G H) H^T``,
-``R = G P``, update ``= -lr N P^T`` (METHODS §10.3.1).
+``R = G P``, update ``= -lr N P^T`` (github.com/quinn-ch/CoSO).
 
 Deviations from ``quinn-ch/CoSO`` (also in the README):
 
@@ -22,7 +22,7 @@ Deviations from ``quinn-ch/CoSO`` (also in the README):
   target gradient each step (``svd="exact"``, the default here).
 
 As in the reference, the Adam moments are not rotated when the projector changes (GaLore
-behaviour, METHODS §10.3.3).
+behaviour, github.com/quinn-ch/CoSO).
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ projected onto the orthogonal complement of ``M`` on the **input side**. Inputs 
 
 Layout: a Flax kernel is ``[in, out]`` (dense) or ``[kh, kw, in, out]`` (conv), so the input
 side is a **left** multiplication of the update reshaped to ``[d, out]`` with
-``d = prod(shape[:-1])``: ``U <- U - M (M^T U)`` (METHODS §9.3.1). Conv representations are
+``d = prod(shape[:-1])``: ``U <- U - M (M^T U)`` (Saha et al., ICLR 2021; github.com/sahagobinda/GPM). Conv representations are
 im2col patches flattened in the same ``(kh, kw, in)`` order (:func:`record_layer_inputs`).
 
 The projection is an optax transform applied to the **final update**, i.e. after Adam, so it
-holds exactly whatever optimiser runs before it (METHODS §1.8); GPM itself uses plain SGD.
+holds exactly whatever optimiser runs before it; GPM itself uses plain SGD.
 """
 
 from __future__ import annotations

@@ -306,7 +306,7 @@ def adaptive_ratios(
 
     References:
       Nayak et al., "Sculpting Subspaces", 2025 (the rule appears only as commented code in
-      the reference's T5 notebook; METHODS §11.1).
+      the reference's T5 notebook; the OSFT reference, mini_trainer osft_utils.py).
     """
     if not 0.0 <= min_ratio <= max_ratio <= 1.0:
         raise ValueError(f"adaptive_ratios: need 0 <= {min_ratio=} <= {max_ratio=} <= 1")
