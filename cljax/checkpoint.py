@@ -14,6 +14,11 @@ that orbax cannot read, is reported by name (a warning), moved aside to
 is used; with none left, :meth:`CheckpointManager.restore_latest` returns ``None`` and the
 run starts over. A later save of the same step writes a fresh checkpoint in its place.
 
+Run records (the JSON files an experiment reads back to skip finished work) follow the same
+rules: :func:`save_json` writes them atomically with their own SHA-256, and :func:`load_json`
+moves a damaged one aside (``<name>.corrupt-<N>``, :func:`quarantine_file`) with a warning
+and returns ``None``, so the work is done again instead of failing on every re-run.
+
 Example::
 
     ckpt = CheckpointManager("runs/exp/ckpt", keep=2)
@@ -38,7 +43,14 @@ from typing import Any
 
 import jax
 
-__all__ = ["CheckpointCorruptError", "CheckpointManager", "tree_fingerprint"]
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointManager",
+    "load_json",
+    "quarantine_file",
+    "save_json",
+    "tree_fingerprint",
+]
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _MANIFEST = "manifest.json"
@@ -488,4 +500,131 @@ class CheckpointManager:
             return step, tree, meta
         if misfits:
             raise misfits[0][1]
+        return None
+
+
+# ------------------------------------------------------------------------- run files
+
+
+def _primary() -> bool:
+    return jax.process_index() == 0
+
+
+def quarantine_file(
+    path: str | os.PathLike, reason: str = "damaged", *, primary: bool | None = None
+) -> Path | None:
+    """Moves a damaged file aside to ``<name>.corrupt-<n>`` beside it, with a warning.
+
+    The counterpart of :meth:`CheckpointManager.quarantine` for single files (run records,
+    caches): the file is renamed, never deleted, and ``n`` is the first number not taken, so
+    repeated damage keeps every copy. Only the primary process (process 0 unless
+    ``primary`` says otherwise) moves anything.
+
+    Args:
+      path: the damaged file.
+      reason: what is wrong with it, for the warning.
+      primary: whether this process moves files (default: ``jax.process_index() == 0``).
+
+    Returns:
+      The new path, or ``None`` if nothing was moved (no such file, or not the primary).
+    """
+    return _move_aside(Path(path), reason, primary, stacklevel=3)
+
+
+def _move_aside(src: Path, reason: str, primary: bool | None, stacklevel: int) -> Path | None:
+    if not (_primary() if primary is None else primary) or not src.exists():
+        return None
+    n = 1
+    while (dst := src.with_name(f"{src.name}{_CORRUPT}{n}")).exists():
+        n += 1
+    try:
+        os.replace(src, dst)
+    except OSError:
+        if not src.exists():  # another process moved it
+            return None
+        raise
+    _fsync_dir(src.parent)
+    warnings.warn(f"{src}: {reason}; moved it aside to {dst}", stacklevel=stacklevel)
+    return dst
+
+
+def _json_body(obj: Any) -> str:
+    """The canonical text of ``obj`` (numpy scalars as floats, keys as JSON has them)."""
+    return json.dumps(obj, indent=2, default=float)
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes a run record: JSON with its own SHA-256, atomically and durably.
+
+    The file is ``{"sha256": <hex>, "data": <obj>}``, the hash taken over the canonical
+    text of ``obj``, so :func:`load_json` detects truncation and altered bytes alike
+    (also those that leave valid JSON, such as a changed digit). It is written to a
+    temporary file, flushed to disk and renamed into place: a crash leaves the old record
+    or the new one.
+
+    Args:
+      path: the file (its folder is created).
+      obj: JSON-serialisable data; numpy scalars are stored as floats.
+
+    Raises:
+      TypeError: if ``obj`` is not JSON-serialisable (nothing is written).
+    """
+    path = Path(path)
+    data = json.loads(_json_body(obj))  # as it reads back: tuples as lists, keys as strings
+    body = _json_body(data)
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    text = '{"sha256": "' + digest + '", "data": ' + body + "}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _parse_record(raw: bytes) -> Any:
+    """The data of a record written by :func:`save_json`; ``ValueError`` if it is damaged."""
+    record = json.loads(raw.decode("utf-8"))
+    if not (isinstance(record, dict) and set(record) == {"sha256", "data"}):
+        raise ValueError("it is not a checksummed record (truncated, altered or foreign)")
+    if hashlib.sha256(_json_body(record["data"]).encode()).hexdigest() != record["sha256"]:
+        raise ValueError("its checksum does not match (altered)")
+    return record["data"]
+
+
+def load_json(path: str | os.PathLike, *, primary: bool | None = None) -> Any | None:
+    """Reads a run record written by :func:`save_json`; ``None`` if it is missing or damaged.
+
+    A record that cannot be read, is not valid JSON, or does not match its checksum is
+    named in a warning and moved aside (:func:`quarantine_file`), and ``None`` tells the
+    caller to compute it again, so a damaged file never stops a run for good.
+
+    Args:
+      path: the record.
+      primary: passed to :func:`quarantine_file`.
+
+    Returns:
+      The data stored, or ``None``.
+
+    Example::
+
+      done = load_json(out / "runs" / "a.json")
+      if done is None:
+          done = run_a()
+          save_json(out / "runs" / "a.json", done)
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # a folder in its place, unreadable, ...
+        _move_aside(path, f"unreadable ({_short(e)})", primary, stacklevel=3)
+        return None
+    try:
+        return _parse_record(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        _move_aside(path, f"damaged run record: {_short(e)}", primary, stacklevel=3)
         return None

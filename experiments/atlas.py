@@ -27,7 +27,7 @@ parameter block, :mod:`cljax.merging.atlas`) for five settings:
 Every learned setting runs over several seeds (batch order, k-shot draw); tables give
 mean ± std. Writes ``results.json``, ``atlas.png`` and the markdown tables under ``--out``
 (default ``runs/atlas``); completed (part, seed) units are cached in ``units.json`` and
-skipped on a re-run. Measured runtime of the preset on the shared 2-core CPU: 47 min after
+skipped on a re-run (a damaged ``units.json`` is moved aside and its units run again). Measured runtime of the preset on the shared 2-core CPU: 47 min after
 the pool is cached (few-shot about a third of it). Expected result (the paper's claims):
 aTLAS above tuned task arithmetic in task addition, stronger forgetting at equal control
 accuracy in negation, and gains over the pretrained model from a few shots; at this scale
@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 from cljax import tree as ct
+from cljax.checkpoint import load_json, save_json
 from cljax.merging import atlas, select_scale, task_arithmetic, task_vector
 from experiments._common import (
     add_config_flags,
@@ -735,8 +736,8 @@ def _pm(values, scale: float = 1.0) -> str:
 def run(cfg: Config, pool: Pool, out: Path) -> dict:
     """Runs the parts of ``cfg`` on ``pool``; completed (part, seed) units are cached."""
     units_path = out / "units.json"
-    units = json.loads(units_path.read_text()) if units_path.exists() else {}
-    if units.get("_config") != _config_key(cfg):
+    units = load_json(units_path)  # None if missing; a damaged file is moved aside
+    if not isinstance(units, dict) or units.get("_config") != _config_key(cfg):
         units = {"_config": _config_key(cfg)}
     accuracy = _Accuracy(pool, cfg.eval_batch)
     tasks = pool.tasks
@@ -746,7 +747,7 @@ def run(cfg: Config, pool: Pool, out: Path) -> dict:
             t0 = time.time()
             units[name] = fn()
             units[name + "/time_s"] = time.time() - t0
-            write_json(units_path, units)
+            save_json(units_path, units)
         return units[name]
 
     def finetuned_acc():

@@ -15,7 +15,8 @@ Command::
 Runtime: measured about 1 h on the shared 2-core CPU at load average 25-30 (runs of 35-360 s;
 CoSO and GPM are the slowest); on a free machine the total CPU time suggests 10-15 min. Every
 (benchmark, method, seed) run checkpoints at task boundaries; a re-run with the same ``--out``
-skips finished runs and resumes unfinished ones (``--summarize_only true`` only tabulates).
+skips finished runs and resumes unfinished ones (``--summarize_only true`` only tabulates);
+a damaged run record (``runs/*.json``) is moved aside and that run is taken up again.
 
 Expected result (measured, 3 seeds): Permuted MNIST GPM ACC 82.9 +- 1.1, BWT -2.3 +- 0.4 vs
 naive 61.9 / -29.6 (the GPM paper: 93.9 / -0.03 with the full 60k MNIST and 5 SGD epochs);
@@ -35,7 +36,6 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -48,6 +48,7 @@ import optax  # noqa: E402
 from cljax import continual as cl  # noqa: E402
 from cljax import data  # noqa: E402
 from cljax import projection as pj  # noqa: E402
+from cljax.checkpoint import load_json, save_json  # noqa: E402
 from experiments import _common  # noqa: E402
 
 BENCHMARKS = ("pmnist", "split", "rotated")
@@ -272,13 +273,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for method in cfg.methods:
             for seed in cfg.seeds:
                 done = out / "runs" / f"{bench}-{method}-s{seed}.json"
-                if done.exists():
-                    runs.append(json.loads(done.read_text()))
+                r = load_json(done)  # None if missing; a damaged record is moved aside
+                if r is not None:
+                    runs.append(r)
                     continue
                 if cfg.summarize_only:
                     continue
                 r = run_one(cfg, bench, method, seed, out)
-                _common.write_json(done, r)
+                save_json(done, r)
                 runs.append(r)
                 print(
                     f"{bench:8s} {method:6s} seed {seed}: ACC {100 * r['metrics']['acc']:.1f} "

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 
@@ -240,3 +241,73 @@ def test_manifest_written_by_an_older_version_is_read(tmp_path):
     mpath.write_text(json.dumps(_parse_manifest(mpath.read_bytes())))  # plain JSON
     step, tree, meta = m.restore_latest(_tree())
     assert (step, meta) == (1, {"epoch": 1})
+
+
+# ------------------------------------------------------------------------- run records
+
+_RECORD = {"acc": [[0.5, 0.25], [0.125, 1.0]], "name": "pmnist", "seed": 3, "nan": None}
+
+
+def _flip_digit(path):
+    """Changes one digit: still valid JSON, only the checksum can tell."""
+    text = path.read_text()
+    i = text.index("0.125") + 2
+    path.write_text(text[:i] + "9" + text[i + 1 :])
+
+
+RECORD_DAMAGE = {
+    "truncate": _truncate,
+    "truncate to nothing": lambda p: p.write_bytes(b""),
+    "flip byte": _flip,
+    "flip digit (valid JSON)": _flip_digit,
+    "not utf-8": lambda p: p.write_bytes(b"\xff\xfe" + p.read_bytes()),
+    "plain JSON without the checksum": lambda p: p.write_text(json.dumps(_RECORD)),
+    "a folder in its place": lambda p: [p.unlink(), p.mkdir()],
+}
+
+
+def test_run_record_roundtrip(tmp_path):
+    import numpy as np
+
+    from cljax.checkpoint import load_json, save_json
+
+    path = tmp_path / "runs" / "a.json"
+    assert load_json(path) is None  # missing: compute it
+    obj = {**_RECORD, "tuple": (1, 2), "np": np.float32(0.1), 7: "int key"}
+    save_json(path, obj)
+    got = load_json(path)
+    assert got == {**_RECORD, "tuple": [1, 2], "np": float(np.float32(0.1)), "7": "int key"}
+    assert json.loads(path.read_text())["data"] == got  # plain JSON to any reader
+    assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temporary left
+    with pytest.raises(TypeError):
+        save_json(path, {"x": object()})
+    assert load_json(path) == got  # a failed write leaves the old record
+
+
+@pytest.mark.parametrize("damage", list(RECORD_DAMAGE))
+def test_damaged_run_record_is_moved_aside(tmp_path, damage):
+    from cljax.checkpoint import load_json, save_json
+
+    path = tmp_path / "a.json"
+    save_json(path, _RECORD)
+    RECORD_DAMAGE[damage](path)
+    with pytest.warns(UserWarning, match=r"a\.json: .*moved it aside to .*a\.json\.corrupt-1"):
+        assert load_json(path) is None
+    assert not path.exists() and (tmp_path / "a.json.corrupt-1").exists()  # kept
+    assert load_json(path) is None  # nothing left to trip over
+    save_json(path, _RECORD)
+    assert load_json(path) == _RECORD
+    RECORD_DAMAGE[damage](path)  # damaged twice: both copies kept
+    with pytest.warns(UserWarning, match=r"a\.json\.corrupt-2"):
+        assert load_json(path) is None
+    assert (tmp_path / "a.json.corrupt-1").exists() and (tmp_path / "a.json.corrupt-2").exists()
+
+
+def test_only_the_primary_moves_a_damaged_record(tmp_path, recwarn):
+    from cljax.checkpoint import load_json, save_json
+
+    path = tmp_path / "a.json"
+    save_json(path, _RECORD)
+    _truncate(path)
+    assert load_json(path, primary=False) is None
+    assert path.exists() and not recwarn.list

@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cljax.checkpoint import quarantine_file
 
 __all__ = ["TEMPLATES", "head_logits", "zero_shot_head"]
 
@@ -106,7 +109,8 @@ def zero_shot_head(
       logit_scale: multiplies the normalised class embeddings (``exp(logit_scale)`` of the
         checkpoint; 100 for OpenAI CLIP).
       cache_dir: if given, the head is stored there and reused by later calls with the same
-        ``cache_key``, class names, templates and scale.
+        ``cache_key``, class names, templates and scale (a damaged cache file is moved
+        aside, see :func:`cljax.checkpoint.quarantine_file`, and the head built again).
       cache_key: identifies the text encoder (e.g. the checkpoint name) in the cache.
 
     Returns:
@@ -134,8 +138,14 @@ def zero_shot_head(
         ).hexdigest()[:16]
         path = Path(cache_dir) / f"head-{digest}.npz"
         if path.is_file():
-            with np.load(path) as f:
-                return {"kernel": jnp.asarray(f["kernel"]), "bias": jnp.asarray(f["bias"])}
+            try:
+                with np.load(path) as f:
+                    kernel, bias = np.asarray(f["kernel"]), np.asarray(f["bias"])
+                if kernel.shape[1:] != (len(classnames),) or bias.shape != (len(classnames),):
+                    raise ValueError(f"kernel {kernel.shape} and bias {bias.shape}")
+                return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                quarantine_file(path, f"damaged head cache ({e}); building it again")
     rows = []
     for name in classnames:
         emb = jnp.asarray(encode_text([t.format(name) for t in templates]), jnp.float32)

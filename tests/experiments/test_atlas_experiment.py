@@ -1,5 +1,6 @@
 """Smoke test of experiments/atlas.py: the tiny preset runs end to end and writes its outputs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,13 +8,19 @@ import pytest
 from experiments import atlas as atlas_exp
 
 
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory):
+    """One stand-in pool for the tests of this file (building it is most of their time)."""
+    return tmp_path_factory.mktemp("atlas") / "pool"
+
+
 @pytest.mark.slow
-def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch):
+def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch, pool_dir):
     monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
     out = tmp_path / "atlas"
     # Negation and aTLAS×K share these code paths (fit, objectives, blocks); they are left out
     # to keep the smoke test short.
-    args = ["--preset", "tiny", "--out", str(out), "--pool_dir", str(tmp_path / "pool")]
+    args = ["--preset", "tiny", "--out", str(out), "--pool_dir", str(pool_dir)]
     args += ["--parts", "addition", "few_shot", "tta"]
     results = atlas_exp.main(args)
     for name in ("results.json", "tables.md", "atlas.png", "units.json"):
@@ -34,3 +41,50 @@ def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch):
     units_before = (out / "units.json").read_text()
     atlas_exp.main(args)
     assert (out / "units.json").read_text() == units_before
+
+
+def _flip(path):
+    b = bytearray(path.read_bytes())
+    b[len(b) // 2] ^= 0x5A
+    path.write_bytes(bytes(b))
+
+
+def _flip_digit(path):
+    """One digit of a stored accuracy changed: still valid JSON, only the checksum can tell."""
+    text = path.read_text()
+    at = text.index('"finetuned"')
+    i = at + text[at:].index(".") + 1
+    path.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :])
+
+
+UNITS_DAMAGE = {
+    "truncate": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "flip byte": _flip,
+    "flip digit": _flip_digit,
+    "delete": lambda p: p.unlink(),
+}
+
+
+def _untimed(results):
+    """results.json without its timings and config (a recomputed unit takes another time)."""
+    return {k: v for k, v in results.items() if k not in ("timing_s", "wall_s", "config")}
+
+
+@pytest.mark.slow
+def test_damaged_units_file_is_moved_aside_and_recomputed(tmp_path, monkeypatch, pool_dir):
+    """Each kind of damage to units.json: the re-run finishes with identical results."""
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    out = tmp_path / "atlas"
+    cfg = dataclasses.replace(
+        atlas_exp.Config(),
+        **{**atlas_exp.PRESETS["tiny"], "preset": "tiny", "parts": ("addition",)},
+        out=str(out),
+        pool_dir=str(pool_dir),
+    )
+    pool = atlas_exp.load_pool(cfg, out)  # once: main() would load it on every re-run
+    want = _untimed(atlas_exp.run(cfg, pool, out))
+    for name, damage in UNITS_DAMAGE.items():
+        damage(out / "units.json")
+        assert _untimed(atlas_exp.run(cfg, pool, out)) == want, name
+        assert (out / "units.json").is_file(), name  # written again
+    assert len(list(out.glob("units.json.corrupt-*"))) == 3  # the damaged copies are kept

@@ -71,3 +71,40 @@ def test_eight_task_templates_are_clips_full_lists():
     for k, v in TEMPLATES.items():
         _check_templates(v)  # exactly one {} each
         assert len(set(v)) == len(v), f"{k}: duplicate templates"
+
+
+def _flip_data_byte(path):
+    b = bytearray(path.read_bytes())
+    b[b.index(b"\x93NUMPY") + 128 + 1] ^= 0x5A  # in the first array's data (.npy header: 128)
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    {
+        "truncate": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        "flip byte": _flip_data_byte,
+        "empty": lambda p: p.write_bytes(b""),
+        "delete": lambda p: p.unlink(),
+    }.items(),
+    ids=lambda d: d[0],
+)
+def test_damaged_head_cache_is_moved_aside_and_rebuilt(rng, tmp_path, damage):
+    enc = _encoder(rng)
+    kw = dict(cache_dir=tmp_path, cache_key="m")
+    a = clip.zero_shot_head(enc, ["a", "b"], ["x {}"], **kw)
+    (path,) = tmp_path.glob("head-*.npz")
+    name, fn = damage
+    fn(path)
+    if name == "delete":
+        b = clip.zero_shot_head(enc, ["a", "b"], ["x {}"], **kw)
+    else:
+        with pytest.warns(
+            UserWarning, match=r"damaged head cache.*moved it aside to .*\.corrupt-1"
+        ):
+            b = clip.zero_shot_head(enc, ["a", "b"], ["x {}"], **kw)
+        assert path.with_name(path.name + ".corrupt-1").is_file()  # kept, not deleted
+    np.testing.assert_array_equal(a["kernel"], b["kernel"])
+    np.testing.assert_array_equal(a["bias"], b["bias"])
+    c = clip.zero_shot_head(enc, ["a", "b"], ["x {}"], **kw)  # the rebuilt cache reads back
+    np.testing.assert_array_equal(a["kernel"], c["kernel"])
