@@ -1,12 +1,14 @@
 # cljax: two commands on a fresh machine with Python 3.11 and the package index.
 #   make demo  -- create .venv, install cljax, run the main job (embedded merging benchmark)
-#   make test  -- same install, then lint and the whole test suite
+#   make test  -- same install, then lint, the docs build and the whole test suite
+#   make docs  -- the documentation site (MkDocs, warnings as errors) into build/site
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test lint install clean parity
+.PHONY: demo test lint install clean parity docs
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +27,17 @@ lint: $(STAMP)
 
 # Compiled XLA executables are shared on disk between the test workers and the notebook and
 # experiment subprocesses (many compile the same tiny models); a fresh clone starts empty.
-test: lint
+test: lint docs
 	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
 	  $(PY) -m pytest -q -n 2 --durations=15
+
+# The documentation site: guides, results, the API reference from the docstrings (mkdocs.yml).
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs build --strict --quiet
 
 # CLIP converter parity against transformers' PyTorch CLIPModel (CPU torch, no CUDA wheels).
 parity: $(STAMP)
