@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from cljax.checkpoint import CheckpointManager
-from cljax.data import corpus_batch
+from cljax.data import GROUP_SIZE, corpus_batch
 from cljax.models import clip
 from cljax.train import TrainState, make_step
 from experiments import _common
@@ -57,24 +57,24 @@ class Config:
     out: str = "runs/pretrain"
     export: str = ""  # also copy the finished Hugging Face folder here
     seed: int = 0
-    corpus_size: int = 160_000  # distinct image-caption pairs, cycled in epochs
+    corpus_size: int = 200_000  # distinct image-caption pairs, cycled in epochs
     tokenizer_captions: int = 20_000  # captions the BPE is trained on
     max_merges: int = 4000
     context_length: int = 24
     # Image tower.
     image_size: int = 32
-    patch_size: int = 8
-    width: int = 192
+    patch_size: int = 4
+    width: int = 128
     depth: int = 4
-    heads: int = 3
+    heads: int = 4
     # Text tower.
     text_width: int = 128
     text_depth: int = 3
     text_heads: int = 2
     projection_dim: int = 128
     # Optimisation (AdamW, linear warm-up then cosine; as CLIP, scaled down).
-    steps: int = 2000
-    batch_size: int = 256
+    steps: int = 2600
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
@@ -107,6 +107,7 @@ PRESETS: dict[str, Config] = {
     ),
 }
 
+CORPUS_VERSION = 2  # bump when the corpus drawing changes, so caches are rendered again
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -143,7 +144,7 @@ def _render_chunk(args):
 
 def load_corpus(cfg: Config, out: Path, log=print) -> tuple[np.ndarray, list[str]]:
     """The first ``corpus_size`` corpus pairs, rendered once and cached under ``out``."""
-    path = out / f"corpus-{cfg.seed}-{cfg.corpus_size}.npz"
+    path = out / f"corpus-v{CORPUS_VERSION}-{cfg.seed}-{cfg.corpus_size}.npz"
     if path.is_file():
         try:
             with np.load(path) as f:
@@ -337,13 +338,17 @@ def run(cfg: Config, log=print) -> dict:
         post_update=_clamp_scale,
     )
 
-    n = len(captions)
-    steps_per_epoch = n // cfg.batch_size
+    # Batches are made of whole style groups of the corpus (GROUP_SIZE examples that differ
+    # in content only), so every batch holds hard negatives for each of its pairs.
+    groups = len(captions) // GROUP_SIZE
+    per_batch = cfg.batch_size // GROUP_SIZE
+    steps_per_epoch = groups // per_batch
 
     def batch_at(s: int) -> dict:
         epoch, i = divmod(s, steps_per_epoch)
-        perm = np.random.default_rng([cfg.seed, 7, epoch]).permutation(n)
-        idx = np.sort(perm[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+        perm = np.random.default_rng([cfg.seed, 7, epoch]).permutation(groups)
+        chosen = np.sort(perm[i * per_batch : (i + 1) * per_batch])
+        idx = (chosen[:, None] * GROUP_SIZE + np.arange(GROUP_SIZE)).reshape(-1)
         return {"images": images[idx], "ids": ids[idx], "caption_id": caption_id[idx]}
 
     manager = CheckpointManager(out / "ckpt" / f"pretrain-{tag}", keep=1)

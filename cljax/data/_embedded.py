@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from cljax.data import _render as R
-from cljax.data._corpus import CONCEPTS, LATIN, corpus_example
+from cljax.data._corpus import CONCEPTS, GROUP_SIZE, LATIN, corpus_example
 from cljax.data._sources import load_digits, load_mnist5k
 from cljax.data._task import Task
 
@@ -306,7 +306,8 @@ def _procedural(name: str, seed: int, n: int, split_id: int) -> tuple[np.ndarray
 def _control(seed: int, n: int, split_id: int) -> tuple[np.ndarray, np.ndarray]:
     xs, ys, i = [], [], 0
     while len(ys) < n:  # single-object scenes of the corpus, from a seed pretraining never uses
-        ex = corpus_example(1_000_003 + 10 * seed + split_id, i)
+        # one example per style group, so that consecutive images are independent
+        ex = corpus_example(1_000_003 + 10 * seed + split_id, GROUP_SIZE * i)
         i += 1
         if ex.concept >= 0:
             xs.append(ex.image)
@@ -381,15 +382,27 @@ def _cached(name: str, seed: int, sizes: tuple[int, int, int], cache_dir: Path |
     return task
 
 
-_VERSION = 1  # bump when the drawing changes, so caches are rebuilt
+_VERSION = 2  # bump when the drawing changes, so caches are rebuilt
+
+
+def _cached_job(args) -> Task:
+    return _cached(*args)
 
 
 @functools.lru_cache(maxsize=4)
-def _benchmark(seed, tasks, sizes, cache_dir) -> EmbeddedBenchmark:
+def _benchmark(seed, tasks, sizes, cache_dir, workers) -> EmbeddedBenchmark:
     cache = Path(cache_dir) if cache_dir else None
-    built = tuple(_cached(n, seed, sizes, cache) for n in tasks)
-    control = _cached("control", seed, sizes, cache)
-    return EmbeddedBenchmark(built, control, {k: TEMPLATES[k] for k in (*tasks, "control")})
+    jobs = [(n, seed, sizes, cache) for n in (*tasks, "control")]
+    if workers > 1:  # each task is a pure function of its arguments: same bytes in any process
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            built = pool.map(_cached_job, jobs, chunksize=1)
+    else:
+        built = [_cached_job(j) for j in jobs]
+    return EmbeddedBenchmark(
+        tuple(built[:-1]), built[-1], {k: TEMPLATES[k] for k in (*tasks, "control")}
+    )
 
 
 def embedded_benchmark(
@@ -400,6 +413,7 @@ def embedded_benchmark(
     val_size: int = 200,
     test_size: int = 500,
     cache_dir: str | os.PathLike | None = None,
+    workers: int = 1,
 ) -> EmbeddedBenchmark:
     """The embedded 8-task benchmark and its control task.
 
@@ -410,6 +424,9 @@ def embedded_benchmark(
         their data: MNIST-5k gives at most 3,500/…/1,000, scikit-learn's digits
         1,797 − val − 400 / val / 400).
       cache_dir: if given, built tasks are stored there and read back on later calls.
+      workers: processes that draw the tasks in parallel (``spawn`` start method: a script
+        that asks for more than 1 needs the ``if __name__ == "__main__":`` guard). The
+        images do not depend on it.
 
     Returns:
       An :class:`EmbeddedBenchmark`; images are uint8 ``[N, 32, 32, 3]``.
@@ -423,7 +440,8 @@ def embedded_benchmark(
     for name, v in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name}={v!r} must be a positive integer")
+    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+        raise ValueError(f"workers={workers!r} must be a positive integer")
     key = None if cache_dir is None else str(Path(cache_dir).absolute())
-    return _benchmark(
-        int(seed), tuple(tasks), (int(train_size), int(val_size), int(test_size)), key
-    )
+    sizes = (int(train_size), int(val_size), int(test_size))
+    return _benchmark(int(seed), tuple(tasks), sizes, key, int(workers))

@@ -8,6 +8,7 @@ folder (MiniCLIP's or a real CLIP's) into the cljax model, its params and its to
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import json
 import os
@@ -49,6 +50,12 @@ def embedded_checkpoint() -> Path:
     return path
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(model: CLIP, params: Any, ids: jax.Array) -> jax.Array:
+    # One compiled function per model config (a fresh jit per call would recompile each time).
+    return model.apply({"params": params}, ids, method=CLIP.encode_text)
+
+
 class PretrainedCLIP(NamedTuple):
     """A CLIP read from a Hugging Face folder.
 
@@ -78,11 +85,12 @@ class PretrainedCLIP(NamedTuple):
 
     def encode_text(self, texts: list[str], *, batch_size: int = 256) -> jax.Array:
         """Projected, unnormalised text embeddings ``[len(texts), D]``."""
-        fn = jax.jit(lambda p, i: self.model.apply({"params": p}, i, method=CLIP.encode_text))
         out = []
         for s in range(0, len(texts), batch_size):
             ids, _ = self.tokenizer(list(texts[s : s + batch_size]))
-            out.append(fn(self.params, jnp.asarray(ids)))
+            n = len(ids)  # pad to one shape: one compilation for any number of texts
+            ids = np.pad(ids, ((0, batch_size - n), (0, 0)), constant_values=ids[0, 0])
+            out.append(_encode_text(self.model, self.params, jnp.asarray(ids))[:n])
         return jnp.concatenate(out)
 
 

@@ -81,6 +81,17 @@ def test_cache_round_trip(tmp_path):
     np.testing.assert_array_equal(c.tasks[0].x_test, a.tasks[0].x_test)
 
 
+def test_parallel_workers_draw_the_same_bytes():
+    kw = dict(tasks=("letters", "mnist"), train_size=6, val_size=3, test_size=4)
+    a = embedded_benchmark(2, **kw)
+    b = embedded_benchmark(2, workers=2, **kw)
+    for ta, tb in zip((*a.tasks, a.control), (*b.tasks, b.control), strict=True):
+        np.testing.assert_array_equal(ta.x_train, tb.x_train)
+        np.testing.assert_array_equal(ta.y_test, tb.y_test)
+    with pytest.raises(ValueError, match="workers"):
+        embedded_benchmark(workers=0)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="tasks"):
         embedded_benchmark(tasks=("cars",))
