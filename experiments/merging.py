@@ -90,6 +90,7 @@ class Config:
     val_size: int = 100
     test_size: int = 500
     source_size: int = 1000
+    workers: int = 2  # processes that draw the embedded benchmark (the images do not change)
     # Encoder (cljax.models.ViT).
     patch_size: int = 7
     hidden_dim: int = 64
@@ -425,6 +426,7 @@ def _build_embedded_pool(config: Config, out: Path, log: Callable) -> Pool:
         val_size=config.val_size,
         test_size=config.test_size,
         cache_dir=out / "data",
+        workers=config.workers,
     )
     pre = clip.load_pretrained(config.clip_path or None)
     encoder = ZeroShotEncoder(pre.model.config, mean=pre.mean, std=pre.std)

@@ -19,9 +19,10 @@ def _listed_packages():
 
 def test_setup_cfg_lists_every_package():
     on_disk = {"cljax.kernels"}
-    for init in (ROOT / "cljax").rglob("__init__.py"):
-        rel = init.parent.relative_to(ROOT).as_posix()
-        on_disk.add(rel.replace("/", "."))
+    for top in ("cljax", "experiments"):  # the experiments ship too (CLIs, build_pool)
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT).as_posix()
+            on_disk.add(rel.replace("/", "."))
     assert on_disk == _listed_packages()
 
 
