@@ -503,7 +503,7 @@ def run_negation(pool: Pool, cfg: Config, seed: int, accuracy) -> dict:
     objective = _objective(pool, "negation")
     out = {"aTLAS": [], "task arithmetic": [], "pretrained": []}
     for i, task in enumerate(pool.tasks):
-        tau = jax.tree.map(lambda v: v[i : i + 1], pool.task_vectors)
+        tau = jax.tree.map(lambda v, i=i: v[i : i + 1], pool.task_vectors)
         tx_, ty = task.split("val")
         cx, cy = ctask.split("val")
 
@@ -753,7 +753,7 @@ def run(cfg: Config, pool: Pool, out: Path) -> dict:
     def finetuned_acc():
         acc = {"val": [], "test": [], "pretrained_test": []}
         for i, task in enumerate(tasks):
-            theta = jax.tree.map(lambda p, v: p + v[i], pool.pretrained, pool.task_vectors)
+            theta = jax.tree.map(lambda p, v, i=i: p + v[i], pool.pretrained, pool.task_vectors)
             acc["val"].append(accuracy(theta, pool.heads[i], task, "val"))
             acc["test"].append(accuracy(theta, pool.heads[i], task, "test"))
             acc["pretrained_test"].append(accuracy(pool.pretrained, pool.heads[i], task, "test"))
@@ -767,19 +767,24 @@ def run(cfg: Config, pool: Pool, out: Path) -> dict:
     bar = progress([(part, seed) for part in cfg.parts for seed in seeds], desc="atlas", total=None)
     for part, seed in bar:
         if part == "addition":
-            unit(f"addition/{seed}", lambda: run_addition(pool, cfg, seed, accuracy, ft_acc))
+            unit(
+                f"addition/{seed}",
+                lambda seed=seed: run_addition(pool, cfg, seed, accuracy, ft_acc),
+            )
         elif part == "partitions":
             for k in cfg.partitions:
                 unit(
                     f"partitions/{k}/{seed}",
-                    lambda k=k: run_addition(pool, cfg, seed, accuracy, ft_acc, partitions=k),
+                    lambda k=k, seed=seed: run_addition(
+                        pool, cfg, seed, accuracy, ft_acc, partitions=k
+                    ),
                 )
         elif part == "negation":
-            unit(f"negation/{seed}", lambda: run_negation(pool, cfg, seed, accuracy))
+            unit(f"negation/{seed}", lambda seed=seed: run_negation(pool, cfg, seed, accuracy))
         elif part == "few_shot":
-            unit(f"few_shot/{seed}", lambda: run_few_shot(pool, cfg, seed, accuracy))
+            unit(f"few_shot/{seed}", lambda seed=seed: run_few_shot(pool, cfg, seed, accuracy))
         elif part == "tta":
-            unit(f"tta/{seed}", lambda: run_tta(pool, cfg, seed, accuracy))
+            unit(f"tta/{seed}", lambda seed=seed: run_tta(pool, cfg, seed, accuracy))
         else:
             raise ValueError(f"unknown part {part!r}")
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import tree as ct
+from cljax._checks import check_int
 
 __all__ = ["TaskGrads", "head_mask", "merge_parts", "per_task_grads", "split_parts"]
 
@@ -81,18 +82,18 @@ def task_map(fn: Callable, xs: Any, task_batch_size: int | None, unroll: bool = 
     chunks = []
     for start in range(0, t, task_batch_size):
         if task_batch_size == 1:
-            out = fn(jax.tree.map(lambda x: x[start], xs))
+            out = fn(jax.tree.map(lambda x, start=start: x[start], xs))
             chunks.append(jax.tree.map(lambda y: y[None], out))
         else:
-            chunk = jax.tree.map(lambda x: x[start : start + task_batch_size], xs)
+            chunk = jax.tree.map(lambda x, start=start: x[start : start + task_batch_size], xs)
             chunks.append(jax.vmap(fn)(chunk))
     return jax.tree.map(lambda *ys: jnp.concatenate(ys), *chunks)
 
 
 def check_task_batch_size(where: str, task_batch_size: int | None, unroll: bool) -> None:
     """Raises ``ValueError`` naming ``where`` on a bad ``task_batch_size`` / ``unroll`` pair."""
-    if task_batch_size is not None and task_batch_size < 1:
-        raise ValueError(f"{where}: {task_batch_size=} must be >= 1 or None")
+    if task_batch_size is not None:
+        check_int(task_batch_size, name="task_batch_size", where=where, low=1)
     if unroll and task_batch_size is None:
         raise ValueError(f"{where}: unroll=True needs a task_batch_size (the chunk to unroll)")
 

@@ -150,7 +150,7 @@ def _problems(n: int, t: int):
         compiled = step.lower(state, cs.shard_batch(batch, mesh)).compile()
         out.append(("per_task_grads", mode, compiled, p_bytes, 0.0))
 
-    tvs = ct.stack([jax.tree.map(lambda x: x * 0.01 * (k + 1), params) for k in range(n)])
+    tvs = ct.stack([jax.tree.map(lambda x, k=k: x * 0.01 * (k + 1), params) for k in range(n)])
     for mode in ("fsdp", "task"):
         psh = cs.named_shardings(params, mesh, default=cs.FSDP)
         tsh = cs.stacked_shardings(
@@ -168,7 +168,7 @@ def _problems(n: int, t: int):
             )
             out.append((method, mode, compiled, p_bytes, 0.0))
 
-    tvs_t = ct.stack([jax.tree.map(lambda x: x * 0.01 * (k + 1), params) for k in range(t)])
+    tvs_t = ct.stack([jax.tree.map(lambda x, k=k: x * 0.01 * (k + 1), params) for k in range(t)])
     coefs = atlas.init(params, tvs_t)
     coef_bytes = 4 * sum(x.size for x in jax.tree.leaves(coefs))
     tx = optax.sgd(0.1)

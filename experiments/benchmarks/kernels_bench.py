@@ -179,7 +179,7 @@ def run(cfg: Config) -> list[dict]:
                     continue
                 try:  # a kernel that fails to compile on one backend must not end the run
                     times[impl] = _common.median_time(
-                        lambda f=f: jax.block_until_ready(f(theta0, tvs, coeffs, grads)),
+                        lambda f=f, a=(theta0, tvs, coeffs, grads): jax.block_until_ready(f(*a)),
                         warmup=cfg.warmup,
                         repeats=cfg.repeats,
                     )
@@ -243,7 +243,7 @@ def sweep(cfg: Config) -> list[dict]:
         for op in ("weighted_sum", "block_dots"):
             f = _op_fn(op, "pallas", bs)
             sec = _common.median_time(
-                lambda f=f: jax.block_until_ready(f(theta0, tvs, coeffs, grads)),
+                lambda f=f, a=(theta0, tvs, coeffs, grads): jax.block_until_ready(f(*a)),
                 warmup=cfg.warmup,
                 repeats=cfg.repeats,
             )

@@ -252,7 +252,7 @@ def run(cfg: Config) -> dict:
         call = lambda compiled=compiled, args=args: jax.block_until_ready(compiled(*args))
         executables[name] = call
         t = _common.median_time(call, warmup=cfg.warmup, repeats=cfg.repeats)
-        rss = peak_rss_delta(lambda: compiled(*args))
+        rss = peak_rss_delta(lambda compiled=compiled, args=args: compiled(*args))
         times[name] = t
         rows.append(
             {
