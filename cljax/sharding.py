@@ -603,7 +603,11 @@ def sharded_step(
     ``jit`` inserts the all-reduce (data parallel) or reduce-scatter (FSDP) itself.
 
     Args:
-      step_fn: an un-jitted step, e.g. ``cljax.train.make_step(loss_fn, jit=False)``.
+      step_fn: an un-jitted step, e.g. ``cljax.train.make_step(loss_fn, jit=False)``. A
+        step built with ``nonfinite="raise"`` (marked ``step_fn.nonfinite == "raise"``)
+        skips a non-finite update inside the compiled program, and the returned step
+        raises :class:`cljax.train.NonFiniteError` naming it
+        (:func:`cljax.train.raise_on_nonfinite`).
       state_shardings: the state's shardings (from :func:`create_sharded_state`).
       batch_shardings: the batch's sharding (:func:`batch_sharding`), or a tree of them.
       donate: donate the input state.
@@ -628,7 +632,12 @@ def sharded_step(
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,) if donate else (),
     )
+    raising = getattr(step_fn, "nonfinite", None) == "raise"
     if not (check and isinstance(batch_shardings, NamedSharding) and batch_shardings.spec):
+        if raising:
+            from cljax.train import raise_on_nonfinite
+
+            return raise_on_nonfinite(jitted)
         return jitted
     axis = batch_shardings.spec[0]
 
@@ -638,6 +647,10 @@ def sharded_step(
         return jitted(state, batch)
 
     step.lower = jitted.lower  # type: ignore[attr-defined]
+    if raising:
+        from cljax.train import raise_on_nonfinite
+
+        return raise_on_nonfinite(step)
     return step
 
 

@@ -70,7 +70,7 @@ from cljax import continual, losses
 from cljax.averaging import averaging_hook, interpolate, next_task_from_average, weight_ensemble
 from cljax.checkpoint import CheckpointManager
 from cljax.models import clip
-from cljax.train import TrainState, make_step
+from cljax.train import NonFiniteError, TrainState, make_step
 from experiments import _common
 from experiments.clip_merging import cosine_lr
 
@@ -421,7 +421,10 @@ def _run_method(
                 )
                 # the frozen teacher's features, outside the differentiated step
                 batch |= {"ref_x": r["x"], "ref_teacher": env["features"](theta0, r["x"])}
-            state, _ = step(state, batch)
+            try:
+                state, _ = step(state, batch)
+            except NonFiniteError as e:  # name the method and task; nothing was checkpointed
+                raise NonFiniteError(f"{method}: task {j} ({name!r}): {e}", state=e.state) from e
         if flags["we"]:  # the saved model, and the next task's start, is the ensemble
             state = next_task_from_average(state, we, name="we")
         params = state.params

@@ -69,7 +69,7 @@ from cljax.averaging import (
 from cljax.checkpoint import CheckpointManager
 from cljax.data import mtil_domain_tasks, mtil_pretraining_data, mtil_sequence
 from cljax.models import MLP
-from cljax.train import TrainState, make_step
+from cljax.train import NonFiniteError, TrainState, make_step
 from experiments import _common
 
 METHODS = ("finetune", "lwf", "wise_ft", "we", "distill", "zscl")
@@ -425,6 +425,21 @@ def _batch_rows(task, step: int, batch_size: int, seed: int) -> np.ndarray:
     return np.sort(perm[i * batch_size : (i + 1) * batch_size])
 
 
+def _check_no_skipped(state: TrainState, method: str, j: int, task: str, seeds) -> None:
+    """Stops the run before a task with a non-finite step is evaluated or checkpointed.
+
+    The scanned step (``make_step``'s default ``nonfinite="raise"``, traced) skips a
+    non-finite update and counts it in ``state.skipped``; here that count becomes the error.
+    """
+    skipped = np.asarray(state.skipped)
+    if skipped.any():
+        bad = [(seed, int(n)) for seed, n in zip(seeds, skipped, strict=True) if n]
+        raise NonFiniteError(
+            f"{method}: non-finite loss, gradient or update in task {j} ({task!r}) "
+            f"(seed, skipped steps): {bad}; nothing of this task was checkpointed"
+        )
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Runs every method (seeds side by side); returns the dict written to ``results.json``.
 
@@ -477,6 +492,7 @@ def run(cfg: Config) -> dict[str, Any]:
             x, y = env["train"][j]
             idx, ref = _schedules(cfg, seq.tasks[j], j, env["pool_x"].shape[0])
             state, _ = eng["train_task"](state, x, y, idx, ref, j)
+            _check_no_skipped(state, method, j, names[j], cfg.seeds)
             state = eng["end_task"](state)
             acc[:, j] = 100.0 * np.asarray(eng["evaluate"](state.params))
             ckpt.save(j + 1, {"state": state, "acc": acc}, metadata={"config": fingerprint})

@@ -104,7 +104,7 @@ def _nonfinite_step(_):
     from cljax.train import TrainState, make_step
 
     state = TrainState.create({"w": jnp.ones(2)}, optax.sgd(0.1))
-    step = make_step(lambda p, b, r: jnp.sum(p["w"] * b), nonfinite="raise", donate=False)
+    step = make_step(lambda p, b, r: jnp.sum(p["w"] * b), donate=False)  # default "raise"
     return step(state, jnp.array([np.nan, 1.0]))
 
 
@@ -207,10 +207,10 @@ def _rows() -> list[Row]:
         ),
         Row(
             "train",
-            "NaN gradients with `nonfinite='raise'`",
+            "NaN gradients (`make_step`'s default `nonfinite='raise'`)",
             _nonfinite_step,
             FloatingPointError,
-            r"non-finite loss or gradient at step 0",
+            r"non-finite loss, gradient or update at step 0 \(update skipped",
         ),
         Row(
             "data",

@@ -219,6 +219,31 @@ def test_sharded_training_equals_unsharded(rng, default):
         step(state, _batch(rng, 12))
 
 
+def test_sharded_step_keeps_the_nonfinite_policy(rng):
+    """make_step's default ("raise") skips inside the sharded program and raises after it."""
+    from cljax.train import NonFiniteError
+
+    mesh = cs.make_mesh({"data": 8}, DEVICES)
+    init = lambda p: TrainState.create(p, optax.adam(1e-2), rng=0)
+    bad = _batch(rng)
+    bad["x"][3, 5] = np.nan
+    for policy in ("raise", "skip"):
+        state, sh = cs.create_sharded_state(init, _params(rng), mesh=mesh)
+        before = jax.tree.map(np.asarray, state.params)
+        step = cs.sharded_step(
+            make_step(_loss, jit=False, nonfinite=policy), sh, cs.batch_sharding(mesh)
+        )
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match="step 0") as e:
+                step(state, cs.shard_batch(bad, mesh))
+            state = e.value.state
+        else:
+            state, _ = step(state, cs.shard_batch(bad, mesh))
+        assert int(state.skipped) == 1
+        chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.params), before)
+        assert state.params["dense"]["kernel"].sharding == sh.params["dense"]["kernel"]
+
+
 def test_dp_step_all_reduces_gradients_and_gathers_nothing(rng):
     mesh = cs.make_mesh({"data": 8}, DEVICES)
     init = lambda p: TrainState.create(p, optax.sgd(1e-2), rng=0)

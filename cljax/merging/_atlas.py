@@ -44,7 +44,7 @@ from cljax import kernels
 from cljax import tree as ct
 from cljax.checkpoint import CheckpointCorruptError, CheckpointManager
 from cljax.losses._entropy import entropy_loss, pseudo_label_loss
-from cljax.train import TrainState, apply_step, make_step
+from cljax.train import TrainState, apply_step, make_step, raise_on_nonfinite
 
 __all__ = [
     "CLIP_QKV_GROUPS",
@@ -938,7 +938,7 @@ def _split_train_step(loss_fn: LossFn, spec: Blocks, has_aux: bool):
         del theta  # not needed by the update: free it before the τ pass
         return update(state, theta0, taus, ms, g, out, rng)
 
-    return step
+    return raise_on_nonfinite(step)  # as make_step's default: a non-finite step raises
 
 
 class FitResult(NamedTuple):
@@ -1028,6 +1028,8 @@ def fit(
         ``checkpoint_every`` that is not a positive int or comes without
         ``checkpoint_dir``, or a checkpoint of a fit with another ``steps_per_epoch`` or
         ``seed``.
+      cljax.train.NonFiniteError: at the first step whose loss or coefficient gradient is
+        not finite, naming it (the update is not applied and nothing is checkpointed).
 
     Example:
       >>> spec = blocks(params)

@@ -13,13 +13,65 @@ import optax
 from cljax.train._state import TrainState, _concrete
 from cljax.tree import path_str
 
-__all__ = ["NonFiniteError", "apply_step", "make_step"]
+__all__ = ["NonFiniteError", "apply_step", "make_step", "raise_on_nonfinite"]
 
 LossFn = Callable[..., Any]
 
 
 class NonFiniteError(FloatingPointError):
-    """Raised (outside jit) when a step produced non-finite gradients and the policy is 'raise'."""
+    """Raised (outside jit) when a step produced non-finite values and the policy is 'raise'.
+
+    Attributes:
+      state: the state the failing step returned, when there is one: the update was
+        skipped, so its parameters and optimizer state are those from before the step (and
+        its ``step`` counts the failed one). A donating step has deleted the state it was
+        given, so this is the state to go on from (e.g. after dropping the batch).
+    """
+
+    def __init__(self, message: str, *, state: Any = None):
+        super().__init__(message)
+        self.state = state
+
+
+def raise_on_nonfinite(
+    step_fn: Callable[[Any, Any], tuple[Any, dict[str, Any]]],
+) -> Callable[[Any, Any], tuple[Any, dict[str, Any]]]:
+    """Wraps ``step(state, batch) -> (state, metrics)`` to raise on a non-finite step.
+
+    After each call, ``metrics["finite"]`` is read on the host (one sync per step); if it
+    is false, :class:`NonFiniteError` names the step (``state.step`` of the returned state,
+    less one) and carries the returned state. Called inside a trace (``jit``, ``scan``,
+    ``vmap``), the wrapper cannot raise and returns the step's result as it is: the step
+    then behaves as ``nonfinite="skip"`` (the update is skipped and counted in
+    ``state.skipped``), and whoever compiles it adds the check (:func:`make_step` and
+    :func:`cljax.sharding.sharded_step` do) or reads ``state.skipped``.
+
+    Args:
+      step_fn: a step whose metrics hold ``"finite"`` and whose state has ``step``, built
+        with a policy that skips non-finite updates (``"skip"`` or ``"raise"``).
+
+    Returns:
+      The checked step, marked ``nonfinite = "raise"``; ``lower`` and ``trace`` are kept.
+    """
+
+    def checked(state: Any, batch: Any):
+        new, metrics = step_fn(state, batch)
+        finite = metrics["finite"]
+        if isinstance(finite, jax.core.Tracer) or bool(finite):
+            return new, metrics
+        at = int(new.step) - 1
+        raise NonFiniteError(
+            f"non-finite loss, gradient or update at step {at} (update skipped; the unchanged "
+            "state is this error's .state)",
+            state=new,
+        )
+
+    for name in ("lower", "trace"):
+        if hasattr(step_fn, name):
+            setattr(checked, name, getattr(step_fn, name))
+    checked.nonfinite = "raise"  # type: ignore[attr-defined]
+    checked.__wrapped__ = step_fn  # type: ignore[attr-defined]
+    return checked
 
 
 def _donation_problem(state: Any) -> str | None:
@@ -73,6 +125,16 @@ def _takes_rng(loss_fn: LossFn) -> bool:
     )
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every inexact leaf of ``tree`` is finite (a traced scalar bool)."""
+    ok = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.asarray(True)
+
+
 def apply_step(
     state: TrainState,
     rng: jax.Array,
@@ -80,7 +142,7 @@ def apply_step(
     grads: Any,
     *,
     has_aux: bool = False,
-    nonfinite: Literal["apply", "skip", "raise"] = "apply",
+    nonfinite: Literal["apply", "skip", "raise"] = "raise",
     post_update: Callable[[TrainState], TrainState] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The second half of a :func:`make_step` step, for steps that compute their gradient
@@ -88,7 +150,9 @@ def apply_step(
     apply the non-finite policy and return ``(state, metrics)``.
 
     ``out`` is the loss, or ``(loss, aux)`` with ``has_aux``. Traceable; the ``"raise"``
-    policy's host check is :func:`make_step`'s, so here it behaves as ``"skip"``.
+    policy's host check is not here but in :func:`raise_on_nonfinite` (wrap the compiled
+    step with it), so here ``"raise"`` (the default) behaves as ``"skip"``: a non-finite
+    update is never applied.
     """
     loss, aux = out if has_aux else (out, {})
     gnorm = optax.tree.norm(grads)
@@ -97,7 +161,8 @@ def apply_step(
     if post_update is not None:
         new = post_update(new)
     new = new.replace(rng=rng)
-    if nonfinite != "apply":
+    if nonfinite != "apply":  # a finite gradient can still overflow the parameters
+        finite = finite & _all_finite(new.params)
         pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
         new = new.replace(
             params=pick(new.params, state.params),
@@ -113,7 +178,7 @@ def make_step(
     loss_fn: LossFn,
     *,
     has_aux: bool = False,
-    nonfinite: Literal["apply", "skip", "raise"] = "apply",
+    nonfinite: Literal["apply", "skip", "raise"] = "raise",
     post_update: Callable[[TrainState], TrainState] | None = None,
     jit: bool = True,
     donate: bool = True,
@@ -130,10 +195,15 @@ def make_step(
         loss that needs no randomness may be ``loss_fn(params, batch)``: the signature
         decides (a third positional parameter, or ``*args``, gets the key).
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      nonfinite: what to do when the gradient holds NaN/Inf. ``"apply"`` does nothing
-        special; ``"skip"`` leaves params and optimizer state unchanged and counts the
-        step in ``state.skipped``; ``"raise"`` skips likewise and the returned step raises
-        :class:`NonFiniteError` with the step number (this needs one host sync per step).
+      nonfinite: what to do when the loss, the gradient or the updated parameters hold
+        NaN/Inf (a huge learning rate overflows finite gradients). ``"raise"``
+        (the default) leaves params, optimizer and method states unchanged and the step
+        raises :class:`NonFiniteError` naming the step number, with the unchanged state
+        on the error (one host sync per step; see :func:`raise_on_nonfinite`). With
+        ``jit=False`` the step raises when called eagerly; traced inside another
+        transform it cannot, and skips instead (``sharded_step`` adds the check back).
+        ``"skip"`` leaves the states unchanged and counts the step in ``state.skipped``,
+        with no host sync. ``"apply"`` applies the update whatever it holds.
       post_update: ``state -> state`` applied after the optimizer update, inside the jit.
       jit: compile the step.
       donate: donate the input state's buffers (only with ``jit``): they are reused for
@@ -141,11 +211,15 @@ def make_step(
         deleted array or one array twice raises a ``ValueError`` naming the leaf.
 
     Returns:
-      The step function. Its metrics hold ``loss``, ``grad_norm``, ``finite`` and aux.
+      The step function. Its metrics hold ``loss``, ``grad_norm``, ``finite`` (the loss and
+      the gradient are finite, and unless ``nonfinite="apply"`` the updated parameters
+      too) and aux.
 
     Raises:
       ValueError: for an unknown ``nonfinite`` policy; from the step, for a state whose
         arrays were already donated (see ``donate``).
+      NonFiniteError: from the step, with ``nonfinite="raise"``, on a non-finite loss or
+        gradient.
       TypeError: if ``loss_fn`` takes neither ``(params, batch)`` nor ``(params, batch,
         rng)``.
     """
@@ -179,14 +253,4 @@ def make_step(
         step.lower = jitted.lower  # type: ignore[attr-defined]
         step.trace = jitted.trace  # type: ignore[attr-defined]
 
-    if nonfinite != "raise":
-        return step
-
-    def checked(state: TrainState, batch: Any):
-        at = int(state.step)
-        new, metrics = step(state, batch)
-        if not bool(metrics["finite"]):
-            raise NonFiniteError(f"non-finite loss or gradient at step {at} (update skipped)")
-        return new, metrics
-
-    return checked
+    return raise_on_nonfinite(step) if nonfinite == "raise" else step

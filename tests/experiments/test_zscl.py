@@ -73,3 +73,15 @@ def test_tiny_preset_end_to_end_and_resume(tmp_path, monkeypatch):
     again = zscl.main(argv[:-2] + ["zscl"])
     assert again["resumed_from"] == {"zscl": 3}
     assert again["runs"]["zscl"] == res["runs"]["zscl"]
+
+
+@pytest.mark.slow
+def test_nonfinite_training_stops_naming_method_and_task(tmp_path, monkeypatch):
+    """A learning rate that overflows the weights: an error, no checkpoint of the task."""
+    from cljax.train import NonFiniteError
+
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    argv = ["--preset", "tiny", "--out", str(tmp_path), "--methods", "finetune", "--lr", "1e38"]
+    with pytest.raises(NonFiniteError, match=r"finetune: non-finite .* task 0 \('rotated'\)"):
+        zscl.main(argv)
+    assert not list((tmp_path / "ckpt" / "finetune").glob("step_*"))

@@ -57,6 +57,54 @@ def test_nonfinite_skip_and_raise():
         make_step(_loss, nonfinite="ignore")
 
 
+def test_default_raises_naming_the_step_and_hands_back_the_state():
+    """The default policy: a NaN step raises, is not applied, and the run can go on."""
+    state = TrainState.create({"w": jnp.ones(3)}, optax.adam(0.1))
+    bad = {"x": jnp.full((2, 3), jnp.nan), "y": jnp.ones(2)}
+    good = {"x": jnp.ones((2, 3)), "y": jnp.ones(2)}
+    step = make_step(_loss)  # jitted, donated, nonfinite="raise"
+    state, _ = step(state, good)
+    before = jax.tree.map(np.array, (state.params, state.opt_state))  # copies, not views
+    with pytest.raises(NonFiniteError, match=r"at step 1 \(update skipped") as e:
+        step(state, bad)
+    assert state.params["w"].is_deleted()  # donated: the error holds the state to go on from
+    kept = e.value.state
+    chex.assert_trees_all_equal((kept.params, kept.opt_state), before)
+    assert int(kept.step) == 2 and int(kept.skipped) == 1
+    kept, m = step(kept, good)
+    assert bool(m["finite"]) and int(kept.step) == 3
+
+
+def test_overflowing_update_of_finite_gradients_is_caught():
+    """Finite gradients, a learning rate that sends the weights to Inf."""
+    batch = {"x": jnp.ones((2, 3)), "y": jnp.full(2, -10.0)}
+    state = TrainState.create({"w": jnp.ones(3)}, optax.sgd(1e38))
+    with pytest.raises(NonFiniteError, match="step 0"):
+        make_step(_loss, donate=False)(state, batch)
+    skipped, m = make_step(_loss, nonfinite="skip", donate=False)(state, batch)
+    assert np.isfinite(float(m["grad_norm"])) and not bool(m["finite"])
+    chex.assert_trees_all_equal(skipped.params, state.params)
+    applied, _ = make_step(_loss, nonfinite="apply", donate=False)(state, batch)
+    assert not np.isfinite(np.asarray(applied.params["w"])).all()  # asked for: applied
+
+
+def test_unjitted_step_raises_eagerly_and_skips_when_traced():
+    state = TrainState.create({"w": jnp.ones(3)}, optax.adam(0.1))
+    bad = {"x": jnp.full((2, 3), jnp.nan), "y": jnp.ones(2)}
+    step = make_step(_loss, jit=False)
+    assert step.nonfinite == "raise"
+    with pytest.raises(NonFiniteError, match="step 0"):
+        step(state, bad)
+    # inside a trace it cannot raise: the update is skipped and counted
+    new, m = jax.jit(step)(state, bad)
+    assert not bool(m["finite"]) and int(new.skipped) == 1
+    chex.assert_trees_all_equal(new.params, state.params)
+    xs = {"x": jnp.stack([bad["x"], jnp.ones((2, 3))]), "y": jnp.ones((2, 2))}
+    new, _ = jax.lax.scan(lambda st, b: step(st, b), state, xs)
+    assert int(new.skipped) == 1 and int(new.step) == 2
+    assert np.isfinite(np.asarray(new.params["w"])).all()
+
+
 def test_post_update_runs_inside_step():
     def ema(state):
         avg = state.methods["avg"]
