@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from cljax.checkpoint import CheckpointManager
-from cljax.data import GROUP_SIZE, corpus_batch
+from cljax.data import corpus_batch
 from cljax.models import clip
 from cljax.train import TrainState, make_step
 from experiments import _common
@@ -57,24 +57,24 @@ class Config:
     out: str = "runs/pretrain"
     export: str = ""  # also copy the finished Hugging Face folder here
     seed: int = 0
-    corpus_size: int = 200_000  # distinct image-caption pairs, cycled in epochs
+    corpus_size: int = 160_000  # distinct image-caption pairs, cycled in epochs
     tokenizer_captions: int = 20_000  # captions the BPE is trained on
     max_merges: int = 4000
     context_length: int = 24
     # Image tower.
     image_size: int = 32
-    patch_size: int = 4
-    width: int = 128
+    patch_size: int = 8
+    width: int = 192
     depth: int = 4
-    heads: int = 4
+    heads: int = 3
     # Text tower.
     text_width: int = 128
     text_depth: int = 3
     text_heads: int = 2
     projection_dim: int = 128
     # Optimisation (AdamW, linear warm-up then cosine; as CLIP, scaled down).
-    steps: int = 2600
-    batch_size: int = 128
+    steps: int = 2000
+    batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
@@ -107,7 +107,6 @@ PRESETS: dict[str, Config] = {
     ),
 }
 
-CORPUS_VERSION = 2  # bump when the corpus drawing changes, so caches are rendered again
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -144,7 +143,7 @@ def _render_chunk(args):
 
 def load_corpus(cfg: Config, out: Path, log=print) -> tuple[np.ndarray, list[str]]:
     """The first ``corpus_size`` corpus pairs, rendered once and cached under ``out``."""
-    path = out / f"corpus-v{CORPUS_VERSION}-{cfg.seed}-{cfg.corpus_size}.npz"
+    path = out / f"corpus-{cfg.seed}-{cfg.corpus_size}.npz"
     if path.is_file():
         try:
             with np.load(path) as f:
@@ -206,6 +205,18 @@ def _hash(cfg: Config) -> str:
         {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def set_special_token_ids(path: Path, tokenizer: clip.CLIPTokenizer) -> None:
+    """Writes the tokenizer's start, end and padding ids into ``config.json``'s text config.
+
+    Hugging Face's ``CLIPTextConfig`` defaults to the ids of CLIP's 49,408-token vocabulary;
+    this tokenizer has its own (and pads with the end token, as CLIP does).
+    """
+    cfg = json.loads(path.read_text())
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    cfg["text_config"].update(ids, pad_token_id=tokenizer.eos_id)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def write_preprocessor_config(directory: Path, image_size: int) -> None:
@@ -338,17 +349,13 @@ def run(cfg: Config, log=print) -> dict:
         post_update=_clamp_scale,
     )
 
-    # Batches are made of whole style groups of the corpus (GROUP_SIZE examples that differ
-    # in content only), so every batch holds hard negatives for each of its pairs.
-    groups = len(captions) // GROUP_SIZE
-    per_batch = cfg.batch_size // GROUP_SIZE
-    steps_per_epoch = groups // per_batch
+    n = len(captions)
+    steps_per_epoch = n // cfg.batch_size
 
     def batch_at(s: int) -> dict:
         epoch, i = divmod(s, steps_per_epoch)
-        perm = np.random.default_rng([cfg.seed, 7, epoch]).permutation(groups)
-        chosen = np.sort(perm[i * per_batch : (i + 1) * per_batch])
-        idx = (chosen[:, None] * GROUP_SIZE + np.arange(GROUP_SIZE)).reshape(-1)
+        perm = np.random.default_rng([cfg.seed, 7, epoch]).permutation(n)
+        idx = np.sort(perm[i * cfg.batch_size : (i + 1) * cfg.batch_size])
         return {"images": images[idx], "ids": ids[idx], "caption_id": caption_id[idx]}
 
     manager = CheckpointManager(out / "ckpt" / f"pretrain-{tag}", keep=1)
@@ -385,6 +392,7 @@ def run(cfg: Config, log=print) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     clip.save_hf_pretrained(state.params, mcfg, tmp)
     tokenizer.save_pretrained(tmp)
+    set_special_token_ids(tmp / "config.json", tokenizer)
     write_preprocessor_config(tmp, cfg.image_size)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     summary = {

@@ -2,13 +2,7 @@
 
 from cljax.data._benchmarks import MergingBenchmark, merging_benchmark
 from cljax.data._continual import permuted_mnist, rotated_mnist, split_mnist
-from cljax.data._corpus import (
-    CONCEPTS,
-    GROUP_SIZE,
-    CorpusExample,
-    corpus_batch,
-    corpus_example,
-)
+from cljax.data._corpus import CONCEPTS, CorpusExample, corpus_batch, corpus_example
 from cljax.data._embedded import EMBEDDED_TASKS, EmbeddedBenchmark, embedded_benchmark
 from cljax.data._mixture import (
     MixedBatcher,
@@ -41,7 +35,6 @@ __all__ = [
     "EmbeddedBenchmark",
     "embedded_benchmark",
     "CONCEPTS",
-    "GROUP_SIZE",
     "CorpusExample",
     "corpus_batch",
     "corpus_example",

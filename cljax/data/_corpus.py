@@ -25,16 +25,13 @@ from cljax.data import _render as R
 __all__ = [
     "CONCEPTS",
     "CorpusExample",
-    "GROUP_SIZE",
     "caption_words",
     "corpus_batch",
     "corpus_example",
 ]
 
 IMAGE_SIZE = 32
-GROUP_SIZE = 4  # examples per style group (hard negatives of one another)
-# "a orange" -> "an orange"; not "letter a on ..." (the letter a before a position word).
-_AN = re.compile(r"\ba (?=[aeiou]\w)(?!(?:on|in|at|and)\b)")
+_AN = re.compile(r"\ba (?=[aeiou]\w)")  # "a orange" -> "an orange" (not before a lone letter)
 
 DIGITS = tuple("0123456789")
 LATIN = tuple("abcdefghijklmnopqrstuvwxyz")
@@ -122,18 +119,16 @@ def _size_word(value: float, small: float, large: float) -> str | None:
 
 
 def _background(
-    g: np.random.Generator, o: np.random.Generator, fg: str, size: int
-) -> tuple[np.ndarray, str, dict]:
+    rng: np.random.Generator, fg: str, size: int
+) -> tuple[np.ndarray, str | None, dict]:
     """A plain (75 %) or muted textured background; returns the image, its caption phrase, attrs."""
-    bg = _contrasting(g, fg)
-    base = R.colour(bg, g)
-    plain = g.random() < 0.75
-    kind = _pick(g, R.TEXTURES)
-    period, angle = g.uniform(4, 10), g.uniform(0, 180)
-    if plain:
+    bg = _contrasting(rng, fg)
+    base = R.colour(bg, rng)
+    if rng.random() < 0.75:
         img = np.broadcast_to(base, (size, size, 3)).astype(np.float32)
         return img, f"on a {bg} background", {"background": bg}
-    m = R.texture(kind, size=size, period=period, angle=angle, rng=o)
+    kind = _pick(rng, R.TEXTURES)
+    m = R.texture(kind, size=size, period=rng.uniform(4, 10), angle=rng.uniform(0, 180), rng=rng)
     other = base * 0.6 + 0.4 * np.asarray(R.COLOURS["gray"], np.float32)
     img = R.two_tone(m, base, other)
     return img, f"on a {TEXTURE_WORDS[kind][0]} background", {"background": kind}
@@ -167,61 +162,55 @@ def _glyph_name(rng: np.random.Generator, category: str, char: str, greek_name: 
     return _pick(rng, forms)
 
 
-def _phrase(rng: np.random.Generator, core: str, extras: list[str]) -> str:
-    keep = rng.random(len(extras)) < 0.5
-    parts = [e for e, k in zip(extras, keep, strict=True) if k]
+def _phrase(
+    rng: np.random.Generator, core: str, extras: list[str | None], prefix: bool = True
+) -> str:
+    parts = [e for e in extras if e and rng.random() < 0.5]
     rng.shuffle(parts)
     text = " ".join([core, *parts])
-    prefix = _pick(rng, _PREFIXES)
-    return f"{prefix} {text}" if rng.random() < 0.3 else text
+    if prefix and rng.random() < 0.3:
+        text = f"{_pick(rng, _PREFIXES)} {text}"
+    return text
 
 
-# Each scene draws its *content* (which glyph, shape, texture or count) from the example's
-# own generator ``o`` and everything else (kind of scene, font, colours, size, position,
-# background, caption template) from its group's generator ``g``: the GROUP_SIZE examples of
-# a group look alike and differ in content only. Batched together they are hard negatives,
-# which a contrastive loss can tell apart only by what is drawn, not by colour or layout.
-# Every draw from ``g`` happens whatever ``o`` gives, so the group stays in step.
-
-
-def _glyph_scene(g: np.random.Generator, o: np.random.Generator, size: int) -> CorpusExample:
-    u = g.random()
+def _glyph_scene(rng: np.random.Generator, size: int) -> CorpusExample:
+    u = rng.random()
     category = "digit" if u < 0.35 else "lower" if u < 0.7 else "greek" if u < 0.9 else "upper"
     greek_name = ""
     if category == "digit":
-        char = _pick(o, DIGITS)
+        char = _pick(rng, DIGITS)
         concept = CONCEPTS.index(f"digit {char}")
     elif category == "greek":
-        char, greek_name = _pick(o, R.GREEK)
+        char, greek_name = _pick(rng, R.GREEK)
         concept = CONCEPTS.index(f"greek letter {greek_name}")
     else:
-        char = _pick(o, LATIN)
+        char = _pick(rng, LATIN)
         concept = CONCEPTS.index(f"letter {char}")
         if category == "upper":
             char, concept = char.upper(), -1
     fonts = [f for f in R.PRETRAIN_FONTS if not (category == "greek" and f in R.LATIN_ONLY)]
-    font = _pick(g, fonts)
-    height = g.uniform(14, 28)
+    font = _pick(rng, fonts)
+    height = rng.uniform(14, 28)
     margin = max(6.0, height * 0.45)
-    cx, cy = g.uniform(margin, size - margin, 2)
-    angle = g.uniform(-15, 15)
-    fg = _pick(g, tuple(R.COLOURS))
-    fill = R.colour(fg, g)
-    bg_img, bg_words, bg_attrs = _background(g, o, fg, size)
-    mask = R.glyph_mask(char, font, size=size, height=height, centre=(cx, cy), angle=angle)
-    img = R.composite(bg_img, mask, fill)
+    cx, cy = rng.uniform(margin, size - margin, 2)
+    fg = _pick(rng, tuple(R.COLOURS))
+    bg_img, bg_words, bg_attrs = _background(rng, fg, size)
+    mask = R.glyph_mask(
+        char, font, size=size, height=height, centre=(cx, cy), angle=rng.uniform(-15, 15)
+    )
+    img = R.composite(bg_img, mask, R.colour(fg, rng))
     size_word = _size_word(height, 17, 24)
-    name = _glyph_name(g, category, char.lower(), greek_name)
-    colour_first, with_size = g.random(2) < 0.5
+    name = _glyph_name(rng, category, char.lower(), greek_name)
+    colour_first = rng.random() < 0.5
+    core = name
     if colour_first and name.startswith(("the ", "a ")):
         art, rest = name.split(" ", 1)
-        adj = " ".join(w for w in (size_word if with_size else None, fg) if w)
+        adj = " ".join(w for w in (size_word if rng.random() < 0.5 else None, fg) if w)
         core = f"{art} {adj} {rest}"
         extras = [_position_word(cx, cy, size), bg_words]
     else:
-        core = name
         extras = [f"in {fg}", _position_word(cx, cy, size), bg_words]
-    caption = _phrase(g, core, extras)
+    caption = _phrase(rng, core, extras)
     attrs = {"char": char, "font": font, "colour": fg, "category": category, **bg_attrs}
     return CorpusExample(img, caption, "glyph", concept, attrs)
 
@@ -230,76 +219,68 @@ def _plural(shape: str) -> str:
     return shape + ("es" if shape == "cross" else "s")
 
 
-def _shape_scene(g: np.random.Generator, o: np.random.Generator, size: int) -> CorpusExample:
-    shape = _pick(o, R.SHAPES)
-    radius = g.uniform(5, 13)
-    cx, cy = g.uniform(radius + 1, size - radius - 1, 2)
-    hollow, width = g.random() < 0.3, int(g.integers(2, 5))
-    outline = width if hollow and shape != "ring" else 0
-    fg = _pick(g, tuple(R.COLOURS))
-    fill = R.colour(fg, g)
-    bg_img, bg_words, bg_attrs = _background(g, o, fg, size)
-    angle = g.uniform(-20, 20)
+def _shape_scene(rng: np.random.Generator, size: int) -> CorpusExample:
+    shape = _pick(rng, R.SHAPES)
+    radius = rng.uniform(5, 13)
+    cx, cy = rng.uniform(radius + 1, size - radius - 1, 2)
+    outline = int(rng.integers(2, 5)) if rng.random() < 0.3 and shape != "ring" else 0
+    fg = _pick(rng, tuple(R.COLOURS))
+    bg_img, bg_words, bg_attrs = _background(rng, fg, size)
+    angle = rng.uniform(-20, 20)
     mask = R.shape_mask(
         shape, size=size, radius=radius, centre=(cx, cy), angle=angle, outline=outline
     )
-    img = R.composite(bg_img, mask, fill)
-    with_colour, hollow_word = g.random() < 0.7, _pick(g, ("outlined", "hollow"))
-    adjs = [w for w in (_size_word(radius, 7, 11), fg if with_colour else None) if w]
+    img = R.composite(bg_img, mask, R.colour(fg, rng))
+    adjs = [w for w in (_size_word(radius, 7, 11), fg if rng.random() < 0.7 else None) if w]
     if outline:
-        adjs.append(hollow_word)
+        adjs.append(_pick(rng, ("outlined", "hollow")))
     core = " ".join(["a", *adjs, shape])
-    caption = _phrase(g, core, [_position_word(cx, cy, size), bg_words])
+    caption = _phrase(rng, core, [_position_word(cx, cy, size), bg_words])
     attrs = {"shape": shape, "colour": fg, "outline": bool(outline), **bg_attrs}
     return CorpusExample(img, caption, "shape", CONCEPTS.index(shape), attrs)
 
 
-def _texture_scene(g: np.random.Generator, o: np.random.Generator, size: int) -> CorpusExample:
-    kind = _pick(o, R.TEXTURES)
-    c1 = _pick(g, tuple(R.COLOURS))
-    c2 = _contrasting(g, c1)
-    period, angle = g.uniform(4, 10), g.uniform(0, 180)
-    a, b = R.colour(c1, g), R.colour(c2, g)
-    m = R.texture(kind, size=size, period=period, angle=angle, rng=o)
-    img = R.two_tone(m, a, b)
+def _texture_scene(rng: np.random.Generator, size: int) -> CorpusExample:
+    kind = _pick(rng, R.TEXTURES)
+    c1 = _pick(rng, tuple(R.COLOURS))
+    c2 = _contrasting(rng, c1)
+    m = R.texture(kind, size=size, period=rng.uniform(4, 10), angle=rng.uniform(0, 180), rng=rng)
+    img = R.two_tone(m, R.colour(c1, rng), R.colour(c2, rng))
     adj, nouns = TEXTURE_WORDS[kind]
-    noun = _pick(o, nouns)
     forms = (
         f"a {adj} pattern",
         f"a {c1} and {c2} {adj} pattern",
         f"a {adj} texture",
-        f"{c1} {noun}",
-        noun,
-        f"{noun} in {c1} and {c2}",
+        f"{c1} {_pick(rng, nouns)}",
+        _pick(rng, nouns),
+        f"{_pick(rng, nouns)} in {c1} and {c2}",
     )
-    caption = _phrase(g, _pick(g, forms), [])
+    caption = _phrase(rng, _pick(rng, forms), [])
     return CorpusExample(img, caption, "texture", -1, {"texture": kind, "colours": (c1, c2)})
 
 
-def _multi_scene(g: np.random.Generator, o: np.random.Generator, size: int) -> CorpusExample:
-    shape = _pick(g, R.SHAPES)
-    count = int(o.integers(2, 5))
-    fg = _pick(g, tuple(R.COLOURS))
-    fill = R.colour(fg, g)
-    bg_img, bg_words, bg_attrs = _background(g, o, fg, size)
-    radius = g.uniform(3.5, 5.5)
-    with_colour = g.random() < 0.7
+def _multi_scene(rng: np.random.Generator, size: int) -> CorpusExample:
+    shape = _pick(rng, R.SHAPES)
+    count = int(rng.integers(2, 5))
+    fg = _pick(rng, tuple(R.COLOURS))
+    bg_img, bg_words, bg_attrs = _background(rng, fg, size)
+    radius = rng.uniform(3.5, 5.5)
     centres: list[tuple[float, float]] = []
     tries = 0
     while len(centres) < count:  # rejection sampling of non-overlapping centres
         tries += 1
         if tries % 50 == 0:  # a crowded layout: start it over, a little smaller
             centres, radius = [], max(2.5, radius * 0.9)
-        c = tuple(o.uniform(radius + 1, size - radius - 1, 2))
+        c = tuple(rng.uniform(radius + 1, size - radius - 1, 2))
         if all(np.hypot(c[0] - a, c[1] - b) > 2 * radius + 1 for a, b in centres):
             centres.append(c)
     mask = np.zeros((size, size), np.float32)
     for c in centres:
         mask = np.maximum(mask, R.shape_mask(shape, size=size, radius=radius, centre=c))
-    img = R.composite(bg_img, mask, fill)
-    colour_word = fg if with_colour else None
+    img = R.composite(bg_img, mask, R.colour(fg, rng))
+    colour_word = fg if rng.random() < 0.7 else None
     core = " ".join(w for w in (_COUNT_WORDS[count - 1], colour_word, _plural(shape)) if w)
-    caption = _phrase(g, core, [bg_words])
+    caption = _phrase(rng, core, [bg_words])
     attrs = {"shape": shape, "count": count, "colour": fg, **bg_attrs}
     return CorpusExample(img, caption, "multi", -1, attrs)
 
@@ -307,27 +288,22 @@ def _multi_scene(g: np.random.Generator, o: np.random.Generator, size: int) -> C
 def corpus_example(seed: int, index: int, *, image_size: int = IMAGE_SIZE) -> CorpusExample:
     """Example ``index`` of the corpus of ``seed`` (a pure function of both).
 
-    Examples ``GROUP_SIZE * k`` to ``GROUP_SIZE * k + GROUP_SIZE - 1`` form a group: the same
-    kind of scene in the same style (font, colours, size, position, background, caption
-    template), each with its own content. Batch whole groups to get hard negatives.
-
     Raises:
       ValueError: if ``seed`` or ``index`` is negative.
     """
     if int(seed) < 0 or int(index) < 0:
         raise ValueError(f"{seed=} and {index=} must be non-negative")
-    g = np.random.default_rng([int(seed), int(index) // GROUP_SIZE, 0])
-    o = np.random.default_rng([int(seed), int(index), 1])
-    u = g.random()
-    if u < 0.55:
-        ex = _glyph_scene(g, o, image_size)
-    elif u < 0.77:
-        ex = _shape_scene(g, o, image_size)
-    elif u < 0.88:
-        ex = _texture_scene(g, o, image_size)
+    rng = np.random.default_rng([int(seed), int(index)])
+    u = rng.random()
+    if u < 0.5:
+        ex = _glyph_scene(rng, image_size)
+    elif u < 0.75:
+        ex = _shape_scene(rng, image_size)
+    elif u < 0.87:
+        ex = _texture_scene(rng, image_size)
     else:
-        ex = _multi_scene(g, o, image_size)
-    img = ex.image + o.normal(0.0, o.uniform(0.0, 8.0), ex.image.shape)
+        ex = _multi_scene(rng, image_size)
+    img = ex.image + rng.normal(0.0, rng.uniform(0.0, 8.0), ex.image.shape)
     caption = _AN.sub("an ", ex.caption)
     return dataclasses.replace(ex, image=R.to_uint8(img), caption=caption)
 

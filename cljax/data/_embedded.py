@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from cljax.data import _render as R
-from cljax.data._corpus import CONCEPTS, GROUP_SIZE, LATIN, corpus_example
+from cljax.data._corpus import CONCEPTS, LATIN, corpus_example
 from cljax.data._sources import load_digits, load_mnist5k
 from cljax.data._task import Task
 
@@ -306,8 +306,7 @@ def _procedural(name: str, seed: int, n: int, split_id: int) -> tuple[np.ndarray
 def _control(seed: int, n: int, split_id: int) -> tuple[np.ndarray, np.ndarray]:
     xs, ys, i = [], [], 0
     while len(ys) < n:  # single-object scenes of the corpus, from a seed pretraining never uses
-        # one example per style group, so that consecutive images are independent
-        ex = corpus_example(1_000_003 + 10 * seed + split_id, GROUP_SIZE * i)
+        ex = corpus_example(1_000_003 + 10 * seed + split_id, i)
         i += 1
         if ex.concept >= 0:
             xs.append(ex.image)
@@ -382,7 +381,7 @@ def _cached(name: str, seed: int, sizes: tuple[int, int, int], cache_dir: Path |
     return task
 
 
-_VERSION = 2  # bump when the drawing changes, so caches are rebuilt
+_VERSION = 1  # bump when the drawing changes, so caches are rebuilt
 
 
 def _cached_job(args) -> Task:

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from cljax.data import CONCEPTS, GROUP_SIZE, _corpus, _render, corpus_batch, corpus_example
+from cljax.data import CONCEPTS, _corpus, _render, corpus_batch, corpus_example
 
 
 def test_same_seed_same_bytes_and_random_access():
@@ -65,34 +65,6 @@ def test_captions_name_what_is_drawn():
         if ex.kind in ("glyph", "shape") and named:
             assert any(_colour_near(ex.image, c) >= 3 for c in named), cap
     assert kinds == {"glyph", "shape", "texture", "multi"}
-
-
-def _style(ex):
-    a = dict(ex.attributes)
-    for content in ("char", "texture", "count"):
-        a.pop(content, None)
-    if ex.kind == "shape":
-        a.pop("shape"), a.pop("outline")  # a ring is never drawn hollow
-    return ex.kind, a
-
-
-def test_style_groups_differ_in_content_only():
-    """A group shares kind, style and caption template; its members' contents vary."""
-    contents = 0
-    for group in range(60):
-        exs = [corpus_example(5, GROUP_SIZE * group + j) for j in range(GROUP_SIZE)]
-        assert len({repr(_style(e)) for e in exs}) == 1, [e.attributes for e in exs]
-        caps = {e.caption for e in exs}
-        contents += len(caps) > 1
-        # The same template: captions have the same number of words, up to an article
-        # (texture nouns have one or two words; a ring is never called hollow).
-        if exs[0].kind in ("glyph", "multi"):
-            assert len({len(c.replace("an ", "a ").split()) for c in caps}) == 1, caps
-    assert contents >= 50  # nearly every group holds several contents
-    # Groups are independent of one another.
-    assert _style(corpus_example(5, 0)) != _style(corpus_example(5, GROUP_SIZE)) or (
-        _style(corpus_example(5, GROUP_SIZE)) != _style(corpus_example(5, 2 * GROUP_SIZE))
-    )
 
 
 def test_glyphs_are_drawn_in_pretraining_fonts_only():
