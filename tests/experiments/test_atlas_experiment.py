@@ -20,7 +20,9 @@ def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch, pool_dir):
     out = tmp_path / "atlas"
     # Negation and aTLAS×K share these code paths (fit, objectives, blocks); they are left out
     # to keep the smoke test short.
-    args = ["--preset", "tiny", "--out", str(out), "--pool_dir", str(pool_dir)]
+    # The digit pool: quick to build. The embedded pool differs only in its control head
+    # (test_embedded_pool_negates_against_the_zero_shot_control_head).
+    args = ["--preset", "digits-tiny", "--out", str(out), "--pool_dir", str(pool_dir)]
     args += ["--parts", "addition", "few_shot", "tta"]
     results = atlas_exp.main(args)
     for name in ("results.json", "tables.md", "atlas.png", "units.json"):
@@ -77,7 +79,7 @@ def test_damaged_units_file_is_moved_aside_and_recomputed(tmp_path, monkeypatch,
     out = tmp_path / "atlas"
     cfg = dataclasses.replace(
         atlas_exp.Config(),
-        **{**atlas_exp.PRESETS["tiny"], "preset": "tiny", "parts": ("addition",)},
+        **{**atlas_exp.PRESETS["digits-tiny"], "preset": "digits-tiny", "parts": ("addition",)},
         out=str(out),
         pool_dir=str(pool_dir),
     )
@@ -88,3 +90,39 @@ def test_damaged_units_file_is_moved_aside_and_recomputed(tmp_path, monkeypatch,
         assert _untimed(atlas_exp.run(cfg, pool, out)) == want, name
         assert (out / "units.json").is_file(), name  # written again
     assert len(list(out.glob("units.json.corrupt-*"))) == 3  # the damaged copies are kept
+
+
+def test_embedded_pool_negates_against_the_zero_shot_control_head():
+    """On the embedded benchmark the control task keeps its zero-shot head (no fitted probe),
+    and every head is padded to the widest task, the 70-class control included."""
+    import numpy as np
+
+    from cljax.data import Task
+    from experiments import merging as merging_exp
+
+    rng = np.random.default_rng(0)
+
+    def task(name, c):
+        x, y = rng.normal(size=(8, 4)).astype(np.float32), np.arange(8) % c
+        return Task(name, tuple(map(str, range(c))), x, y, x, y, x, y)
+
+    tasks, control = (task("a", 3), task("b", 5)), task("control", 7)
+    heads = {
+        t.name: {
+            "kernel": rng.normal(size=(4, t.num_classes)).astype(np.float32),
+            "bias": np.zeros(t.num_classes, np.float32),
+        }
+        for t in (*tasks, control)
+    }
+    enc = type("Enc", (), {"apply": staticmethod(lambda v, x: x @ v["params"]["w"])})()
+    theta0 = {"w": np.eye(4, dtype=np.float32)}
+    taus = tuple({"w": np.full((4, 4), 0.1 * i, np.float32)} for i in (1, 2))
+    mp = merging_exp.Pool(
+        None, enc, theta0, heads, tasks, taus, taus, control, {"trained": [], "restored": []}
+    )
+    pool = atlas_exp._as_pool(mp)
+    ctrl_task, ctrl_head = pool.control
+    assert ctrl_task is control
+    np.testing.assert_array_equal(ctrl_head["kernel"], heads["control"]["kernel"])
+    assert all(h["kernel"].shape == (4, 7) for h in pool.heads)
+    np.testing.assert_array_equal(pool.heads[0]["bias"][3:], -1e9)  # padded logits never win
