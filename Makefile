@@ -1,6 +1,7 @@
 # cljax: two commands on a fresh machine with Python 3.11 and the package index.
 #   make demo  -- create .venv, install cljax, run the main job (embedded merging benchmark)
 #   make test  -- same install, then lint, the docs build and the whole test suite
+#   make test-fast -- the tests not marked slow, for the edit-test loop (a few minutes)
 #   make docs  -- the documentation site (MkDocs, warnings as errors) into build/site
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test lint install clean parity docs
+.PHONY: demo test test-fast lint typecheck install clean parity docs
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +26,19 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# pyrefly over cljax/ and kernels/ ([tool.pyrefly] in pyproject.toml).
+typecheck: $(STAMP)
+	$(VENV)/bin/pyrefly check
+
 # Compiled XLA executables are shared on disk between the test workers and the notebook and
 # experiment subprocesses (many compile the same tiny models); a fresh clone starts empty.
+JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 test: lint docs
-	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
-	  $(PY) -m pytest -q -n 2 --durations=15
+	$(JAX_CACHE) $(PY) -m pytest -q -n 2 --durations=15
+
+# The edit-test loop: every test but those marked slow (CI still runs them through make test).
+test-fast: $(STAMP)
+	$(JAX_CACHE) $(PY) -m pytest -q -n 2 -m "not slow" --durations=10
 
 # The documentation site: guides, results, the API reference from the docstrings (mkdocs.yml).
 $(DOCS_STAMP): $(STAMP)

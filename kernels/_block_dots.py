@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +103,7 @@ def _xla_packed(gs, taus, groups, num_groups):
 def _pallas(gs, taus, groups, num_groups, bs):
     num_tasks = taus[0].shape[0]
     small, chunks = _dispatch.split_leaves([g.size for g in gs], bs)
-    out = [None] * len(gs)
+    out: list[Any] = [None] * len(gs)
     pick = lambda xs, idx: [xs[j] for j in idx]  # noqa: E731
     if small:
         ys = _xla_packed(
@@ -168,9 +169,7 @@ def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...]):
 
     def bwd(res, cts):
         gv, tv, grv, g_flags, tau_flags = res
-        cts = [
-            jnp.zeros(c.aval.shape, jnp.float32) if isinstance(c, SymbolicZero) else c for c in cts
-        ]
+        cts = [jnp.zeros(c.shape, jnp.float32) if isinstance(c, SymbolicZero) else c for c in cts]
         cts = [jnp.asarray(c, jnp.float32) for c in cts]
         dgs = [None] * len(cts)
         want = [j for j, f in enumerate(g_flags) if f is not None]
@@ -195,7 +194,7 @@ def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...]):
     return op
 
 
-def _apply(gs, taus, groups, num_groups, implementation, block_sizes, where):
+def _apply(gs, taus, groups, num_groups, implementation, block_sizes, where) -> list[jax.Array]:
     for g, t, gr, k in zip(gs, taus, groups, num_groups, strict=True):
         _check_leaf(g, t, gr, k, where)
     impl = _dispatch.resolve(implementation, where=where)

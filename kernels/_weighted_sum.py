@@ -16,9 +16,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
+from jax.core import ShapedArray
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
@@ -50,7 +52,7 @@ def _leaf_kernel(j, ins, shared, outs, part, *, num_tasks, num_groups, offsets, 
     grp_ref = ins.pop(0) if k_j is not None else None
     c_ref, out_ref = shared[0], outs[0]
     shape = out_ref.shape
-    out = base_ref[...].astype(acc) if has_base else jnp.zeros(shape, acc)
+    out = base_ref[...].astype(acc) if base_ref is not None else jnp.zeros(shape, acc)
     gid = None if grp_ref is None else grp_ref[...].astype(jnp.int32)
     for t in range(num_tasks):  # unrolled: all T loads in flight at once
         x = tau_ref[t].astype(acc)
@@ -212,8 +214,10 @@ def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...], has_base:
 
     def bwd(res, gs):
         tv, cv, gv, base_flags, tau_flags, c_perturbed = res
-        gs = [
-            jnp.zeros(t.shape[1:], g.aval.dtype) if isinstance(g, SymbolicZero) else g
+        gs = [  # a SymbolicZero's aval is a ShapedArray (typed as the AbstractValue base)
+            jnp.zeros(t.shape[1:], cast(ShapedArray, g.aval).dtype)
+            if isinstance(g, SymbolicZero)
+            else g
             for g, t in zip(gs, tv, strict=True)
         ]
         dcs = [None] * len(tv)
@@ -421,11 +425,10 @@ def weighted_sum(
     tvs = ct.as_stacked(task_vectors)
     t = ct.num_stacked(tvs)
     tv_leaves, treedef = jax.tree.flatten(tvs)
+    base_leaves = None
     if base is not None:
         ct.check_same_structure(base, tvs, names=("base", "task_vectors"), b_leading=(t,))
         base_leaves = jax.tree.leaves(base)
-    else:
-        base_leaves = [None] * len(tv_leaves)
     like = tvs if base is None else base
     if isinstance(coefficients, int | float) or getattr(coefficients, "ndim", None) == 0:
         coefficients = jnp.full((t,), coefficients, jnp.float32)  # one λ for every task
@@ -438,7 +441,7 @@ def weighted_sum(
         c_leaves = jax.tree.leaves(coefficients)
     grp = _block_dots._per_leaf(groups, len(tv_leaves), "weighted_sum")
     out = weighted_sum_leaves(
-        None if base is None else base_leaves,
+        base_leaves,
         tv_leaves,
         c_leaves,
         grp,

@@ -10,7 +10,7 @@ between tasks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -173,7 +173,8 @@ class L2Anchor(Method):
             raise ValueError(f"L2Anchor: {weight=} must be >= 0")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"L2Anchor: {reduction=} must be 'sum' or 'mean'")
-        self.weight, self.reduction, self.name = weight, reduction, name
+        self.weight, self.name = weight, name
+        self.reduction: Literal["sum", "mean"] = reduction
 
     def init(self, params):
         return {"anchor": _copy(params), "active": jnp.zeros((), jnp.float32)}
@@ -216,7 +217,8 @@ class GPM(Method):
         self.targets, self.record_fn, self.threshold = list(targets), record_fn, threshold
         self.num_samples, self.freeze_1d, self.name = num_samples, freeze_1d, name
         if not callable(threshold):
-            pj._gpm._check_threshold(threshold, 1 if np.ndim(threshold) == 0 else len(threshold))
+            n = 1 if np.ndim(threshold) == 0 else len(cast(Sequence[float], threshold))
+            pj._gpm._check_threshold(threshold, n)
 
     def wrap_optimizer(self, optimizer):
         return optax.chain(optimizer, pj.gpm(self.targets, freeze_1d=self.freeze_1d))
@@ -307,12 +309,13 @@ class OSFT(Method):
     def wrap_optimizer(self, optimizer):
         # Fixed ratios bound the frozen rank: bases that narrow cost proportionally less.
         fixed = not callable(self.ratio) and self.ratio != "adaptive"
-        widest = float(np.max(self.ratio)) if fixed else 1.0
+        widest = float(np.max(cast(float | Sequence[float], self.ratio))) if fixed else 1.0
         return optax.chain(optimizer, pj.osft(self.targets, max_ratio=max(widest, 1e-6)))
 
     def _ratios(self, params, ctx):
         if self.ratio == "adaptive":
             x = ctx.train_batch(self.calibration_samples)["x"]
+            assert self.similarity_fn is not None  # checked in __init__
             sims = self.similarity_fn(params, x)
             return pj.adaptive_ratios(sims, min_ratio=self.min_ratio, max_ratio=self.max_ratio)
         return self.ratio(ctx.index) if callable(self.ratio) else self.ratio

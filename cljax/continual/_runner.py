@@ -502,7 +502,7 @@ def run_sequence(
                 return None
             saved = {k: meta.get(k) for k in mine}
             return (
-                f"mid-task checkpoint in {mid.directory} is of another run ({saved}); "
+                f"mid-task checkpoint in {mid_dir} is of another run ({saved}); "
                 f"this run has {mine} (use another folder)"
             )
 
@@ -516,6 +516,7 @@ def run_sequence(
             start, start_step = int(meta["task"]), int(meta["task_step"])
             tail0 = [np.asarray(v, meta["tail_dtype"]) for v in meta["tail"]]
         if restored is not None:
+            _, tree, _ = restored
             state = tree["state"].replace(tx=tx)
             acc = np.asarray(tree["acc"], np.float64)
             if initial is not None:
@@ -599,7 +600,7 @@ def run_sequence(
                 state = m.begin_task(state, ctx)
             if methods:
                 check_hook(j, "begin_task")
-        tail = list(tail0) if first > 0 else []
+        tail: list[Any] = list(tail0) if first > 0 else []
         steps = range(first, steps_per_task)
         for s in progress(steps, f"task {j}", len(steps)):
             raw = tasks[j].batch_at(s, batch_size, seed=seed * 1000 + j)
@@ -607,7 +608,7 @@ def run_sequence(
             if s >= tail_from:
                 tail.append(jnp.where(metrics["finite"], metrics["loss"], jnp.nan))
             done = j * steps_per_task + s + 1  # optimiser steps of the run so far
-            if checkpoint_every is not None and s + 1 < steps_per_task:
+            if checkpoint_every is not None and mid is not None and s + 1 < steps_per_task:
                 if done % checkpoint_every == 0:
                     check_steps(j)
                     tail_host = [np.asarray(v) for v in jax.device_get(tail)]

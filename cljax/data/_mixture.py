@@ -7,10 +7,14 @@ import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from cljax.data._task import Task
+
+if TYPE_CHECKING:
+    import jax
 
 __all__ = [
     "MixedBatcher",
@@ -54,10 +58,10 @@ class MixtureSchedule:
         """Index of the piece that holds ``step`` (steps before 0 belong to the first)."""
         return max(bisect.bisect_right(self.boundaries, int(step)) - 1, 0)
 
-    def __call__(self, step) -> np.ndarray:
+    def __call__(self, step) -> np.ndarray | jax.Array:
         """The weight vector at ``step`` (an int, or a traced integer inside ``jit``)."""
         if isinstance(step, int | np.integer):
-            return self.weights[self.piece(step)].copy()
+            return self.weights[self.piece(int(step))].copy()
         import jax.numpy as jnp
 
         idx = jnp.searchsorted(jnp.asarray(self.boundaries), step, side="right") - 1
@@ -115,7 +119,9 @@ def mixture_schedule(
     return MixtureSchedule(tuple(int(steps[i]) for i in order), w)
 
 
-def mixed_batch_counts(weights: Sequence[float], batch_size: int) -> np.ndarray:
+def mixed_batch_counts(
+    weights: Sequence[float] | np.ndarray | jax.Array, batch_size: int
+) -> np.ndarray:
     """Examples per task in a batch: largest-remainder (Hamilton) rounding of the quotas.
 
     Each task gets ``floor(w_i / sum(w) * batch_size)`` examples; the seats left over go one
@@ -296,4 +302,6 @@ def mixed_batch_at(
 
       batch = mixed_batch_at(tasks, step, 64, mixture_schedule({0: [1, 1], 1000: [1, 3]}))
     """
+    # MixedBatcher turns fixed weights into a one-piece schedule in __post_init__.
+    schedule = cast(MixtureSchedule, schedule)
     return MixedBatcher(tuple(tasks), batch_size, schedule, seed, split).batch_at(step)

@@ -95,9 +95,10 @@ def load_multi_mnist(
         region = canvas[n, r : r + 28, c : c + 28]
         np.maximum(region, images[b[n]], out=region)
     idx = _splits(num_samples, val_fraction, test_fraction, rng)
-    return _tasks(
+    left, right = _tasks(
         ("left", "right"), (_DIGITS, _DIGITS), canvas[..., None], (labels[a], labels[b]), idx
     )
+    return left, right
 
 
 def load_mnist_attributes(
@@ -135,13 +136,14 @@ def load_mnist_attributes(
     rot = rng.integers(0, 4, len(labels)).astype(np.int32)
     x = np.stack([np.rot90(im, k) for im, k in zip(images, rot, strict=True)])[..., None]
     idx = _splits(len(labels), val_fraction, test_fraction, rng)
-    return _tasks(
+    digit, rotation, parity = _tasks(
         ("digit", "rotation", "parity"),
         (_DIGITS, ("0", "90", "180", "270"), ("even", "odd")),
         np.ascontiguousarray(x, np.float32),
         (labels, rot, (labels % 2).astype(np.int32)),
         idx,
     )
+    return digit, rotation, parity
 
 
 _SPLITS = ("train", "val", "test")
@@ -194,7 +196,7 @@ class MultiDigitImages:
 
     def __getitem__(self, item):
         if isinstance(item, int | np.integer):
-            return self._render(np.arange(len(self))[[item]])[0]
+            return self._render(np.arange(len(self))[np.asarray([item])])[0]
         if isinstance(item, tuple):
             return self[item[0]][(slice(None), *item[1:])]
         return self._render(np.arange(len(self))[item].reshape(-1))
@@ -325,7 +327,8 @@ def generate_multi_mnist(
         shifts = rng.integers(0, max_shift + 1, (n, 4))
         xs.append(MultiDigitImages(pool, pool_y, pick[0], pick[1], shifts, size, max_shift))
         ys.append((pool_y[pick[0]], pool_y[pick[1]]))
-    return tuple(
+    left, right = (
         Task(name, _DIGITS, xs[0], ys[0][k], xs[1], ys[1][k], xs[2], ys[2][k])
         for k, name in enumerate(("left", "right"))
     )
+    return left, right

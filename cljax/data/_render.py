@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 import numpy as np
 
@@ -166,7 +167,7 @@ def glyph_mask(
         arr = np.asarray(img, np.float32) - np.asarray(inner, np.float32)
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if angle:
-        img = img.rotate(angle, resample=Image.BILINEAR)
+        img = img.rotate(angle, resample=Image.Resampling.BILINEAR)
     cx, cy = centre
     left, top = int(round(s - cx * _SS)), int(round(s - cy * _SS))
     img = img.crop((left, top, left + s, top + s))
@@ -206,7 +207,9 @@ def shape_mask(
     r = radius * _SS
     img = Image.new("L", (2 * s, 2 * s), 0)
     d = ImageDraw.Draw(img)
-    kw = {"fill": None, "outline": 255, "width": outline} if outline else {"fill": 255}
+    kw: dict[str, Any] = (
+        {"fill": None, "outline": 255, "width": outline} if outline else {"fill": 255}
+    )
     box = (c - r, c - r, c + r, c + r)
     if shape == "circle":
         d.ellipse(box, **kw)
@@ -245,11 +248,11 @@ def shape_mask(
         raise ValueError(f"{shape=} is not one of {SHAPES}")
     if squash != 1.0:
         h = max(1, int(round(2 * s * squash)))
-        squashed = img.resize((2 * s, h), Image.BILINEAR)
+        squashed = img.resize((2 * s, h), Image.Resampling.BILINEAR)
         img = Image.new("L", (2 * s, 2 * s), 0)
         img.paste(squashed, (0, (2 * s - h) // 2))
     if angle:
-        img = img.rotate(angle, resample=Image.BILINEAR)
+        img = img.rotate(angle, resample=Image.Resampling.BILINEAR)
     cx, cy = centre
     left, top = int(round(c - cx * _SS)), int(round(c - cy * _SS))
     img = img.crop((left, top, left + s, top + s))

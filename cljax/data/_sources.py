@@ -1,9 +1,11 @@
-"""Real data that ships inside PyPI packages: nothing is downloaded (DESIGN.md §4)."""
+"""Real data that ships inside PyPI packages: nothing is downloaded, so tests and the embedded
+benchmarks run offline."""
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +35,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 8x8 handwritten digits, float32 in [0, 1] ``[N, 8, 8]``."""
     from sklearn.datasets import load_digits as _ld
 
-    d = _ld()
+    d: Any = _ld()  # a Bunch; the stubs' return type also admits the return_X_y tuple
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int32)
 
 
@@ -46,7 +48,7 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000) -> tuple[np.ndarray, np
     """
     from mnist1d.data import get_dataset_args, make_dataset
 
-    args = get_dataset_args()
+    args: Any = get_dataset_args()  # an attribute view of the defaults (as_dict=False)
     args.seed = seed
     args.num_samples = num_samples
     ds = make_dataset(args)

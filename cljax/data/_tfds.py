@@ -3,8 +3,9 @@
 A :class:`TFDSTask` has the interface of :class:`cljax.data.Task` (``batch_at``, ``batches``,
 ``eval_batches``, ``steps_per_epoch``, ``classes``) but reads records lazily by index and
 preprocesses each batch, so datasets larger than memory work. The validation split is held
-out of the train split as in the papers (METHODS §1.6: 10 %, at most 5 000 images, seed 0);
-hyperparameters are chosen on it, never on test.
+out of the train split as in the papers' code (10 %, at most 5 000 images, seed 0: the
+``split_train_into_train_val`` of github.com/mlfoundations/task_vectors); hyperparameters
+are chosen on it, never on test.
 
 Images go through CLIP's preprocessing (:func:`clip_preprocess`): resize the shorter side to
 ``image_size`` (bicubic), center-crop, scale to [0, 1] and normalise with CLIP's mean and std.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -122,8 +124,11 @@ class TFDSTask:
             raise ValueError(f"{val_fraction=} must be in (0, 1)")
         self.name = name
         self.spec = spec
-        self._train = tfds.data_source(spec.tfds_name, split=spec.train, data_dir=data_dir)
-        self._test = tfds.data_source(spec.tfds_name, split=spec.test, data_dir=data_dir)
+        # One split each: a random-access source (the stubs' return type covers split lists).
+        self._train = cast(
+            Any, tfds.data_source(spec.tfds_name, split=spec.train, data_dir=data_dir)
+        )
+        self._test = cast(Any, tfds.data_source(spec.tfds_name, split=spec.test, data_dir=data_dir))
         features = self._train.dataset_info.features
         label = features[spec.label_key]
         self.classes = (
@@ -175,7 +180,7 @@ class TFDSTask:
             by_shape.setdefault(im.shape, []).append(i)
         if len(by_shape) == 1:
             return self._preprocess(np.stack(images))
-        out = [None] * len(images)
+        out: list[Any] = [None] * len(images)
         for idx in by_shape.values():
             ys = self._preprocess(np.stack([images[i] for i in idx]))
             for i, y in zip(idx, ys, strict=True):

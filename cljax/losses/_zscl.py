@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +61,8 @@ def _normalize(x: jax.Array) -> jax.Array:
 
 
 def reference_embeddings(
-    embed_fn: Callable[[jax.Array], jax.Array],
-    inputs: jax.typing.ArrayLike,
+    embed_fn: Callable[[Any], jax.Array],
+    inputs: jax.Array | np.ndarray,
     *,
     batch_size: int = 256,
     normalize: bool = True,
@@ -70,9 +71,9 @@ def reference_embeddings(
 
     ZSCL's reference embeddings (the original model's embeddings of the reference
     captions) never change: the teacher is frozen. The reference code recomputes them
-    every iteration; compute them here once, before training, and close the loss over
-    the result (METHODS §8.3.3). The same holds for the teacher's features of a fixed,
-    unaugmented reference image set.
+    every iteration (github.com/Thunderbeee/ZSCL, ``mtil/src/models/finetune.py``); compute
+    them here once, before training, and close the loss over the result. The same holds for
+    the teacher's features of a fixed, unaugmented reference image set.
 
     Args:
       embed_fn: ``inputs[i:j] -> [j - i, D]`` features of the frozen teacher (e.g.
@@ -127,7 +128,8 @@ def zscl_distillation(
     embeddings) ``+ transposed_weight * KD(logits_t.T, logits_s.T; T)`` (softmax over the
     B images of the batch, ZSCL's "text loss"; it depends on B). The student's logits use
     the teacher's reference embeddings, so only the student's image encoder gets a gradient
-    from this loss (METHODS §8.3.1).
+    from this loss, as in the reference (github.com/Thunderbeee/ZSCL, issue #1: a design
+    choice of the authors).
 
     Args:
       student_features: ``[B, D]`` features of the model being trained.

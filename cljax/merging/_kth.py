@@ -12,16 +12,15 @@ threshold is found by a search over the bit patterns of the magnitudes instead:
   each of **three** candidate patterns (:func:`count_at_least_many`). The count narrows a
   bracket ``[lo, hi)`` with ``count(lo) >= k > count(hi)``.
 * How a pass counts, and why: XLA:CPU runs a reduction fed by a comparison on a slow
-  generic path (≈ 7× a plain sum; several thresholds per pass multiply it), while an
-  *elementwise* fusion with compares runs at memory speed. So each leaf is cut into
+  generic path (several times a plain sum, and once more for each threshold of a pass),
+  while an *elementwise* fusion with compares runs at memory speed. So each leaf is cut into
   ``16 × 32`` row slices, the per-slice indicators of the three candidates are packed into
   one uint32 (10 bits per candidate: a lane counts at most 512 entries) and added slice by
   slice, elementwise; only the packed ``(T, P / 512)`` remainder is reduced, after
   unpacking. Leaves too small for that and the ragged ends of the others are concatenated
   (padded with NaN, which counts as nothing) and counted the same way, or by plain sums
-  when they hold fewer than 2¹⁶ entries a task (quicker to compile). Measured at
-  ViT-B/32 shapes on a 2-core CPU: one pass of three candidates ≈ one task-arithmetic pass,
-  against ≈ 8 passes' time for one candidate counted by a plain reduction.
+  when they hold fewer than 2¹⁶ entries a task (quicker to compile). A pass of three
+  candidates is then bound by reading the inputs, as a task-arithmetic pass is.
 * Candidates: the first three come from a strided sample of every leaf (about 2¹⁴ entries
   per task, sorted as int32 patterns): the sample quantile and 4 standard errors either
   side. Then *interpolation*: an inverse quadratic of the magnitude in log-count through
@@ -35,9 +34,9 @@ threshold is found by a search over the bit patterns of the magnitudes instead:
   ``sqrt(N / 800)``), one pass lists them (:func:`bracket_entries`: per slot of the
   layout the largest of 16 row groups, then per column the largest and smallest of 32
   rows) and the k-th is read off the sorted list. Entries sharing a slot are missed; the
-  number found tells, and such a task keeps counting. Measured: 4 passes (three counts,
-  one listing) at ViT-B/32 shapes (``--scale 0.1``, density 0.2) and on 1M normal or
-  Student-t entries at densities 0.001–0.9 (8 before the listing and the quadratic).
+  number found tells, and such a task keeps counting. A typical search takes four passes
+  (three counts, one listing), at ViT-B/32 shapes as on normal or Student-t entries at
+  densities 0.001–0.9 (``tests/merging/test_kth.py`` bounds the count).
 * When ``hi − lo == 1``, ``lo`` is the bit pattern of the k-th largest magnitude, exactly;
   every entry equal to it is at or above it (ties kept).
 
@@ -52,7 +51,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +71,9 @@ _TOP = 0x80000000  # above every non-negative float32 pattern, NaNs included: co
 _MIN_NORMAL = 0x00800000
 _MAX_PASSES = 66
 _SAMPLE = 1 << 14
-# Up to this many entries a task, the k-th is read off a sort of the int32 patterns: faster
-# there on a 2-core CPU (8 tasks of 2^14: 5.5 ms against 6.6 ms for the search) and about
-# 20x quicker to compile (0.1 s against 2 s; per-leaf TIES compiles one search a shape).
+# Up to this many entries a task, the k-th is read off a sort of the int32 patterns: at
+# this size a sort runs no slower than the search and compiles in a small fraction of its
+# time (per-leaf TIES compiles one search per leaf shape).
 _SORT_MAX = 1 << 14
 _Z = 2.5
 # Packed counting: a leaf's (T, n) entries become _GROUPS x _ROWS row slices of C columns;
@@ -334,6 +333,28 @@ def _kth_by_sort(leaves: Sequence[Any], k: jax.Array, num_tasks: int) -> jax.Arr
     return jnp.where(kth < _MIN_NORMAL, jnp.uint32(0), kth)
 
 
+@overload
+def kth_largest_bits(
+    leaves: Sequence[Any],
+    k: int | jax.Array,
+    *,
+    num_tasks: int | None = None,
+    return_passes: Literal[False] = False,
+    method: str | None = None,
+) -> jax.Array: ...
+
+
+@overload
+def kth_largest_bits(
+    leaves: Sequence[Any],
+    k: int | jax.Array,
+    *,
+    num_tasks: int | None = None,
+    return_passes: Literal[True],
+    method: str | None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
 def kth_largest_bits(
     leaves: Sequence[Any],
     k: int | jax.Array,
@@ -384,7 +405,7 @@ def kth_largest_bits(
         [_sample(x, max(1, _SAMPLE * s // n)) for x, s in zip(leaves, sizes, strict=True)], axis=1
     )
     m = sample.shape[1]
-    # Sorted as int32 patterns: XLA:CPU sorts floats (total order) about 7x slower.
+    # Sorted as int32 patterns: XLA:CPU's float sort (a total order) is far slower.
     asc = jnp.sort(lax.bitcast_convert_type(magnitude_bits(sample), jnp.int32), axis=1)
     q = k.astype(jnp.float32) / n
     spread = 4.0 * jnp.sqrt(m * q * (1 - q)) + 1.0

@@ -1,12 +1,12 @@
 """Merging checkpoints larger than memory: stream tensor by tensor through safetensors files.
 
 Peak memory is one tensor of each of the T+1 input files plus a few float32 temporaries of
-that tensor's size, never T models (DESIGN.md §6). Task arithmetic and weighted averages are
-one pass. Global TIES needs each task vector's magnitude threshold over the whole model: it
-is found exactly by a two-pass radix selection on the float32 bit patterns of |τ| (the top
-16 bits, then the low 16 bits inside the selected bucket; non-negative floats order like
-their bit patterns), then one pass for the global majority sign and one for the merge: four
-reads of the inputs and one write, no sort.
+that tensor's size, never T models, so models larger than memory merge. Task arithmetic and
+weighted averages are one pass. Global TIES needs each task vector's magnitude threshold over
+the whole model: it is found exactly by a two-pass radix selection on the float32 bit
+patterns of |τ| (the top 16 bits, then the low 16 bits inside the selected bucket;
+non-negative floats order like their bit patterns), then one pass for the global majority
+sign and one for the merge: four reads of the inputs and one write, no sort.
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ def merge_safetensors(
         if merge not in ("mean", "sum"):
             raise ValueError(f"{merge=} must be 'mean' or 'sum'")
     T = len(finetuned)
+    w = np.full(T, 1.0 / T)
     if method == "average":
-        w = np.full(T, 1.0 / T) if weights is None else np.asarray(weights, np.float64)
+        if weights is not None:
+            w = np.asarray(weights, np.float64)
         if w.shape != (T,) or np.any(w < 0) or w.sum() <= 0:
             raise ValueError(
                 f"weights={weights!r} must be {T} non-negative numbers with a positive sum"
@@ -116,6 +118,7 @@ def merge_safetensors(
             b = base.get(n).astype(np.float32)
             return b, [m.get(n).astype(np.float32) - b for m in models]
 
+        thresholds = majority = None
         if method == "ties":
             thresholds = _ties_thresholds(merged_names, deltas, T, density)
             majority = _ties_majority(merged_names, deltas, thresholds)

@@ -4,7 +4,8 @@ The parameter tree mirrors the Hugging Face module names (``vision_model/encoder
 self_attn/q_proj/kernel``), so a path rule written for one reads naturally on the other, and
 :mod:`cljax.models.clip_convert` is a key-by-key mapping (transposes for ``Linear`` and conv
 weights). OpenAI checkpoints use QuickGELU (``x * sigmoid(1.702 x)``); loading them into a
-GELU config silently changes every feature (METHODS §1.4), so the presets default to it.
+GELU config silently changes every feature (an open_clip pitfall,
+mertyg/vision-language-models-are-bows#35), so the presets default to it.
 
 References:
   Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
@@ -14,7 +15,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -99,7 +100,7 @@ class CLIPConfig:
     logit_scale_init: float = 2.6592  # log(1/0.07), the value CLIP starts from
 
 
-_PRESETS = {
+_PRESETS: dict[str, dict[str, Any]] = {
     "ViT-B/32": dict(vision=dict(patch_size=32), text=dict(), projection_dim=512),
     "ViT-B/16": dict(vision=dict(patch_size=16), text=dict(), projection_dim=512),
     "ViT-L/14": dict(

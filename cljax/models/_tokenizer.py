@@ -187,7 +187,8 @@ class CLIPTokenizer:
             context_length = 77
             if cfg.is_file():
                 context_length = int(json.loads(cfg.read_text()).get("model_max_length", 77))
-        return cls(vocab, merges, context_length=context_length)
+        pairs = [(a, b) for a, b in merges]  # each is a pair (checked above)
+        return cls(vocab, pairs, context_length=context_length)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes the Hugging Face tokenizer files (vocab, merges, configs)."""

@@ -72,7 +72,7 @@ def _sum_tasks(x: jax.Array) -> jax.Array:
 
 
 def aggregate(
-    aggregator: Callable[..., PyTree] | optax.GradientTransformation,
+    aggregator: Callable[..., PyTree] | optax.GradientTransformationExtraArgs,
     *,
     key: jax.Array | int = 0,
     head_rules: ct.Rules = (),
@@ -80,7 +80,7 @@ def aggregate(
     """A gradient aggregator as the first transformation of an ``optax.chain``.
 
     The update takes a *stacked* tree of per-task gradients (each leaf of the parameters'
-    shape with a leading task axis T, DESIGN.md §3), e.g. from
+    shape with a leading task axis T), e.g. from
     :func:`cljax.mtl.task_grad_fn`, and returns one update of the parameters' structure,
     without the T axis: shared leaves (those no ``head_rules`` rule marks ``True``) get
     ``aggregator(stacked_shared, key=k)``; head leaves get the sum over tasks (only the

@@ -12,7 +12,7 @@ gradient, i.e. the output dimension. A Flax kernel is ``[in, out]``, so here eve
 lives in the output dimension and acts from the **right**: ``G <- G - (G H) H^T``,
 ``R = G P``, update ``= -lr N P^T`` (github.com/quinn-ch/CoSO).
 
-Deviations from ``quinn-ch/CoSO`` (also in the README):
+Deviations from ``quinn-ch/CoSO`` (also in ``docs/deviations.md``):
 
 * the final update is projected off the history once more (``U <- U - (U H) H^T``) so the
   constraint holds to float precision, and new history vectors get one re-orthogonalisation
@@ -27,7 +27,7 @@ behaviour, github.com/quinn-ch/CoSO).
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -259,7 +259,7 @@ def coso(
         refresh = (state.count % update_gap) == 0
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
         keys = jax.random.split(sub, len(paths))
-        lr = lr_fn(state.count)
+        lr = cast(jax.Array, lr_fn(state.count))  # a float or a scalar array
         flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
         out = list(range(len(flat)))
         proj, mu, nu, sk = (

@@ -17,7 +17,7 @@ holds exactly whatever optimiser runs before it; GPM itself uses plain SGD.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -137,7 +137,8 @@ def gpm(
 
 
 def _check_threshold(threshold: float | Sequence[float], n: int) -> list[float]:
-    ts = [threshold] * n if np.ndim(threshold) == 0 else list(threshold)
+    one = np.ndim(threshold) == 0
+    ts: list[Any] = [threshold] * n if one else list(cast(Sequence[float], threshold))
     if len(ts) != n:
         raise ValueError(f"gpm_update_memory: got {len(ts)} thresholds for {n} targets")
     for t in ts:
@@ -411,7 +412,7 @@ def record_layer_inputs(
     def interceptor(next_fun, a, kw, context):
         mod = context.module
         if context.method_name == "__call__" and isinstance(mod, layer_types):
-            key = "/".join(str(s) for s in mod.scope.path) + "/kernel"
+            key = "/".join(str(s) for s in mod.path) + "/kernel"
             recorded[key] = _layer_rows(mod, a[0], key, isinstance(mod, nn.Conv))
         return next_fun(*a, **kw)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -162,7 +162,7 @@ def _decompose(w, k, width):
     return u[:, :width] * keep, vt.T[:, :width] * keep
 
 
-def osft_ranks(shapes: Sequence[tuple[int, int]], ratios: float | Sequence[float]) -> list[int]:
+def osft_ranks(shapes: Sequence[tuple[int, ...]], ratios: float | Sequence[float]) -> list[int]:
     """Frozen ranks ``k = floor(ratio * min(in, out))``, capped at ``min(in, out) - 1``.
 
     The cap follows mini_trainer (at least one direction stays trainable).
@@ -177,7 +177,8 @@ def osft_ranks(shapes: Sequence[tuple[int, int]], ratios: float | Sequence[float
     Raises:
       ValueError: on ratios outside [0, 1] or a count mismatch.
     """
-    rs = [ratios] * len(shapes) if np.ndim(ratios) == 0 else list(ratios)
+    one = np.ndim(ratios) == 0
+    rs: list[Any] = [ratios] * len(shapes) if one else list(cast(Sequence[float], ratios))
     if len(rs) != len(shapes):
         raise ValueError(f"osft_ranks: got {len(rs)} ratios for {len(shapes)} targets")
     out = []
