@@ -1,10 +1,12 @@
 """cljax: multi-task learning, continual learning and model merging as pure JAX pytree transforms.
 
-Subpackages follow the three spaces of a training step (DESIGN.md §1):
+Subpackages follow the three places of a training step where a method acts:
 
-* weights: :mod:`cljax.merging`, :mod:`cljax.averaging`
-* gradients: :mod:`cljax.mtl`, :mod:`cljax.projection`
-* losses: :mod:`cljax.losses`
+* weights (pure functions from parameter pytrees to a parameter pytree):
+  :mod:`cljax.merging`, :mod:`cljax.averaging`
+* gradients (optax transforms, or gradient functions built from a loss):
+  :mod:`cljax.mtl`, :mod:`cljax.projection`
+* losses (terms added to the task loss): :mod:`cljax.losses`
 
 and the substrate: :mod:`cljax.tree`, :mod:`cljax.train`, :mod:`cljax.data`,
 :mod:`cljax.models`, :mod:`cljax.checkpoint`, :mod:`cljax.kernels`.

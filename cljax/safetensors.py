@@ -4,7 +4,7 @@ The format is an 8-byte little-endian header length, a JSON header mapping each 
 name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the end
 of the header), and the raw little-endian bytes. Reading one tensor at a time with a seek
 keeps peak memory at one tensor, which is what merging checkpoints larger than memory needs
-(DESIGN.md §6); bfloat16 and float8 go through ``ml_dtypes``.
+(:mod:`cljax.merging`'s streaming merge); bfloat16 and float8 go through ``ml_dtypes``.
 
 The reader checks a file as strictly as the reference implementation (the ``safetensors``
 crate's ``SafeTensors::read_metadata`` and ``Metadata::validate``) before it reads any tensor:

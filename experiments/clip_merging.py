@@ -1,12 +1,15 @@
 """The 8-task CLIP merging benchmark: zero-shot heads, task vectors, task arithmetic, TIES, aTLAS.
 
-Real-scale preset of the merging experiment (METHODS §1, §2, §3, §4): the CLIP image encoder
+Real-scale preset of the merging experiment, the protocol of task arithmetic (Ilharco et al.,
+ICLR 2023), TIES (Yadav et al., NeurIPS 2023) and aTLAS (Zhang et al., NeurIPS 2024): the
+CLIP image encoder
 (Hugging Face safetensors) is evaluated on each task with its frozen zero-shot head (the
 task's class names and prompt templates through the *pretrained* text tower); fine-tuned
 image encoders are loaded (``--finetuned``, one folder per task, e.g. the per-task ViT-B/32
-checkpoints that merging benchmarks publish) or fine-tuned here with the recipe of METHODS
-§2.1 (AdamW lr 1e-5, weight decay 0.1, batch 128, the references' cosine schedule with 500
-warm-up steps, clip 1.0, head frozen; ``--finetune_steps``, about 2,000 in the papers).
+checkpoints that merging benchmarks publish) or fine-tuned here with the recipe of
+github.com/mlfoundations/task_vectors ``src/finetune.py`` (AdamW lr 1e-5, weight decay 0.1,
+batch 128, the references' cosine schedule with 500 warm-up steps, clip 1.0, head frozen;
+``--finetune_steps``, about 2,000 in the papers).
 Training batches (fine-tuning, and aTLAS's on the validation splits) go through open_clip's
 training transform, a random resized crop of 90-100 % of the area (:func:`train_preprocess`);
 evaluation through the eval transform (resize, centre crop). Then task arithmetic (λ from
@@ -24,8 +27,9 @@ Command (on a machine with the data; TFDS datasets prepared under ``--data_dir``
 the benchmark). Runtime on one TPU v4/v5e host: minutes per evaluation pass of the 8 test
 sets; aTLAS adds its 20 epochs.
 
-Expected (METHODS §2.2, §4.2; ViT-B/32): zero-shot ≈48 % mean absolute accuracy, fine-tuned
-≈90 %, task arithmetic ≈69-70 %, TIES ≈72 %, aTLAS above task arithmetic.
+Expected (ViT-B/32, the papers' numbers and the released checkpoints' accuracies in
+github.com/fredzzhang/atlas): zero-shot ≈48 % mean absolute accuracy, fine-tuned ≈90 %, task
+arithmetic ≈69-70 %, TIES ≈72 %, aTLAS above task arithmetic.
 
 The ``clip-tiny`` preset (``CLJAX_TINY=1`` or ``--preset clip-tiny``) builds a tiny random
 CLIP, perturbed "fine-tuned" encoders and mock TFDS data, for tests.
@@ -472,8 +476,9 @@ def atlas_blocks(theta0) -> atlas.Blocks:
 
 
 def _finetune(cfg: ClipConfig, theta0, logits_fn, task):
-    """METHODS §2.1: AdamW, the references' cosine schedule with ``cfg.finetune_warmup``
-    warm-up steps (500, task_vectors' default), clip 1.0, frozen zero-shot head."""
+    """task_vectors' fine-tuning recipe (``src/finetune.py``): AdamW, the references' cosine
+    schedule with ``cfg.finetune_warmup`` warm-up steps (500, task_vectors' default), clip 1.0,
+    frozen zero-shot head."""
     sched = cosine_lr(cfg.finetune_lr, cfg.finetune_warmup, cfg.finetune_steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.1))
 

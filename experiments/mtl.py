@@ -27,7 +27,7 @@ Expected runtime: about 10 minutes of CPU time for the preset (3 seeds × 2 task
 finished runs saved under ``--out``; with ``--checkpoint_every N`` a run in progress is also
 saved every N steps and at each epoch end, and resumes from there (bit-identically).
 
-Expected result (measured, README section "Multi-task learning"): mean test accuracy about
+Expected result (``docs/results/mtl.md`` holds the tables): mean test accuracy about
 46–48 % (Multi-MNIST; single-task 52 %) and 82 % (attributes; single-task 86 %); in this
 five-epoch preset every F-variant is 0.2–4 Δm points below its base method. With
 ``--epochs 30`` (Multi-MNIST, all six aggregators) accuracy rises to 53–55 % and every F-variant

@@ -24,9 +24,9 @@ Passes over the task vectors (T·N entries each; nothing of size T·N is written
 
 So 4 passes (3 for bfloat16) over the T task vectors plus one read of θ0 and one write of
 θ in the XLA implementation. On a GPU the scatter-adds of passes 1–2 contend on the few bins
-that hold most magnitudes (measured: 130 ms for ViT-B/32 with T = 8 on an H100, 4.5× slower
-than ``cljax.merging.ties``'s counting search), so the Pallas implementation replaces them
-by a **radix select**: 3 bits a pass from the top of the pattern, each pass counting
+that hold most magnitudes (atomics serialise there, so the histogram runs slower than
+``cljax.merging.ties``'s counting search), so the Pallas implementation replaces them by a
+**radix select**: 3 bits a pass from the top of the pattern, each pass counting
 ``|τ_t| >= edge`` for the 7 edges of the next digit in one kernel (per-block partial counts,
 summed in int32): 5 passes for bfloat16 task vectors, 11 for float32, then the vote and merge
 kernels. Both give the value a full sort gives. Magnitudes are compared in float32 (float64 leaves are rounded); inputs must

@@ -1,7 +1,8 @@
 """An embedded model-merging benchmark: domain-shifted digit tasks built from bundled real data.
 
 The field's merging benchmark fine-tunes one pretrained encoder (CLIP) on 8 image datasets
-and merges the fine-tuned encoders (METHODS.md §1.1). This module builds a small analogue
+and merges the fine-tuned encoders (Ilharco et al., "Editing Models with Task Arithmetic",
+ICLR 2023; github.com/mlfoundations/task_vectors). This module builds a small analogue
 that runs on a laptop CPU and needs no download: a *source* task to pretrain an encoder on,
 and several *target* tasks that each shift the input domain or the labelling.
 
@@ -27,8 +28,8 @@ Images: MNIST-5k (500 images a class) is shuffled with ``seed``; the first
 ``source_size`` images belong to the source, the rest is split into a target train pool and
 a target test pool, so no target test image is the train image of any target task. Each
 target task draws its own train and test images from the pools (independent draws per task),
-then holds out a validation part of its train images with :func:`split_train_val`
-(METHODS.md §1.6). scikit-learn's digits get their own train/test split.
+then holds out a validation part of its train images with :func:`split_train_val` (as
+task_vectors' ``split_train_into_train_val``). scikit-learn's digits get their own train/test split.
 """
 
 from __future__ import annotations

@@ -18,7 +18,11 @@ def split_train_val(
     max_val: int = 5000,
     seed: int = 0,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Holds out a validation part of a train split (METHODS §1.6: 10 %, capped at 5 000, seed 0).
+    """Holds out a validation part of a train split (10 %, capped at 5 000, seed 0).
+
+    The defaults are those of ``split_train_into_train_val`` in
+    github.com/mlfoundations/task_vectors, which aTLAS (github.com/fredzzhang/atlas) shares:
+    hyperparameters are chosen on this part, never on the test split.
 
     Raises:
       ValueError: if ``fraction`` is not in (0, 1) or a split would be empty.

@@ -23,9 +23,9 @@ def l2_anchor(
     """Squared L2 distance of the parameters to an anchor, as a loss term.
 
     ``reduction="sum"`` is ZSCL's weight consolidation: the squared error **summed** over
-    all elements (``l2 = 1`` in the reference, over ~150M CLIP parameters, so its scale
-    matters next to the task loss, METHODS §8.3.5). ``"mean"`` divides by the number of
-    elements counted.
+    all elements (``l2 = 1`` in the reference, github.com/Thunderbeee/ZSCL
+    ``mtil/scripts/ZSCL.sh``, over ~150M CLIP parameters, so its scale matters next to the
+    task loss). ``"mean"`` divides by the number of elements counted.
 
     Args:
       params: current parameters.

@@ -33,8 +33,8 @@ def dare(
     dropped when its 32 random bits fall below ``round(p·2³²)`` (p quantised to 2⁻³²). The
     bits are a keyed hash of the entry's flat index (:func:`entry_bits`), two key words
     drawn from that key: an elementwise computation that fuses into the drop, where
-    ``jax.random.bits`` for every entry is materialised on XLA:CPU (2-3× the leaf in
-    temporaries; the drop of one leaf ran ~10× slower).
+    ``jax.random.bits`` for every entry is materialised on XLA:CPU (a temporary array of
+    random words per entry, read back by a separate pass).
     Kept entries are multiplied by ``1/(1−p)`` in float32, then cast back to the storage
     dtype: for p near 1 the factor is large. DARE fails when deltas are large (continued
     pre-training, large learning rates), as its authors note.

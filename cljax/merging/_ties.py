@@ -207,8 +207,8 @@ def _eager_leaf_thresholds(ts, idx, ks):
 
     Inside ``_ties_core`` every leaf carries its own search, compiled separately (a ViT-B/32
     holds 152 leaves of 10 shapes); here the leaves of one shape share one compiled search.
-    Each call pays the search's fixed cost (~5 ms on a 2-core CPU), which the one graph
-    partly overlaps: the first call compiles ~3.5x quicker, later ones run ~0.1 s slower.
+    The trade: far less to compile, while each call pays the search's fixed dispatch cost,
+    which a single graph would partly overlap across leaves.
     """
     return {
         i: _leaf_threshold(ts.leaves[i], ks[j], num_tasks=ts.num_tasks) for j, i in enumerate(idx)

@@ -3,7 +3,7 @@
 The cljax tree mirrors Hugging Face names; the mapping only renames leaves (``weight`` ->
 ``kernel``/``scale``/``embedding``), folds ``layers.3`` into ``layers_3``, drops the
 ``embeddings`` level, and transposes weights: ``Linear`` ``[out, in]`` -> Dense ``[in, out]``,
-conv ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]`` (METHODS §1.7). Integer buffers
+conv ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]`` (PyTorch and Flax layouts). Integer buffers
 (``position_ids``) are not parameters and are skipped.
 
 A full ``CLIPModel`` checkpoint converts to :class:`~cljax.models.CLIP` params; a vision-only

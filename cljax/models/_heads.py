@@ -1,10 +1,12 @@
-"""Zero-shot classification heads from class names and prompt templates (METHODS §1.2).
+"""Zero-shot classification heads from class names and prompt templates.
 
-For each class, every template is filled with the class name and embedded by the
-*pre-trained* text encoder; the embeddings are L2-normalised, averaged, re-normalised and
-multiplied by the logit scale (100 for OpenAI CLIP). The head L2-normalises image features
-before its linear map and has no bias. Heads are frozen and never merged: always build them
-from the model you evaluate (METHODS §2.4, task_vectors#20).
+As ``src/heads.py`` of github.com/mlfoundations/task_vectors and ``src/models/zeroshot.py``
+of github.com/mlfoundations/wise-ft: for each class, every template is filled with the
+class name and embedded by the *pre-trained* text encoder; the embeddings are
+L2-normalised, averaged, re-normalised and multiplied by the logit scale (100 for OpenAI
+CLIP). The head L2-normalises image features before its linear map and has no bias. Heads
+are frozen and never merged: always build them from the model you evaluate (a head
+released for another model can have the wrong feature width, mlfoundations/task_vectors#20).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ def linear(
     """Linear scalarisation: ``sum_i weights[i] * g_i``; equal weighting (EW) by default.
 
     Scale convention: with ``weights=None`` the weights are ``1/T`` (the *mean* of the task
-    gradients, the F-MTL reference's equal-weighting baseline, METHODS §12.1 step 3); T
+    gradients, the equal-weighting baseline of the F-MTL reference,
+    github.com/VietHoang1512/FS-MTL); T
     identical gradients ``g`` give ``g``. LibMTL's ``EW`` sums the losses instead: pass
     ``weights=jnp.ones(T)`` for that. Explicit weights are used as given.
 

@@ -71,8 +71,8 @@ def task_map(fn: Callable, xs: Any, task_batch_size: int | None, unroll: bool = 
     memory is bounded by one chunk), or, with ``unroll``, by a Python loop that places
     every chunk in the graph. Unrolling exists for XLA:CPU, which leaves the weight
     gradients of convolutions inside loop bodies in a layout it runs several times
-    slower (measured 7x on the Multi-MNIST LeNet, jax 0.10); unrolled chunks get the
-    fast path but no longer bound memory by construction (XLA's scheduler decides).
+    slower; unrolled chunks get the fast path but do not bound memory by construction
+    (XLA's scheduler decides).
     """
     if task_batch_size is None:
         return jax.vmap(fn)(xs)
@@ -134,8 +134,7 @@ def per_task_grads(
       task_batch_size: run the backward passes this many tasks at a time (memory).
       unroll: run those chunks as a Python loop in the graph instead of ``lax.map``:
         XLA:CPU runs the weight gradients of convolutions inside a loop body several
-        times slower (7x measured on the Multi-MNIST LeNet, jax 0.10); unrolled, memory
-        is no longer bounded by construction.
+        times slower; unrolled, memory is not bounded by construction.
 
     Returns:
       A :class:`TaskGrads`.

@@ -14,7 +14,8 @@ Each step is jitted with its state donated and timed by its median over repeats:
 * ``aTLAS (3 programs)``: the same step as three jitted calls, compose → the model's
   forward and backward at θ → the coefficient gradient (the VJP of ``compose``) and the
   update; bit-identical coefficients. On XLA:CPU the one-program step costs more than its
-  parts (measured: the same fusions, more CPU time), and splitting recovers most of it;
+  parts (the same fusions take more CPU time in one program), and splitting recovers most
+  of it;
   peak memory is that of the largest of the three programs plus the composed θ;
 * ``aTLAS (autodiff)``: the same step through a naive composition written with plain ``jnp``
   (``θ0 + Σ_t Λ_t τ_t`` summed over a stacked axis), differentiated by JAX: the reference
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no_autodiff",
         action="store_true",
-        help="skip the naive-autodiff reference (218 s a step at ViT-B/32 on a 2-core CPU)",
+        help="skip the naive-autodiff reference (minutes a step at ViT-B/32 on a CPU)",
     )
     args = parser.parse_args(argv)
     shapes = [SMALL] if args.small_only else [SMALL, B32]

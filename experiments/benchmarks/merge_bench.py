@@ -23,7 +23,7 @@ Command:
 
 Expected (2-core CPU): task arithmetic near the copy bandwidth; global TIES a few times
 task arithmetic (its threshold search reads the task vectors once per pass); peak memory
-little above the inputs. The README's merging section holds a measured table.
+little above the inputs. ``docs/results/merge-speed.md`` holds the measured tables.
 """
 
 from __future__ import annotations

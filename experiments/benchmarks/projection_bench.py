@@ -10,7 +10,7 @@ config).
 
 Command::
 
-    python -m experiments.benchmarks.projection_bench            # ~2-4 min on a free 2-core CPU
+    python -m experiments.benchmarks.projection_bench            # ~2-4 min on an idle 2-core CPU
     python -m experiments.benchmarks.projection_bench --tokens 394 --repeats 3
 
 Expected: GPM and OSFT add two / four ``d x d x out`` matmuls per target to a step whose
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import os
 
-# LAPACK/BLAS thread pools oversubscribe a shared CPU badly (a 784x100 SVD took 5 s instead
-# of 20 ms with the default threads under load): one thread each, set before numpy loads.
+# LAPACK/BLAS thread pools oversubscribe a shared CPU (a small SVD slows down by orders of
+# magnitude with the default threads under load): one thread each, set before numpy loads.
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
