@@ -164,6 +164,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_checkpoint_is_moved_aside_and_replaced(tmp_path, damage):
     m = CheckpointManager(tmp_path, keep=3)

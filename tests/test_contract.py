@@ -469,6 +469,13 @@ METHODS: list[Method] = [
 ]
 NAMES = [m.name for m in METHODS]
 BY_NAME = {m.name: m for m in METHODS}
+# Rows whose cases compile slowly (a threshold search per leaf, CoSO's SVDs) run in the slow
+# tier only; the fast tier (make test-fast) checks every other row, sharded under FSDP.
+SLOW_ROWS = ("ties_leaf", "coso")
+
+
+def _rows(names: list[str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ROWS else n for n in names]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -571,7 +578,7 @@ def _sharded(name: str, mode: str):
 # ----------------------------------------------------------------------------- the contract
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _rows(NAMES))
 def test_jit_from_shapes_alone(name):
     """Jit-able: compiles from abstract shapes (no concrete value is read while tracing)."""
     out = _reference(name)
@@ -580,7 +587,7 @@ def test_jit_from_shapes_alone(name):
             assert np.isfinite(np.asarray(leaf, np.float32)).all(), name
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _rows(NAMES))
 def test_keeps_structure_and_dtypes(name):
     for dtype in BY_NAME[name].dtypes:
         case = _case(name, jnp.dtype(dtype).name)
@@ -589,7 +596,7 @@ def test_keeps_structure_and_dtypes(name):
 
 
 @pytest.mark.parametrize(
-    "name", [m.name for m in METHODS if m.lists and "stacked" in _case(m.name).roles]
+    "name", _rows([m.name for m in METHODS if m.lists and "stacked" in _case(m.name).roles])
 )
 def test_stacked_and_list_agree(name):
     case = _case(name)
@@ -605,7 +612,14 @@ def _modes(name: str) -> list[str]:
     return ["fsdp"] + ["dp"] * ("batch" in roles) + ["task"] * task
 
 
-@pytest.mark.parametrize("name, mode", [(n, m) for n in NAMES for m in _modes(n)])
+@pytest.mark.parametrize(
+    "name, mode",
+    [
+        pytest.param(n, m, marks=pytest.mark.slow) if m != "fsdp" or n in SLOW_ROWS else (n, m)
+        for n in NAMES
+        for m in _modes(n)
+    ],
+)
 def test_sharded_equals_unsharded(name, mode):
     compiled, args, out_sh = _sharded(name, mode)
     out = compiled(*args)
@@ -616,7 +630,7 @@ def test_sharded_equals_unsharded(name, mode):
 
 
 @pytest.mark.parametrize(
-    "name", [m.name for m in METHODS if m.fsdp_forbids is not None or m.fsdp_gather_limit]
+    "name", _rows([m.name for m in METHODS if m.fsdp_forbids is not None or m.fsdp_gather_limit])
 )
 def test_fsdp_compiles_without_gathering_parameters(name):
     compiled, args, _ = _sharded(name, "fsdp")
@@ -644,6 +658,7 @@ def test_averages_are_sharded_like_params():
     assert state.methods["ema"].mean["dense"]["kernel"].sharding.is_equivalent_to(p, 2)
 
 
+@pytest.mark.slow
 def test_dp_atlas_step_reduces_coefficient_gradients_only():
     """Data-parallel aTLAS: plain jit all-reduces dL/dθ; the local form only the coefficients'."""
     compiled, args, _ = _sharded("atlas_step", "dp")

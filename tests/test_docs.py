@@ -53,6 +53,7 @@ def _cases():
             yield pytest.param(page, index, code, reason, id=f"{name}:{index}", marks=marks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page, index, code, reason", list(_cases()))
 def test_block_runs_alone(page, index, code, reason, tmp_path, monkeypatch):
     assert reason is None, f"{page.name} block {index}: a skip needs a reason (<!-- skip: why -->)"

@@ -110,6 +110,7 @@ def test_launcher_parses_and_resolves(monkeypatch):
     assert seen == [["merging", "--preset", "tiny"]]
 
 
+@pytest.mark.slow
 def test_launcher_runs_selftest_in_one_process(capsys, monkeypatch):
     monkeypatch.setattr(cs, "setup_logging", lambda *a, **k: None)  # keep pytest's logging
     out = launch.main(["--no_auto", "selftest", "--steps", "2", "--mode", "dp"])

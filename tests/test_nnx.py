@@ -55,6 +55,7 @@ def _pure(tree):
     return tree.to_pure_dict()
 
 
+@pytest.mark.slow
 def test_paths_match_linen_style():
     _, _, theta0, _ = _setup()
     assert ct.paths(theta0) == ct.paths(_pure(theta0))
@@ -68,6 +69,7 @@ def test_paths_match_linen_style():
     ]
 
 
+@pytest.mark.slow
 def test_task_arithmetic_with_a_rule_and_ties():
     model, graphdef, theta0, taus = _setup()
     rules = [(r"^head/", False), (r"kernel$", True), (r".*", False)]
@@ -98,6 +100,7 @@ def test_task_arithmetic_with_a_rule_and_ties():
         merging.task_arithmetic(theta0, taus, 0.5, rules=[(r"kernel/value$", True)])
 
 
+@pytest.mark.slow
 def test_atlas_compose_and_gradient():
     _, graphdef, theta0, taus = _setup()
     spec = atlas.blocks(theta0, exclude=[r"^head/"])
@@ -133,6 +136,7 @@ def test_atlas_compose_and_gradient():
     assert float(jnp.abs(g["l1"]["kernel"]).sum()) > 0
 
 
+@pytest.mark.slow
 def test_pcgrad_on_per_task_gradients():
     _, graphdef, theta0, _ = _setup()
     x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 4)), jnp.float32)
@@ -162,6 +166,7 @@ def test_pcgrad_on_per_task_gradients():
     np.testing.assert_allclose(flat(g), p1 + p2, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gpm_with_nnx_optimizer_protects_old_inputs():
     model = MLP(nnx.Rngs(0))
     rng = np.random.default_rng(2)
@@ -218,6 +223,7 @@ def test_ema_of_nnx_params():
     np.testing.assert_allclose(model.l1.kernel[...], mean["l1"]["kernel"][...], rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_the_guide_runs():
     """The code block of docs/nnx.md, run as written."""
     from pathlib import Path

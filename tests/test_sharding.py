@@ -190,6 +190,7 @@ def test_shard_batch_and_errors(rng):
 # ----------------------------------------------------------------------------- sharded states and steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("default", [cs.REPLICATED, cs.FSDP], ids=["dp", "fsdp"])
 def test_sharded_training_equals_unsharded(rng, default):
     params = _params(rng)
@@ -289,6 +290,7 @@ def test_hlo_collectives_parser_hand_case():
 # ----------------------------------------------------------------------------- checkpoints across meshes
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(rng, tmp_path):
     params = _params(rng)
     init = lambda p: TrainState.create(p, optax.adam(1e-2), rng=jax.random.key(5))

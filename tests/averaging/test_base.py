@@ -25,6 +25,7 @@ def _loss(p, batch, rng):
     return jnp.mean((batch["x"] @ p["w"] - batch["y"]) ** 2)
 
 
+@pytest.mark.slow
 def test_averages_in_a_jitted_donated_step_follow_the_trajectory(rng):
     params = {"w": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}
     avgs = {"we": weight_ensemble(avg_freq=3), "ema": ema(0.8)}
@@ -56,6 +57,7 @@ def test_skipped_step_leaves_the_ensemble_unchanged(rng):
     chex.assert_trees_all_equal(new.methods, state.methods)
 
 
+@pytest.mark.slow
 def test_next_task_starts_from_the_ensemble(rng):
     params = {"w": jnp.asarray(rng.normal(size=(4, 2)), jnp.bfloat16)}
     we = weight_ensemble(avg_freq=1)

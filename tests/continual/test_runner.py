@@ -76,6 +76,7 @@ class _Recorder(cl.Method):
         return state.replace(methods={**state.methods, "rec": {"n": m["n"] + 1}})
 
 
+@pytest.mark.slow
 def test_hooks_run_in_order_and_matrix_is_filled():
     tasks = _tasks(3)
     _, params, apply_fn = _setup(6)
@@ -106,6 +107,7 @@ def test_hooks_run_in_order_and_matrix_is_filled():
     assert res.metrics["acc"] == pytest.approx(res.accuracy[-1].mean())
 
 
+@pytest.mark.slow
 def test_default_eval_is_the_masked_argmax_accuracy():
     tasks = _tasks(2)
     _, params, apply_fn = _setup(4)
@@ -172,6 +174,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_bad_inputs(tmp_path):
     _, params, apply_fn = _setup(2)
     kw = dict(

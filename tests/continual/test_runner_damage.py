@@ -135,6 +135,7 @@ def _bad_steps(task, kw, i, row=5):
     ]
 
 
+@pytest.mark.slow
 def test_nonfinite_raises_naming_step_and_task_and_checkpoints_nothing(setup, tmp_path):
     tasks, kw = setup
     tasks = _poisoned(tasks, 1)
@@ -160,12 +161,14 @@ def test_nonfinite_skip_counts_and_keeps_the_state_finite(setup):
     assert np.isfinite(res.losses).all() and np.isfinite(res.accuracy).all()
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_raises(setup):
     tasks, kw = setup
     with pytest.raises(NonFiniteError, match=r"of task 0 \('t0'\)"):
         cl.run_sequence(tasks, **{**kw, "optimizer": optax.sgd(1e30)})
 
 
+@pytest.mark.slow
 def test_nonfinite_hook_state_raises(setup):
     import jax
     import jax.numpy as jnp

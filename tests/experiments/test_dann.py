@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow
 def test_tiny_preset_dann_beats_source_only(tmp_path):
     from experiments import dann
 

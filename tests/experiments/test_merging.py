@@ -83,6 +83,7 @@ def test_digits_tiny_then_resume(tmp_path, capsys, monkeypatch):
         assert second["methods"][name]["test"] == first["methods"][name]["test"], name
 
 
+@pytest.mark.slow
 def test_zero_shot_encoder_matches_clip_and_normalises():
     from cljax.models import clip
 
@@ -101,6 +102,7 @@ def test_zero_shot_encoder_matches_clip_and_normalises():
     np.testing.assert_allclose(np.linalg.norm(f, axis=-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_resumes_after_a_crash_bitwise(tmp_path):
     """A run killed mid-stage continues from its last checkpoint to the same final state."""
     w = jnp.array([[0.5, -1.0], [2.0, 0.0]])

@@ -19,6 +19,7 @@ def _np_dots(g, tau, groups=None, k=None):
     return np.stack([np.bincount(ids, weights=row * g, minlength=k) for row in tau])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bs", where_params())
 @pytest.mark.parametrize(("dtype", "num_tasks"), [(np.float32, 3), (jnp.bfloat16, 8)])
 def test_matches_numpy(rng, bs, dtype, num_tasks):
@@ -56,6 +57,7 @@ def test_groups(rng, bs):
     np.testing.assert_allclose(got.sum(1), _np_dots(g, tau), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bs", where_params())
 def test_every_block_is_written(rng, bs):
     """Two leaves in one kernel: every program writes its own row, holding its block's dots."""

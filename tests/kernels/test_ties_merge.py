@@ -37,6 +37,7 @@ def _np_ties(base, tvs, density, scale, merge):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_kth_largest_matches_sort(rng, dtype):
     """Exact, ties included: values drawn from a small set repeat many times."""
@@ -57,6 +58,7 @@ def test_kth_largest_matches_sort(rng, dtype):
     np.testing.assert_array_equal(kernels.kth_largest_magnitude(x, 123), xs[:, 122])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bs", where_params())
 @pytest.mark.parametrize(
     ("dtype", "num_tasks", "merge", "density"),
@@ -85,6 +87,7 @@ def test_matches_numpy(rng, bs, dtype, num_tasks, merge, density):
             np.testing.assert_allclose(np.asarray(ref[n], np.float64), want[n], rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_hand_worked_election(impl):
     """Trim, mass vote, majority fallback for a zero sum, disjoint mean; worked by hand.
@@ -105,6 +108,7 @@ def test_hand_worked_election(impl):
 _BS = {"xla": None, "pallas": _dispatch.BlockSizes(rows=32, min_rows=32)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bs", where_params())
 def test_every_output_entry_is_written(rng, bs):
     """The merge kernel over two leaves, outputs poisoned with NaN (aliased) before the call."""
@@ -152,6 +156,7 @@ def test_errors(rng):
         kernels.ties(base, {**tvs, "b": jnp.ones((2, 8))})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float32])  # both histogram passes
 def test_equals_merging_reference(rng, dtype):
     """cljax.merging.ties (global scope): the Pallas path equals its own XLA code exactly."""

@@ -26,6 +26,7 @@ def _close(got, want, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol * 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bs", where_params())
 @pytest.mark.parametrize(("dtype", "num_tasks"), [(np.float32, 3), (jnp.bfloat16, 8)])
 def test_matches_numpy(rng, bs, dtype, num_tasks):
@@ -44,6 +45,7 @@ def test_matches_numpy(rng, bs, dtype, num_tasks):
         _close(ref[k], want, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bs", where_params())
 def test_groups_and_no_base(rng, bs):
     num_tasks, k, dtype = 3, 4, jnp.bfloat16
@@ -88,6 +90,7 @@ def test_every_output_entry_is_written(rng, bs):
         np.testing.assert_array_equal(np.asarray(out).reshape(-1)[tl.size :], 0.0)  # padding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bs", where_params())
 def test_gradients(rng, bs):
     """d/dc is <g, τ_t> (the block_dots kernel); d/dθ0 and d/dτ match plain autodiff."""
@@ -149,6 +152,7 @@ def test_list_of_trees_and_structure_errors(rng):
         kernels.weighted_sum(base, tvs, c, implementation="triton")
 
 
+@pytest.mark.slow
 def test_wired_into_task_arithmetic_and_atlas(rng):
     """cljax.merging routes through the dispatcher: Pallas equals the XLA code, gradients too."""
     from cljax.merging import atlas, task_arithmetic

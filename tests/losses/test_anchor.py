@@ -8,6 +8,7 @@ import pytest
 from cljax import losses
 
 
+@pytest.mark.slow
 def test_sum_and_mean_match_numpy(rng):
     p = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.ones(5, jnp.bfloat16)}
     a = {"a": jnp.zeros((3, 4)), "b": jnp.zeros(5, jnp.bfloat16)}

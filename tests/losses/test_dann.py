@@ -54,6 +54,7 @@ def test_scale_zero_stops_the_gradient_and_scale_gets_none(rng):
     assert float(gs) == 0.0
 
 
+@pytest.mark.slow
 def test_traced_scale_from_schedule_under_jit_and_vmap(rng):
     sched = losses.dann_schedule(100)
     x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
@@ -114,6 +115,7 @@ def test_domain_loss_matches_numpy(rng):
     assert float(big) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_adversarial_step_moves_features_against_the_domain_classifier(rng):
     """One step through grad_reverse: the head lowers the domain loss, the features raise it."""
     f_s = jnp.asarray(rng.normal(size=(8, 2)) + 1.0, jnp.float32)
@@ -145,6 +147,7 @@ def test_bad_inputs():
         losses.domain_adversarial_loss(jnp.ones(2), jnp.ones(0))
 
 
+@pytest.mark.slow
 def test_docs_page_code_runs():
     import re
     from pathlib import Path

@@ -19,6 +19,7 @@ def _np_entropy(z):
     return -(p * np.log(p)).sum(-1)
 
 
+@pytest.mark.slow
 def test_entropy_matches_numpy_and_limits(rng):
     z = rng.normal(size=(6, 5)).astype(np.float32) * 3
     np.testing.assert_allclose(entropy(z), _np_entropy(z), rtol=1e-5)
@@ -31,6 +32,7 @@ def test_entropy_matches_numpy_and_limits(rng):
     assert entropy(jnp.asarray(z, jnp.bfloat16)).dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_entropy_loss_mean_and_mask(rng):
     z = rng.normal(size=(8, 4)).astype(np.float32)
     np.testing.assert_allclose(entropy_loss(z), _np_entropy(z).mean(), rtol=1e-5)

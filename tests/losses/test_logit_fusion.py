@@ -78,6 +78,7 @@ def _oracle(large, base, experts, grid):
     return alphas
 
 
+@pytest.mark.slow
 def test_dynamic_fusion_matches_brute_force_oracle(rng):
     grid = np.array([0.0, 0.25, 0.5, 1.0, 1.5, 2.0])
     large = rng.normal(size=(3, 2, 6)) * 2
@@ -94,6 +95,7 @@ def test_dynamic_fusion_matches_brute_force_oracle(rng):
         )
 
 
+@pytest.mark.slow
 def test_default_grid_and_shift_matching():
     # one expert: the fused model's KL from the large model is as close to the expert's
     # shift as the grid allows
@@ -123,6 +125,7 @@ def test_bad_inputs():
         losses.dynamic_logit_fusion(x, x, [])
 
 
+@pytest.mark.slow
 def test_docs_page_code_runs():
     import re
     from pathlib import Path

@@ -82,6 +82,7 @@ def test_relation_distillation_matches_numpy_loop(rng):
     assert float(got) == pytest.approx(_np_relation(fs, ft, ws, wt, 1.0), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_relation_zero_when_unchanged_and_no_teacher_gradient(rng):
     f = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
@@ -107,6 +108,7 @@ def test_bad_inputs():
         losses.relation_distillation(f, f, jnp.ones((2, 3)), jnp.ones((2, 3)), temperature=-1.0)
 
 
+@pytest.mark.slow
 def test_docs_page_code_runs():
     import re
     from pathlib import Path

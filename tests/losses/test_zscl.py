@@ -61,6 +61,7 @@ def test_zscl_distillation_matches_numpy_both_terms(rng):
     assert not np.isclose(float(aux["kd_image"]), float(aux["kd_transposed"]))
 
 
+@pytest.mark.slow
 def test_zscl_gradient_reaches_only_the_student(rng):
     s, t = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
     g = jnp.asarray(rng.normal(size=(9, 6)), jnp.float32)
@@ -84,6 +85,7 @@ def test_reference_embeddings_normalised_and_batch_size_free(rng):
     np.testing.assert_allclose(a, want / np.linalg.norm(want, axis=-1, keepdims=True), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_teacher_reference_embeddings_are_computed_once(rng):
     calls = []
     teacher = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)

@@ -57,6 +57,7 @@ def test_kth_with_duplicates_zeros_and_subnormals(rng, method):
         np.testing.assert_array_equal(got, _numpy_kth([[vals]], k), err_msg=f"{k=}")
 
 
+@pytest.mark.slow
 @_METHODS
 def test_kth_stacked_leaves_equal_lists(rng, method):
     leaves = _leaves(rng, 2, [(20, 9), (31,)])
@@ -66,6 +67,7 @@ def test_kth_stacked_leaves_equal_lists(rng, method):
     np.testing.assert_array_equal(got, _numpy_kth(per_task, 17))
 
 
+@pytest.mark.slow
 @_METHODS
 def test_kth_bfloat16(rng, method):
     leaves = _leaves(rng, 2, [(16, 8), (5,)], dtype=jnp.bfloat16)
@@ -74,6 +76,7 @@ def test_kth_bfloat16(rng, method):
     np.testing.assert_array_equal(got, _numpy_kth(per_task, 40))
 
 
+@pytest.mark.slow
 def test_sort_and_search_agree_with_nan_and_choose_by_size(rng):
     # NaNs never count in the search's compares; the sort reads them as zeros.
     x = rng.normal(size=(2, 300)).astype(np.float32)
@@ -89,6 +92,7 @@ def test_sort_and_search_agree_with_nan_and_choose_by_size(rng):
         _kth.kth_largest_bits(leaves, 7, method="radix")
 
 
+@pytest.mark.slow
 def test_count_at_least(rng):
     x = jnp.asarray(rng.normal(size=(3, 6, 11)), jnp.float32)
     thr = jnp.abs(jnp.asarray(rng.normal(size=(3,)), jnp.float32))
@@ -112,6 +116,7 @@ def _numpy_counts(per_task_leaves, thresholds):
 _PACKED_SHAPES = [(512, 70), (700, 55), (3, 4, 6), (13,), (90, 80)]
 
 
+@pytest.mark.slow
 def test_count_at_least_many_matches_numpy(rng):
     num_tasks = 3
     leaves = [
@@ -136,6 +141,7 @@ def test_count_at_least_many_matches_numpy(rng):
         np.testing.assert_array_equal(got_lists, got)
 
 
+@pytest.mark.slow
 def test_count_at_least_many_ignores_nan_and_rejects_four_thresholds(rng):
     x = rng.normal(size=(2, 600, 60)).astype(np.float32)
     x[0, 5, 7] = np.nan
@@ -147,6 +153,7 @@ def test_count_at_least_many_ignores_nan_and_rejects_four_thresholds(rng):
         _kth.count_at_least_many([jnp.asarray(x)], jnp.zeros((4, 2), jnp.float32))
 
 
+@pytest.mark.slow
 def test_kth_largest_on_packed_leaves(rng):
     num_tasks = 2
     leaves = [
@@ -160,6 +167,7 @@ def test_kth_largest_on_packed_leaves(rng):
         np.testing.assert_array_equal(got, _numpy_kth(per_task, k), err_msg=f"{k=}")
 
 
+@pytest.mark.slow
 def test_kth_search_passes(rng):
     """Interpolation and the final listing keep the search short on smooth data (1M
     entries a task): even four-way splits alone take 11 passes here (measured 4 with
@@ -185,6 +193,7 @@ def _bracket_reference(leaves, lo, hi):
     return out
 
 
+@pytest.mark.slow
 def test_bracket_entries_matches_numpy(rng):
     num_tasks = 3
     leaves = [
@@ -216,6 +225,7 @@ def test_bracket_entries_matches_numpy(rng):
     assert exact >= 20  # of 24: collisions are rare at these sizes
 
 
+@pytest.mark.slow
 def test_listing_misses_fall_back_to_counting(rng):
     # All the large entries sit in one column of the listing's layout (16 groups x 32 rows
     # x 64 columns), so every listing of them collides: counting must finish the search.

@@ -144,6 +144,7 @@ def _t_trees(rng, shapes, num_tasks):
     return pre, taus
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["global", "leaf"])
 def test_ties_through_the_counting_search(rng, scope):
     # More than 2**14 entries a task (global) and a leaf above it too (leaf scope): the
@@ -155,6 +156,7 @@ def test_ties_through_the_counting_search(rng, scope):
         np.testing.assert_allclose(np.asarray(x), ref[p], rtol=1e-5, atol=1e-6, err_msg=p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["list", "stacked"])
 def test_leaf_scope_called_eagerly_searches_once_a_shape(rng, monkeypatch, form):
     # Eager per-leaf TIES compiles one search for two same-shaped leaves (a shape no other
@@ -213,6 +215,7 @@ def test_density_one_with_agreeing_signs_is_the_mean(rng):
             )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("majority", [1.0, -1.0])
 def test_sign_election_hand_example(majority, dtype):
@@ -323,6 +326,7 @@ def test_keep_count_bad_inputs():
         _common.keep_count(0.2, -1, scope="global")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["global", "leaf"])
 @pytest.mark.parametrize("density", [0.2, 0.5])
 def test_small_leaves_follow_each_reference(rng, scope, density):
@@ -346,6 +350,7 @@ def test_small_leaves_follow_each_reference(rng, scope, density):
         np.testing.assert_array_equal(eager["a"], pre["a"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_kernel_ties_keeps_the_papers_count(rng, impl):
     # 15 entries at density 0.2: the paper's code keeps int(3) + 1 = 4 per task.
@@ -362,6 +367,7 @@ def test_scale_zero_returns_pretrained(rng):
     chex.assert_trees_all_equal(got, pre)
 
 
+@pytest.mark.slow
 def test_jit_and_no_jit_agree(rng):
     pre = _tree(rng)
     taus = ct.stack([_tree(rng) for _ in range(3)])

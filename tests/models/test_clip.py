@@ -128,6 +128,7 @@ def _numpy_text_embed(sd, ids, cfg):
     return sd["text_projection.weight"] @ x[int(np.argmax(ids))]
 
 
+@pytest.mark.slow
 def test_flax_clip_matches_numpy_reference_via_hf_state_dict(rng, tmp_path):
     model = clip.CLIP(CFG)
     params = _randomize(_init(model), rng)
@@ -144,6 +145,7 @@ def test_flax_clip_matches_numpy_reference_via_hf_state_dict(rng, tmp_path):
         np.testing.assert_allclose(txt[i], _numpy_text_embed(sd, ids[i], CFG), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_safetensors_round_trip_is_bit_exact(rng, tmp_path):
     model = clip.CLIP(CFG)
     params = _randomize(_init(model), rng)

@@ -17,6 +17,7 @@ def test_parameter_count_matches_torchvision():
     assert _count(v["batch_stats"]) == 2 * 4800
 
 
+@pytest.mark.slow
 def test_small_input_forward_and_batch_stats():
     model = ResNet18(None, width=4, small_input=True)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)

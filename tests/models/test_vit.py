@@ -47,11 +47,13 @@ def test_param_count_by_hand():
     assert {f"block_{i}" for i in range(depth)} <= set(shapes)
 
 
+@pytest.mark.slow
 def test_init_deterministic(params):
     again = _jit("init", 7)(jax.random.key(0), X)["params"]
     chex.assert_trees_all_equal(params, again)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["cls", "gap"])
 def test_features_vs_head(params, pool):
     apply_enc = _jit("apply", pool=pool)

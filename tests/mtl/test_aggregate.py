@@ -45,6 +45,7 @@ def _by_loop(loss_fn, params, x):
     return jax.tree.map(lambda *a: jnp.stack(a), *rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 def test_chain_update_is_the_aggregator_on_the_trunk_and_owner_gradients_on_heads(rng, name):
     agg = AGGREGATORS[name]
@@ -70,6 +71,7 @@ def test_chain_update_is_the_aggregator_on_the_trunk_and_owner_gradients_on_head
     np.testing.assert_array_equal(jax.random.key_data(agg_state.key), jax.random.key_data(k_next))
 
 
+@pytest.mark.slow
 def test_pcgrad_key_moves_each_step_and_matches_mtl_grad_fn(rng):
     params, loss_fn = model(rng)
     x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
@@ -84,6 +86,7 @@ def test_pcgrad_key_moves_each_step_and_matches_mtl_grad_fn(rng):
         chex.assert_trees_all_close(out, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "linear"])
 def test_fmtl_through_aggregate_equals_fmtl(rng, name):
     agg = AGGREGATORS[name]
@@ -160,6 +163,7 @@ def test_stateful_aggregator_keeps_its_state(rng):
     assert int(state.inner) == 3  # clean and flatness directions: two calls
 
 
+@pytest.mark.slow
 def test_make_mtl_step_with_aggregate_trains_without_model_state(rng):
     params, loss_fn = model(rng, t=2)
     x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
@@ -183,6 +187,7 @@ def _docs_block() -> str:
     return re.search(r"```python\n(.*?)```", text, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_docs_example_runs():
     """The first code block of docs/mtl.md, run as written with fewer images and steps."""
     code = _docs_block()

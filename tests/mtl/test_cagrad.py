@@ -9,6 +9,7 @@ from cljax.mtl import cagrad
 from cljax.mtl._cagrad import _two_task_dual, cagrad_weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t,shift,c", [(2, 0.0, 0.4), (3, 0.3, 0.4), (5, 0.5, 0.8), (8, 0.2, 0.4)])
 def test_matches_scipy_reference(rng, t, shift, c):
     g = {"a": jnp.asarray(rng.normal(size=(t, 12)) + shift, jnp.float32)}

@@ -58,6 +58,7 @@ def reference(loss_fn, params, x, agg, rho, adaptive, normalization, key=None):
     return {**shared, **heads}, g
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "agg,adaptive,normalization",
     [
@@ -81,6 +82,7 @@ def test_matches_loop_reference(rng, agg, adaptive, normalization):
     assert np.all(np.asarray(info["sam_losses"]) > np.asarray(info["losses"]))
 
 
+@pytest.mark.slow
 def test_pcgrad_key_and_scan(rng):
     params, loss_fn = model(rng, 2)
     x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
@@ -95,6 +97,7 @@ def test_pcgrad_key_and_scan(rng):
     chex.assert_trees_all_close(unrolled(params, x, key=key)[0], ref, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_unroll_gives_plain_convolutions_and_no_loop():
     # The mechanism behind unroll=True (README, mtl_bench): vmap over per-task weights turns
     # the second convolution into a grouped one, lax.map makes a loop; unrolled, neither.
@@ -120,6 +123,7 @@ def test_unroll_gives_plain_convolutions_and_no_loop():
     assert hlo(task_batch_size=1, unroll=True) == (False, {1})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("agg", [mtl.linear, mtl.mgda, mtl.cagrad, mtl.nash_mtl, mtl.aligned_mtl])
 def test_rho_zero_is_the_base_aggregator(rng, agg):
     params, loss_fn = model(rng)
@@ -155,6 +159,7 @@ class _BNNet(nn.Module):
         return [nn.Dense(1, name=f"head_{i}")(x)[:, 0] for i in range(2)]
 
 
+@pytest.mark.slow
 def test_batch_stats_update_on_the_clean_pass_only(rng):
     net = _BNNet()
     x = jnp.asarray(rng.normal(size=(16, 3)) * 3 + 1, jnp.float32)

@@ -20,6 +20,7 @@ def test_matches_elementwise_reference(rng):
     assert np.all((keep & (x > 0)).any(0) & (keep & (x < 0)).any(0) == False)  # noqa: E712
 
 
+@pytest.mark.slow
 def test_same_signs_and_identical_sum(rng):
     g = {"a": jnp.asarray(np.abs(rng.normal(size=(2, 20))), jnp.float32)}
     np.testing.assert_allclose(

@@ -18,6 +18,7 @@ def _case(rng, t, d, shift):
 CASES = [(2, 4, 0.0), (3, 6, 0.3), (5, 10, 0.5), (8, 20, 1.0), (6, 3, 0.0), (4, 30, -0.2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t,d,shift", CASES)
 def test_matches_exact_qp(rng, t, d, shift):
     g = _case(rng, t, d, shift)
@@ -28,6 +29,7 @@ def test_matches_exact_qp(rng, t, d, shift):
     np.testing.assert_allclose(out, ref, atol=2e-5 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t,d,shift", CASES)
 def test_min_norm_optimality_conditions(rng, t, d, shift):
     g = _case(rng, t, d, shift)

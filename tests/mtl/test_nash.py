@@ -8,6 +8,7 @@ from cljax.mtl import nash_mtl
 from cljax.mtl._nash import nash_mtl_weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [2, 3, 8])
 def test_solves_the_bargaining_equations(rng, t):
     g = {"a": jnp.asarray(rng.normal(size=(t, 16)) * rng.uniform(0.2, 5, (t, 1)), jnp.float32)}

@@ -8,6 +8,7 @@ from _mtl_reference import pcgrad as pcgrad_ref
 from cljax.mtl import pcgrad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [2, 3, 5])
 def test_matches_loop_reference(rng, t):
     g = {

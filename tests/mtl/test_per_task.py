@@ -21,6 +21,7 @@ def model(rng, t=3):
     return params, loss_fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "task_batch_size,unroll", [(None, False), (2, False), (2, True), (1, True)]
 )

@@ -20,6 +20,7 @@ def test_uncertainty_weighting_moves_towards_the_optimum():
     assert w[1] > w[0]
 
 
+@pytest.mark.slow
 def test_dwa_matches_the_formula():
     w8 = dwa(2, steps_per_epoch=2, temperature=2.0)
     s = w8.init()

@@ -14,6 +14,7 @@ def _grads(rng, shape, n):
     return [jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_sketch_spans_the_exact_top_subspace_when_rank_suffices(rng):
     d, k = 12, 4
     basis, _ = np.linalg.qr(rng.normal(size=(d, 3)))  # the stream has rank 3 <= k
@@ -32,6 +33,7 @@ def test_sketch_spans_the_exact_top_subspace_when_rank_suffices(rng):
     np.testing.assert_allclose(np.asarray(sketch @ sketch.T), cov, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_sketch_error_bound_when_rank_is_short(rng):
     """FD guarantee: 0 <= A A^T - B B^T, and its spectral norm is <= ||A||_F^2 / l."""
     d, l = 10, 3
@@ -47,6 +49,7 @@ def test_sketch_error_bound_when_rank_is_short(rng):
     assert np.linalg.norm(err, 2) <= np.trace(cov) / l + 1e-3
 
 
+@pytest.mark.slow
 def test_first_step_is_low_rank_adam(rng):
     """Step 1: P = top-r right singular vectors, update = -lr sign-like Adam step mapped back."""
     g = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
@@ -61,6 +64,7 @@ def test_first_step_is_low_rank_adam(rng):
     np.testing.assert_allclose(np.abs(np.asarray(st.projector[0]).T @ p), np.eye(2), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 def test_history_is_orthogonal_and_updates_avoid_it(rng, svd):
     params = {"a": {"kernel": jnp.zeros((9, 8))}, "b": jnp.zeros(3)}
@@ -89,6 +93,7 @@ def test_history_is_orthogonal_and_updates_avoid_it(rng, svd):
         chex.assert_trees_all_equal(cs.mu[0], jnp.zeros_like(cs.mu[0]))
 
 
+@pytest.mark.slow
 def test_history_energy_threshold(rng):
     out = 6
     tx = pj.coso(1e-2, [("w", True)], proj_rank=1, sketch_rank=4)
@@ -101,6 +106,7 @@ def test_history_energy_threshold(rng):
     assert int(pj.coso_next_task(st, 0.9).hrank[0]) == 1  # strict: 0.9 is not < 0.9
 
 
+@pytest.mark.slow
 def test_randomized_range_recovers_a_low_rank_matrix(rng):
     a = rng.normal(size=(30, 4)) @ rng.normal(size=(4, 20))
     u, s = pj.randomized_range(jnp.asarray(a, jnp.float32), 4, jax.random.key(0))

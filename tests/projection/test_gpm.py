@@ -28,6 +28,7 @@ def _random_like(tree, rng):
     return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), tree)
 
 
+@pytest.mark.slow
 def test_update_after_adam_is_orthogonal_to_memory(rng):
     params = _params(rng)
     tx = optax.chain(optax.adam(1e-2), pj.gpm(TARGETS, freeze_1d=True))
@@ -66,6 +67,7 @@ def _spectrum_rows(rng, sigmas, d, n=64):
     return (a * np.asarray(sigmas)) @ v.T, v
 
 
+@pytest.mark.slow
 def test_memory_grows_as_the_threshold_dictates(rng):
     d = 10
     params = {"w": jnp.zeros((d, 3))}
@@ -123,6 +125,7 @@ def test_memory_is_capped_at_the_input_dimension(rng):
     np.testing.assert_allclose(m.T @ m, np.eye(d), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kernel,strides,padding,dilation",
     [
@@ -153,6 +156,7 @@ class _Net(nn.Module):
         return nn.Dense(3, use_bias=False)(x)
 
 
+@pytest.mark.slow
 def test_recorded_inputs_reproduce_each_layer(rng):
     net = _Net()
     x = jnp.asarray(rng.normal(size=(3, 7, 7, 2)), jnp.float32)
@@ -166,6 +170,7 @@ def test_recorded_inputs_reproduce_each_layer(rng):
     np.testing.assert_allclose(jax.nn.relu(conv_out).reshape(3, -1), reps[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_outputs_on_protected_inputs_survive_training(rng):
     """Train a new task after protecting the old inputs: their outputs move by < 1e-4."""
     d, n_out = 12, 5
@@ -236,6 +241,7 @@ class _NNXNet(nnx.Module):
         return self.layers[1](nnx.relu(self.layers[0](x)))
 
 
+@pytest.mark.slow
 def test_record_layer_inputs_on_an_nnx_model(rng):
     model = _NNXNet(nnx.Rngs(0))
     x = jnp.asarray(rng.normal(size=(3, 7, 7, 2)), jnp.float32)

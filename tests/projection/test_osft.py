@@ -41,6 +41,7 @@ def test_update_after_adam_avoids_both_frozen_spaces(rng):
         assert jnp.linalg.norm(du @ o.v_high[0]) <= 1e-5 * n
 
 
+@pytest.mark.slow
 def test_protected_outputs_and_top_triplets_survive_training(rng):
     params, tx, st = _setup(rng, shape=(10, 8), ratio=0.5)
     w0 = params["w"]
@@ -88,6 +89,7 @@ def test_io_cosine_similarity(rng):
     assert pj.io_cosine_similarity(x, y) == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_narrow_bases_give_the_same_updates(rng):
     """``max_ratio`` shrinks the stored bases to the frozen rank: the projection is unchanged."""
     shape = (12, 9)

@@ -46,6 +46,7 @@ def _assert_alive_and_equal(tree, snapshot):
         np.testing.assert_array_equal(np.asarray(x), s)
 
 
+@pytest.mark.slow
 def test_linen_pretrained_params_survive_two_donated_steps(rng):
     model = _MLP()
     batches = [_batch(rng), _batch(rng)]
@@ -72,6 +73,7 @@ def test_linen_pretrained_params_survive_two_donated_steps(rng):
     chex.assert_trees_all_close(state.params, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nnx_model_arrays_survive_two_donated_steps(rng):
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)

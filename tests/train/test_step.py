@@ -88,6 +88,7 @@ def test_overflowing_update_of_finite_gradients_is_caught():
     assert not np.isfinite(np.asarray(applied.params["w"])).all()  # asked for: applied
 
 
+@pytest.mark.slow
 def test_unjitted_step_raises_eagerly_and_skips_when_traced():
     state = TrainState.create({"w": jnp.ones(3)}, optax.adam(0.1))
     bad = {"x": jnp.full((2, 3), jnp.nan), "y": jnp.ones(2)}
