@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -14,7 +14,8 @@ import optax
 
 from cljax.data import Task
 from cljax.mtl._weighting import LossWeighting
-from cljax.train import TrainState
+from cljax.train import TrainState, raise_on_nonfinite
+from cljax.train._step import keep_finite
 
 __all__ = [
     "HEAD_RULES",
@@ -88,6 +89,7 @@ def make_mtl_step(
     grad_fn: Callable[..., Any],
     *,
     weighting: LossWeighting | None = None,
+    nonfinite: Literal["apply", "skip", "raise"] = "raise",
     jit: bool = True,
     donate: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
@@ -113,13 +115,23 @@ def make_mtl_step(
       grad_fn: ``grad_fn(params, batch, [model_state], [key=], weights=) -> (grads,
         info)``.
       weighting: optional :class:`cljax.mtl.LossWeighting`.
+      nonfinite: a step whose task losses, gradients or updated parameters hold NaN/Inf
+        (one task's NaN gradient spreads to all through the aggregator): ``"raise"`` (the
+        default) leaves the state unchanged and raises
+        :class:`cljax.train.NonFiniteError` naming the step; ``"skip"`` leaves it
+        unchanged and counts it in ``state.skipped``; ``"apply"`` applies it. As in
+        :func:`cljax.train.make_step`.
       jit: compile the step.
       donate: donate the input state (with ``jit``).
 
     Returns:
       The step; metrics hold ``loss`` (sum of task losses), ``losses`` ([T]), ``weights``
-      ([T]) and ``grad_norm`` (the norm of what ``grad_fn`` returned: with stacked
-      per-task gradients, of all of them).
+      ([T]), ``grad_norm`` (the norm of what ``grad_fn`` returned: with stacked per-task
+      gradients, of all of them) and ``finite``.
+
+    Raises:
+      ValueError: for an unknown ``nonfinite`` policy.
+      cljax.train.NonFiniteError: from the step, with ``nonfinite="raise"``.
 
     Example::
 
@@ -130,6 +142,8 @@ def make_mtl_step(
       >>> step = make_mtl_step(cljax.mtl.task_grad_fn(losses_fn))
       >>> state, metrics = step(state, batch)
     """
+    if nonfinite not in ("apply", "skip", "raise"):
+        raise ValueError(f"make_mtl_step: {nonfinite=} must be one of 'apply', 'skip', 'raise'")
     takes_key = _takes_key(grad_fn)
 
     def step(state: TrainState, batch: Any):
@@ -146,17 +160,22 @@ def make_mtl_step(
             methods["weighting"] = weighting.update(methods["weighting"], info["losses"])
         new = new.replace(rng=rng, methods=methods)
         losses = info["losses"]
+        gnorm = optax.tree.norm(grads)
+        finite = jnp.all(jnp.isfinite(losses)) & jnp.isfinite(gnorm)
+        if nonfinite != "apply":
+            new, finite = keep_finite(state, new, finite)
         metrics = {
             "loss": jnp.sum(losses),
             "losses": losses,
             "weights": jnp.ones_like(losses) if w is None else w,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": gnorm,
+            "finite": finite,
         }
         return new, metrics
 
     if jit:
         step = jax.jit(step, donate_argnums=(0,) if donate else ())
-    return step
+    return raise_on_nonfinite(step) if nonfinite == "raise" else step
 
 
 def evaluate_accuracy(

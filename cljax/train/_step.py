@@ -135,6 +135,23 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(ok)) if ok else jnp.asarray(True)
 
 
+def keep_finite(
+    state: TrainState, new: TrainState, finite: jax.Array
+) -> tuple[TrainState, jax.Array]:
+    """``new`` if ``finite`` and its parameters are finite, else ``state``'s parameters,
+    optimizer and method states (with ``new``'s step and key); counts a rejected step in
+    ``skipped``. Returns the state and the combined flag. Traceable."""
+    finite = finite & _all_finite(new.params)  # a finite gradient can still overflow them
+    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+    new = new.replace(
+        params=pick(new.params, state.params),
+        opt_state=pick(new.opt_state, state.opt_state),
+        methods=pick(new.methods, state.methods),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    return new, finite
+
+
 def apply_step(
     state: TrainState,
     rng: jax.Array,
@@ -161,15 +178,8 @@ def apply_step(
     if post_update is not None:
         new = post_update(new)
     new = new.replace(rng=rng)
-    if nonfinite != "apply":  # a finite gradient can still overflow the parameters
-        finite = finite & _all_finite(new.params)
-        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
-        new = new.replace(
-            params=pick(new.params, state.params),
-            opt_state=pick(new.opt_state, state.opt_state),
-            methods=pick(new.methods, state.methods),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
+    if nonfinite != "apply":
+        new, finite = keep_finite(state, new, finite)
     metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite, **aux}
     return new, metrics
 

@@ -73,3 +73,31 @@ def test_step_trains_and_weighting_state_moves(rng, fmtl):
         lambda x: model.apply({"params": state.params}, x), tasks, split="test"
     )
     assert acc.shape == (2,) and np.all(acc > 60)
+
+
+def test_nan_in_one_task_stops_the_step_by_default():
+    """One task's NaN loss reaches every update through the aggregator: never applied."""
+    from cljax.train import NonFiniteError
+
+    def losses_fn(p, batch):  # task 1's loss is NaN when batch["scale"] is
+        return jnp.stack([jnp.sum((batch["x"] @ p["w"]) ** 2), batch["scale"] * jnp.sum(p["w"])])
+
+    good = {"x": jnp.ones((4, 3)), "scale": jnp.float32(1.0)}
+    bad = {**good, "scale": jnp.float32(np.nan)}
+    tx = optax.chain(mtl.aggregate(mtl.pcgrad, key=0), optax.adam(0.05))
+    grad_fn = mtl.task_grad_fn(losses_fn)
+    state = TrainState.create({"w": jnp.ones(3)}, tx, rng=0)
+    step = mtl.make_mtl_step(grad_fn)  # nonfinite="raise"
+    state, m = step(state, good)
+    assert bool(m["finite"])
+    before = np.array(state.params["w"])
+    with pytest.raises(NonFiniteError, match="at step 1") as e:
+        step(state, bad)
+    np.testing.assert_array_equal(e.value.state.params["w"], before)
+    state, _ = step(e.value.state, good)  # and the run goes on
+    assert int(state.step) == 3 and int(state.skipped) == 1
+    skip = mtl.make_mtl_step(grad_fn, nonfinite="skip")
+    new, m = skip(state, bad)
+    assert not bool(m["finite"]) and int(new.skipped) == 2
+    with pytest.raises(ValueError, match="nonfinite='ignore'"):
+        mtl.make_mtl_step(grad_fn, nonfinite="ignore")
