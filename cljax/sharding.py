@@ -42,7 +42,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -625,7 +625,7 @@ def sharded_step(
     )
     if not leaves or not isinstance(leaves[0], NamedSharding):
         raise ValueError("state_shardings must be a non-empty tree of NamedSharding")
-    mesh = leaves[0].mesh
+    mesh = cast(Mesh, leaves[0].mesh)  # typed Mesh | AbstractMesh; shardings live on a Mesh
     jitted = jax.jit(
         step_fn,
         in_shardings=(state_shardings, batch_shardings),
@@ -931,8 +931,8 @@ def initialize_distributed(
             raise ValueError(f"{process_id=} must be 0 with num_processes=1")
         return _info(None)
     if explicit:
-        missing = [k for k, v in given.items() if v is None]
-        if missing:
+        if coordinator_address is None or num_processes is None or process_id is None:
+            missing = [k for k, v in given.items() if v is None]
             raise ValueError(
                 f"initialize_distributed got {explicit} but not {missing}; give all three "
                 "(or none, for auto-detection)"

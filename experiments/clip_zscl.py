@@ -1,12 +1,12 @@
 """ZSCL on MTIL with CLIP: learn 11 datasets in sequence, keep the zero-shot transfer.
 
-Real-scale preset of the ZSCL experiment (METHODS §8, §1): the CLIP image encoder (Hugging
-Face safetensors) is fine-tuned on the MTIL datasets one after another (order I: Aircraft,
-Caltech101, CIFAR100, DTD, EuroSAT, Flowers, Food, MNIST, OxfordPet, StanfordCars, SUN397,
-read through TFDS), each task classified by its frozen zero-shot head (class names × prompt
-templates through the *pretrained* text tower). After every task every dataset is evaluated,
-so the 11×11 accuracy matrix also holds the zero-shot accuracy on the datasets not trained
-yet. Methods:
+Real-scale preset of the ZSCL experiment (Zheng et al., ICCV 2023;
+github.com/Thunderbeee/ZSCL): the CLIP image encoder (Hugging Face safetensors) is
+fine-tuned on the MTIL datasets one after another (order I: Aircraft, Caltech101, CIFAR100,
+DTD, EuroSAT, Flowers, Food, MNIST, OxfordPet, StanfordCars, SUN397, read through TFDS),
+each task classified by its frozen zero-shot head (class names × prompt templates through
+the *pretrained* text tower). After every task every dataset is evaluated, so the 11×11
+accuracy matrix also holds the zero-shot accuracy on the datasets not trained yet. Methods:
 
 * ``finetune``: continual fine-tuning, cross-entropy with label smoothing 0.2;
 * ``wise_ft``: after each task, ``interpolate(theta_start, theta_ft, wise_alpha)``;
@@ -19,12 +19,12 @@ yet. Methods:
 * ``zscl``: distillation + weight ensemble + the summed L2 to the start-of-task weights
   (``l2_weight`` 1, as ``ZSCL.sh``).
 
-The recipe is the reference's (METHODS §8.1): 1,000 iterations of batch 64 per task, AdamW
-with weight decay 0, lr 1e-5 (5e-5 for Aircraft and MNIST), its cosine schedule with 100
-warm-up iterations and a fresh optimiser per task, label smoothing 0.2, WE every 100
-iterations, training images through a random resized crop of 90-100 % of the area (its
-training transform), reference batches of 64 ImageNet training images without augmentation. Metrics (METHODS
-§8.2, :mod:`cljax.continual`): Transfer, Avg and Last of the accuracy matrix.
+The recipe is the reference's (``mtil/scripts/ZSCL.sh``): 1,000 iterations of batch 64 per
+task, AdamW with weight decay 0, lr 1e-5 (5e-5 for Aircraft and MNIST), its cosine schedule
+with 100 warm-up iterations and a fresh optimiser per task, label smoothing 0.2, WE every
+100 iterations, training images through a random resized crop of 90-100 % of the area (its
+training transform), reference batches of 64 ImageNet training images without augmentation.
+Metrics (ZSCL's, :mod:`cljax.continual`): Transfer, Avg and Last of the accuracy matrix.
 
 Command (TFDS datasets prepared under ``--data_dir``; a text file of reference captions,
 one per line, e.g. the Conceptual Captions validation captions)::
@@ -40,7 +40,7 @@ Expected (the reference's ``results.ipynb``, CLIP ViT-B/16, MTIL order I, Transf
 Last): zero-shot 69.4 / 65.3 / 65.3, continual fine-tuning 44.6 / 55.9 / 77.3, WiSE-FT
 52.3 / 60.7 / 77.7, ZSCL 68.1 / 75.4 / 83.6.
 
-Deviations (also in the README): only the image encoder is trained; the text tower stays
+Deviations (also in ``docs/deviations.md``): only the image encoder is trained; the text tower stays
 at its pretrained weights, so the zero-shot heads are fixed (the reference trains both
 towers, its cross-entropy going through the current text encoder with one template per
 dataset). Without ``--captions`` the reference texts are the prompts of every class of the
@@ -265,7 +265,8 @@ def run(cfg: ClipZsclConfig) -> dict[str, Any]:
         )
         for t, task in tasks.items()
     }
-    # Reference texts, embedded once by the pretrained text tower (METHODS §8.3.3).
+    # Reference texts, embedded once by the pretrained text tower (the reference re-embeds
+    # them every iteration; they never change).
     if cfg.captions:
         texts = [s.strip() for s in Path(cfg.captions).read_text().splitlines() if s.strip()]
         source = cfg.captions

@@ -16,7 +16,7 @@ one frozen head per task
 is fine-tuned on the tasks one after another, each with its own frozen head; after every
 task every task is evaluated with its head, so the accuracy matrix ``A[j, i]`` also holds
 the "zero-shot" accuracy on tasks not trained yet.
-Methods (METHODS §6, §8):
+Methods (as WiSE-FT, github.com/mlfoundations/wise-ft, and ZSCL, github.com/Thunderbeee/ZSCL):
 
 * ``finetune``: continual fine-tuning, cross-entropy only (label smoothing 0.2 as ZSCL);
 * ``lwf``: + LwF on the previous tasks' heads, teacher = the start-of-task model, T = 2
@@ -31,17 +31,17 @@ Methods (METHODS §6, §8):
 * ``zscl``: distillation + weight ensemble + L2 to the start-of-task weights, summed
   (``cljax.losses.l2_anchor``; ZSCL.sh).
 
-Metrics (METHODS §8.2, ``cljax.continual``): Transfer (mean over i >= 1 of the accuracy on
+Metrics (ZSCL's, ``cljax.continual``): Transfer (mean over i >= 1 of the accuracy on
 task i before it is trained), Avg (mean of the whole matrix), Last (mean of the last row).
 
-Expected runtime: the embedded preset (6 methods x 3 seeds x 5 tasks x 150 steps) took
-550 s wall, about 2 minutes of CPU time, on 2 cores shared with ~10 other jobs; on idle
-cores, a few minutes. ``--preset tiny`` (3 tasks, 6 steps) takes CPU seconds, plus compiles.
+Expected runtime: the embedded preset (6 methods x 3 seeds x 5 tasks x 150 steps) takes
+about 2 minutes of CPU time, a few minutes on 2 idle cores. ``--preset tiny`` (3 tasks, 6
+steps) takes CPU seconds, plus compiles.
 
 Expected result. The paper (MTIL order I): ZSCL keeps the best Transfer (68.1 vs 44.6 for
 continual fine-tuning) while its Last stays near or above fine-tuning (83.6 vs 77.3).
-Measured here (3 seeds): Transfer / Avg / Last = 75.1 / 76.1 / 74.3 for ZSCL, 63.7 / 68.0 /
-64.7 for fine-tuning, zero-shot 84.8 / 83.8 / 83.8 (full table in the README).
+Expected here (3 seeds): Transfer / Avg / Last = 75.1 / 76.1 / 74.3 for ZSCL, 63.7 / 68.0 /
+64.7 for fine-tuning, zero-shot 84.8 / 83.8 / 83.8 (full table in ``docs/results/zscl.md``).
 """
 
 from __future__ import annotations
@@ -280,7 +280,8 @@ def _setup(cfg: Config) -> dict[str, Any]:
 
 
 def _optimizer(cfg: Config) -> optax.GradientTransformation:
-    # AdamW, weight decay 0, cosine with warm-up, a fresh one per task (ZSCL, METHODS §8.1.5).
+    # AdamW, weight decay 0, cosine with warm-up, a fresh one per task (ZSCL's
+    # mtil/src/models/finetune.py).
     sched = optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, cfg.warmup, max(cfg.steps_per_task, cfg.warmup + 1)
     )
