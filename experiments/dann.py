@@ -17,7 +17,7 @@ Command::
 Expected runtime: 15-30 s on a 2-core CPU for the preset (two methods, 3 seeds vmapped,
 3,000 full-batch Adam steps each; compilation is most of it), about as long for ``tiny``.
 
-Expected result (measured, docs/dann.md): source accuracy about 99-100 % for both methods;
+Expected result (``docs/dann.md``): source accuracy about 99-100 % for both methods;
 on the rotated target source-only reaches 69 ± 3 % and DANN 78 ± 7 % (seeds 0-2; over 20
 seeds 69 % vs 87 %, DANN ahead on every seed by 5 to 30 points). Adversarial training is
 chaotic: a seed's DANN accuracy moves by several points with the floating-point details
@@ -59,7 +59,7 @@ class Config:
 
 PRESETS = {
     "default": Config(),
-    # the default's settings on two seeds (target accuracy measured 65/69 % vs 70/81 %)
+    # the default's settings on two seeds (target accuracy 65/69 % source-only, 70/81 % DANN)
     "tiny": Config(preset="tiny", seeds=(0, 1), out="runs/dann-tiny"),
 }
 
