@@ -46,7 +46,7 @@ $(DOCS_STAMP): $(STAMP)
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
-	$(PY) -m mkdocs build --strict --quiet
+	$(VENV)/bin/mkdocs build --strict --quiet  # not `python -m`: the cwd on sys.path would shadow build/api-src
 
 # CLIP converter parity against transformers' PyTorch CLIPModel (CPU torch, no CUDA wheels).
 parity: $(STAMP)
