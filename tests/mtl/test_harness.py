@@ -42,6 +42,7 @@ class _Trunk(nn.Module):
         return nn.relu(nn.Dense(8)(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmtl", [False, True])
 def test_step_trains_and_weighting_state_moves(rng, fmtl):
     tasks = _tasks(rng)
@@ -75,6 +76,7 @@ def test_step_trains_and_weighting_state_moves(rng, fmtl):
     assert acc.shape == (2,) and np.all(acc > 60)
 
 
+@pytest.mark.slow
 def test_nan_in_one_task_stops_the_step_by_default():
     """One task's NaN loss reaches every update through the aggregator: never applied."""
     from cljax.train import NonFiniteError
