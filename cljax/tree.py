@@ -17,7 +17,8 @@ the few conventions they all share:
   paths (a rule written for another layout would otherwise be a silent no-op).
   :func:`describe_rules` prints what each rule selected.
 * **Validation** raises :class:`ValueError` naming the first differing path
-  (:func:`check_same_structure`, :func:`check_finite`).
+  (:func:`check_same_structure`, :func:`check_finite`), and :class:`TypeError` naming the
+  first leaf that is not an array (:func:`check_leaves`).
 * **Accumulation dtype**: weight-space arithmetic accumulates in float32 whatever the
   storage dtype (:func:`accum_dtype`), and casts back (:func:`cast_like`).
 """
@@ -40,6 +41,7 @@ __all__ = [
     "as_stacked",
     "cast_like",
     "check_finite",
+    "check_leaves",
     "check_same_structure",
     "describe_rules",
     "is_float",
@@ -135,11 +137,14 @@ def num_stacked(tree: PyTree) -> int:
     """The size T of the leading axis shared by all leaves of a stacked tree.
 
     Raises:
-      ValueError: if the tree has no leaves, a leaf is a scalar, or leaves disagree on T.
+      ValueError: if the tree has no leaves, a leaf is a scalar, leaves disagree on T, or
+        T is 0 (a stacked set holds at least one tree).
+      TypeError: if a leaf is not an array (:func:`check_leaves`).
     """
     pl = leaves_with_paths(tree)
     if not pl:
         raise ValueError("stacked tree has no leaves")
+    check_leaves(tree, name="stacked tree")
     sizes = {}
     for p, x in pl:
         shape = np.shape(x)
@@ -149,7 +154,14 @@ def num_stacked(tree: PyTree) -> int:
     if len(sizes) > 1:
         desc = ", ".join(f"{n} at {p!r}" for n, p in sizes.items())
         raise ValueError(f"stacked tree: leaves disagree on the leading (task) axis: {desc}")
-    return next(iter(sizes))
+    t = next(iter(sizes))
+    if t == 0:
+        at = f" at {sizes[0]!r}" if sizes[0] else ""
+        raise ValueError(
+            f"stacked tree has T=0 (a leading axis of size 0{at}); a stacked set needs at "
+            "least one tree"
+        )
+    return t
 
 
 def as_stacked(trees: Sequence[PyTree] | PyTree, *, name: str = "task_vectors") -> PyTree:
@@ -159,16 +171,21 @@ def as_stacked(trees: Sequence[PyTree] | PyTree, *, name: str = "task_vectors") 
     any other container (a dict, an ``nnx.State``) for a stacked tree.
 
     Raises:
-      ValueError: on an empty sequence or mismatched trees, naming ``name``.
+      ValueError: on an empty sequence, mismatched trees or a stacked tree with T = 0,
+        naming ``name``.
+      TypeError: if a leaf is not an array (:func:`check_leaves`), naming ``name``.
     """
     if isinstance(trees, list | tuple):
         if len(trees) == 0:
             raise ValueError(f"{name}: got an empty list; need at least one tree")
         try:
             return stack(trees)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-    num_stacked(trees)  # validates a common leading axis
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{name}: {e}") from None
+    try:
+        num_stacked(trees)  # validates leaf types and a common leading axis T >= 1
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{name}: {e}") from None
     return trees
 
 
@@ -185,6 +202,9 @@ def check_same_structure(
 ) -> None:
     """Raises ``ValueError`` naming the first path where ``a`` and ``b`` differ.
 
+    Leaves must be arrays: a string or a Python number raises ``TypeError`` naming its path
+    (:func:`check_leaves`).
+
     Args:
       a, b: pytrees to compare.
       names: how the two trees are called in the message.
@@ -192,6 +212,8 @@ def check_same_structure(
       b_leading: leading axes that ``b``'s leaves carry in addition to ``a``'s shapes
         (``(T,)`` to compare a tree against a stacked tree).
     """
+    check_leaves(a, name=names[0])
+    check_leaves(b, name=names[1])
     pa, pb = leaves_with_paths(a), leaves_with_paths(b)
     da, db = dict(pa), dict(pb)
     for p, _ in pa:
@@ -216,12 +238,43 @@ def check_same_structure(
                 )
 
 
+def _leaf_problem(x: Any) -> str | None:
+    """Why ``x`` cannot be a leaf of a parameter tree, or ``None`` if it can."""
+    if isinstance(x, jax.Array | jax.ShapeDtypeStruct):  # tracers and typed keys included
+        return None
+    if isinstance(x, np.ndarray | np.generic):
+        if x.dtype.kind in "biufc":
+            return None
+        return f"a numpy {type(x).__name__} of dtype {x.dtype}"
+    if isinstance(x, bool | int | float | complex):
+        return f"a Python {type(x).__name__} ({x!r})"
+    return f"a {type(x).__name__} ({x!r:.40})"
+
+
+def check_leaves(tree: PyTree, *, name: str = "tree") -> None:
+    """Raises ``TypeError`` naming the first leaf of ``tree`` that is not a numeric array.
+
+    Parameters, task vectors and gradients are pytrees of arrays (``jax.Array``, numpy
+    arrays and scalars of a numeric dtype, or ``jax.ShapeDtypeStruct``). A string, an object
+    or a Python number as a leaf is an error here rather than an obscure one (or a silently
+    converted result) later; wrap a number with ``jnp.asarray`` to use it as a leaf.
+    """
+    for p, x in leaves_with_paths(tree):
+        problem = _leaf_problem(x)
+        if problem is not None:
+            raise TypeError(
+                f"{name}: leaf {p!r} is {problem}, not an array; parameter trees hold arrays "
+                "(jax or numpy, numeric dtype)"
+            )
+
+
 def check_finite(tree: PyTree, *, name: str = "tree") -> None:
     """Raises ``ValueError`` naming the first leaf that holds NaN or Inf.
 
     Needs concrete values: call it outside ``jit`` (merges call it when
     ``check_finite=True``, before tracing).
     """
+    check_leaves(tree, name=name)
     for p, x in leaves_with_paths(tree):
         if isinstance(x, jax.core.Tracer):
             raise ValueError(f"check_finite({name}) needs concrete arrays; call it outside jit")
@@ -377,6 +430,8 @@ def describe_rules(tree: PyTree, rules: Rules, default: Any = None) -> str:
 
 def is_float(x: Any) -> bool:
     """True for floating-point arrays (the leaves weight-space methods act on)."""
+    if isinstance(x, str | bytes):  # jnp.result_type would read a string as a dtype name
+        return False
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 

@@ -136,6 +136,20 @@ def _corrupt_safetensors(tmp):
     return st.load(f)
 
 
+def _stacked_t0():
+    return jax.tree.map(lambda x: jnp.zeros((0, *x.shape)), _params())
+
+
+def _overflowing_step(_):
+    import optax
+
+    from cljax.train import TrainState, make_step
+
+    state = TrainState.create({"w": jnp.ones(2)}, optax.sgd(1e38))
+    step = make_step(lambda p, b: jnp.sum((p["w"] - b) ** 2), donate=False)
+    return step(state, jnp.full(2, -10.0))
+
+
 def _imports(name):
     try:
         __import__(name)
@@ -184,6 +198,31 @@ def _rows() -> list[Row]:
         ),
         Row(
             "tree",
+            "a string leaf in a parameter tree",
+            lambda _: __import__("cljax.merging", fromlist=["x"]).task_arithmetic(
+                {**_params(), "name": "enc"}, [{**_tv(), "name": "enc"}]
+            ),
+            TypeError,
+            r"pretrained: leaf 'name' is a str \('enc'\), not an array",
+        ),
+        Row(
+            "tree",
+            "a Python float leaf in a parameter tree",
+            lambda _: __import__("cljax.merging", fromlist=["x"]).ties({"w": 1.0}, [{"w": 0.5}]),
+            TypeError,
+            r"pretrained: leaf 'w' is a Python float \(1\.0\), not an array",
+        ),
+        Row(
+            "tree",
+            "a stacked tree with T = 0",
+            lambda _: __import__("cljax.merging", fromlist=["x"]).task_arithmetic(
+                _params(), _stacked_t0()
+            ),
+            ValueError,
+            r"task_vectors: stacked tree has T=0",
+        ),
+        Row(
+            "tree",
             "a path rule with an invalid regex",
             lambda _: ct.rule_values(_params(), [("(", 1)]),
             ValueError,
@@ -211,6 +250,13 @@ def _rows() -> list[Row]:
             _nonfinite_step,
             FloatingPointError,
             r"non-finite loss, gradient or update at step 0 \(update skipped",
+        ),
+        Row(
+            "train",
+            "a learning rate that overflows the weights (finite gradients)",
+            _overflowing_step,
+            FloatingPointError,
+            r"non-finite loss, gradient or update at step 0",
         ),
         Row(
             "data",
@@ -301,6 +347,15 @@ def _mesh_rows() -> list[Row]:
             lambda _: sharding.check_batch({"x": jnp.ones((6, 2))}, mesh4()),
             ValueError,
             r"6",
+        ),
+        Row(
+            "sharding",
+            "a partition rule that matches no leaf",
+            lambda _: sharding.partition_specs(
+                _params(), mesh4(), [("encoder/", jax.sharding.PartitionSpec())]
+            ),
+            ValueError,
+            r"rules\[0\]=\('encoder/', 0\) selects no leaf",
         ),
         Row(
             "sharding",
@@ -408,6 +463,20 @@ def _method_rows() -> list[Row]:
             r"merge='max'",
         ),
         Row(
+            "merging",
+            "NaN among the average weights",
+            lambda _: merging.average([_params(), _params()], weights=[1.0, float("nan")]),
+            ValueError,
+            r"weights=\[1\.0, nan\] must be finite",
+        ),
+        Row(
+            "merging",
+            "NaN in the scale grid of `select_scale`",
+            lambda _: merging.select_scale(lambda s: 0.0, grid=[0.0, float("nan")]),
+            ValueError,
+            r"select_scale: grid\[1\]=nan must be finite",
+        ),
+        Row(
             "aTLAS",
             "aTLAS×K with K < 1",
             lambda _: atlas.blocks(_params(), partitions=0),
@@ -425,7 +494,88 @@ def _method_rows() -> list[Row]:
             ValueError,
             r"coefficients\['enc/bias'\] has shape \(3,\), expected \(2,\)",
         ),
+        Row(
+            "aTLAS",
+            "aTLAS×K with K = 10⁹ (more groups than any block has entries)",
+            lambda _: atlas.blocks(_params(), partitions=10**9),
+            ValueError,
+            r"partitions=1000000000 exceeds the 12 entries of the largest partitioned block",
+        ),
+        Row(
+            "aTLAS",
+            "NaN coefficients",
+            lambda _: atlas.compose(
+                _params(),
+                tvs2(),
+                jax.tree.map(lambda c: jnp.full_like(c, jnp.nan), atlas.init(_params(), tvs2())),
+            ),
+            ValueError,
+            r"coefficients\['enc/bias'\] holds NaN or Inf",
+        ),
+        Row(
+            "aTLAS",
+            "a string leaf in the parameters of `blocks`",
+            lambda _: atlas.blocks({**_params(), "name": "enc"}),
+            TypeError,
+            r"params: leaf 'name' is a str",
+        ),
         Row("mtl", "CAGrad with c < 0", lambda _: mtl.cagrad(two, c=-1.0), ValueError, r"c=-1.0"),
+        Row(
+            "mtl",
+            "CAGrad with c = inf",
+            lambda _: mtl.cagrad(two, c=float("inf")),
+            ValueError,
+            r"cagrad: c=inf must be finite",
+        ),
+        Row(
+            "mtl",
+            "an aggregator given a NaN gradient",
+            lambda _: mtl.pcgrad(two.at[1, 2].set(jnp.nan), key=jax.random.key(0)),
+            ValueError,
+            r"pcgrad: task_grads\[1\] holds NaN or Inf",
+        ),
+        Row(
+            "mtl",
+            "a stacked gradient with T = 0",
+            lambda _: mtl.mgda(jnp.zeros((0, 4))),
+            ValueError,
+            r"mgda: task_grads: stacked tree has T=0",
+        ),
+        Row(
+            "mtl",
+            "SAM with `rho=inf`",
+            lambda _: mtl.sam_perturbation(_tv(), _params(), rho=float("inf")),
+            ValueError,
+            r"sam_perturbation: rho=inf must be finite",
+        ),
+        Row(
+            "mtl",
+            "SAM with `rho=True`",
+            lambda _: mtl.sam_perturbation(_tv(), _params(), rho=True),
+            ValueError,
+            r"sam_perturbation: rho=True must be a real number",
+        ),
+        Row(
+            "mtl",
+            "SAM with gradients of another tree",
+            lambda _: mtl.sam_perturbation(_missing_leaf(), _params(), rho=0.1),
+            ValueError,
+            r"grads has no leaf at path 'enc/bias'",
+        ),
+        Row(
+            "mtl",
+            "SAM with gradients of another shape",
+            lambda _: mtl.sam_perturbation(_other_shape(), _params(), rho=0.1),
+            ValueError,
+            r"shape mismatch at path 'enc/kernel': params has \(3, 4\), grads has \(5, 4\)",
+        ),
+        Row(
+            "mtl",
+            "F-MTL with `rho=inf`",
+            lambda _: mtl.fmtl(lambda p, b: jnp.zeros(2), rho=float("inf")),
+            ValueError,
+            r"fmtl: rho=inf must be finite",
+        ),
         Row(
             "mtl",
             "F-MTL with rho < 0",
@@ -507,6 +657,20 @@ def _method_rows() -> list[Row]:
             lambda _: averaging.ema(1.0),
             ValueError,
             r"decay=1.0",
+        ),
+        Row(
+            "averaging",
+            "an EMA decay that is an array",
+            lambda _: averaging.ema(jnp.full(2, 0.5)),
+            ValueError,
+            r"ema: decay=.* must be a scalar; got shape \(2,\)",
+        ),
+        Row(
+            "averaging",
+            "`swa(every=2.5)`",
+            lambda _: averaging.swa(every=2.5),
+            ValueError,
+            r"swa: every=2.5 must be an integer >= 1",
         ),
         Row(
             "averaging",

@@ -90,6 +90,44 @@ def test_check_finite_names_the_path():
         ct.check_finite(t, name="finetuned")
 
 
+def test_leaves_must_be_arrays():
+    ok = {
+        "a": jnp.ones(2),
+        "n": np.zeros(3, np.int8),
+        "s": np.float32(1.0),
+        "k": jax.random.key(0),
+        "abstract": jax.ShapeDtypeStruct((2,), jnp.float32),
+    }
+    ct.check_leaves(ok)
+    for leaf, what in [
+        ("enc", r"a str \('enc'\)"),
+        (1.5, r"a Python float \(1\.5\)"),
+        (True, r"a Python bool \(True\)"),
+        (np.array(["a"]), r"a numpy ndarray of dtype <U1"),
+        (object(), r"a object \(<object object at .*>\)"),
+    ]:
+        with pytest.raises(TypeError, match=rf"params: leaf 'b/x' is {what}, not an array"):
+            ct.check_leaves({"a": jnp.ones(2), "b": {"x": leaf}}, name="params")
+    with pytest.raises(TypeError, match="trees\\[1\\]: leaf 'w' is a str"):
+        ct.stack([{"w": jnp.ones(2)}, {"w": "x"}])
+    with pytest.raises(TypeError, match="tree: leaf 'w' is a str"):
+        ct.check_finite({"w": "x"})
+    assert not ct.is_float("float32")  # a string is no dtype here
+
+
+def test_a_stacked_set_needs_at_least_one_tree():
+    t0 = {"w": jnp.zeros((0, 3)), "b": jnp.zeros((0,))}
+    with pytest.raises(
+        ValueError, match=r"stacked tree has T=0 \(a leading axis of size 0 at 'b'\)"
+    ):
+        ct.num_stacked(t0)
+    with pytest.raises(ValueError, match=r"task_vectors: stacked tree has T=0"):
+        ct.as_stacked(t0)
+    with pytest.raises(ValueError, match=r"T=0"):
+        ct.unstack(t0)
+    assert ct.num_stacked({"w": jnp.zeros((1, 3))}) == 1
+
+
 def test_accumulation_dtypes():
     assert ct.accum_dtype(jnp.bfloat16) == jnp.float32
     assert ct.accum_dtype(jnp.float16) == jnp.float32

@@ -48,6 +48,7 @@ def _copy_accum(params: Params) -> Params:
     A real copy, never an alias: the average lives beside ``params`` in a donated
     ``TrainState``, and XLA refuses to donate one buffer twice.
     """
+    ct.check_leaves(params, name="params")
 
     def copy(x):
         x = jnp.asarray(x)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cljax._checks import check_scalar
 from cljax.averaging._base import Averager, _copy_accum, _move_toward
 from cljax.tree import Params
 
@@ -45,7 +46,8 @@ def ema(decay: float, *, debias: bool = False) -> Averager:
       An :class:`Averager` whose state is :class:`EmaState`.
 
     Raises:
-      ValueError: if ``decay`` is outside [0, 1).
+      ValueError: if ``decay`` is not a real number in [0, 1) (a bool, NaN or an array
+        included).
 
     Example:
       >>> avg = ema(0.999, debias=True)
@@ -58,8 +60,8 @@ def ema(decay: float, *, debias: bool = False) -> Averager:
       Polyak and Juditsky, "Acceleration of stochastic approximation by averaging", 1992;
       Kingma and Ba, "Adam", ICLR 2015 (bias correction).
     """
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"ema: {decay=} must be in [0, 1)")
+    check_scalar(decay, name="decay", where="ema", low=0.0, high=1.0, high_open=True)
+    decay = float(decay)
     one_minus = 1.0 - decay
     log_decay = math.log(decay) if decay > 0 else -math.inf
 

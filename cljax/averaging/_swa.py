@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cljax._checks import check_int
 from cljax.averaging._base import Averager, _copy_accum, _move_toward
 from cljax.tree import Params
 
@@ -40,7 +41,8 @@ def swa(start: int = 0, every: int = 1) -> Averager:
       An :class:`Averager` whose state is :class:`SwaState`.
 
     Raises:
-      ValueError: for a negative ``start`` or ``every < 1``.
+      ValueError: if ``start`` is not an integer >= 0 or ``every`` not an integer >= 1
+        (``every=2.5`` included).
 
     Example:
       >>> avg = swa(start=100, every=10)
@@ -53,10 +55,8 @@ def swa(start: int = 0, every: int = 1) -> Averager:
       Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
       Generalization", UAI 2018.
     """
-    if start < 0:
-        raise ValueError(f"swa: {start=} must be >= 0")
-    if every < 1:
-        raise ValueError(f"swa: {every=} must be >= 1")
+    start = check_int(start, name="start", where="swa", low=0)
+    every = check_int(every, name="every", where="swa", low=1)
 
     def init(params: Params) -> SwaState:
         return SwaState(mean=_copy_accum(params), count=jnp.zeros((), jnp.int32))

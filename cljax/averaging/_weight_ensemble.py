@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cljax._checks import check_int
 from cljax.averaging._base import Averager, _copy_accum, _move_toward
 from cljax.tree import Params
 
@@ -66,8 +67,7 @@ def weight_ensemble(avg_freq: int = 100) -> Averager:
       Zheng et al., "Preventing Zero-Shot Transfer Degradation in Continual Learning of
       Vision-Language Models", ICCV 2023 (``merge_we`` in ``mtil/src/models/helpers.py``).
     """
-    if isinstance(avg_freq, bool) or not isinstance(avg_freq, int) or avg_freq < 1:
-        raise ValueError(f"weight_ensemble: {avg_freq=} must be an integer >= 1")
+    avg_freq = check_int(avg_freq, name="avg_freq", where="weight_ensemble", low=1)
 
     def init(params: Params) -> WeightEnsembleState:
         return WeightEnsembleState(

@@ -212,7 +212,8 @@ def blocks(
       A hashable :class:`Blocks`.
 
     Raises:
-      ValueError: on K < 1, an unknown scope, a malformed rule, a ``groups`` rule that
+      ValueError: on K < 1 or K above the entries of the largest partitioned block, an
+        unknown scope, a malformed rule, a ``groups`` rule that
         matches no leaf (naming the rule and example paths), a leaf claimed by two groups,
         or a block name that collides with another block's name or nests under it.
 
@@ -228,7 +229,7 @@ def blocks(
             raise ValueError(f"{partitions=} must be an int >= 1 or None")
         if partitions < 1:
             raise ValueError(f"{partitions=} must be >= 1")
-        partitions = int(partitions)
+        partitions = int(partitions)  # bounded by the block sizes below
     if partition_scope not in ("2d", "2d_only", "all"):
         raise ValueError(f"{partition_scope=} must be '2d', '2d_only' or 'all'")
     if isinstance(exclude, str):
@@ -247,6 +248,7 @@ def blocks(
     leaves = ct.leaves_with_paths(params)
     if not leaves:
         raise ValueError("params has no leaves")
+    ct.check_leaves(params, name="params")
     ex_hits = [0] * len(ex)
     gr_hits = [0] * len(gr)
     names: dict[str, int] = {}
@@ -316,6 +318,19 @@ def blocks(
         partitioned = [partitioned[b] for b in keep]
     if not name_list:
         raise ValueError("no leaf is composed: every leaf is excluded or not floating point")
+    if partitions is not None and any(partitioned):
+        # A block with fewer entries than K leaves groups empty; beyond the largest block
+        # every further group is empty everywhere and only costs coefficients (T x K each).
+        sizes = [0] * len(name_list)
+        for (_, x), b in zip(leaves, block_of, strict=True):
+            if b >= 0:
+                sizes[b] += int(np.prod(np.shape(x), dtype=np.int64))
+        largest = max(s for s, p in zip(sizes, partitioned, strict=True) if p)
+        if partitions > largest:
+            raise ValueError(
+                f"{partitions=} exceeds the {largest} entries of the largest partitioned "
+                "block; every group beyond that is empty"
+            )
     return Blocks(
         paths=tuple(p for p, _ in leaves),
         shapes=tuple(tuple(np.shape(x)) for _, x in leaves),
@@ -584,6 +599,17 @@ def _partitioned_op(k: int):
     return _make_leaf_op(k)
 
 
+def _check_finite_coefficients(flat: dict[str, Any]) -> None:
+    """Concrete coefficients (an eager call) must be finite: a NaN coefficient makes its
+    block NaN. Traced ones (inside a step) are the step's to check."""
+    if any(isinstance(v, jax.core.Tracer) for v in flat.values()):
+        return
+    ok = jax.device_get({n: jnp.all(jnp.isfinite(v)) for n, v in flat.items()})
+    bad = [n for n, good in ok.items() if not good]
+    if bad:
+        raise ValueError(f"coefficients[{bad[0]!r}] holds NaN or Inf")
+
+
 def compose(
     pretrained: Params,
     task_vectors: Sequence[Params] | Params,
@@ -625,7 +651,8 @@ def compose(
 
     Raises:
       ValueError: if the task vectors or the coefficients do not match (naming the first
-        differing path or block), or the layout was built for another tree.
+        differing path or block), the layout was built for another tree, or (concrete
+        coefficients only: an eager call) a coefficient is NaN or Inf.
 
     Example:
       >>> spec = blocks(params)
@@ -656,6 +683,7 @@ def compose(
     extra = [n for n in flat if n not in set(spec.names)]
     if extra:
         raise ValueError(f"coefficients has an entry {extra[0]!r} that is no block of the layout")
+    _check_finite_coefficients(flat)
     if any(spec.partitioned):
         if masks is None:
             masks = partition_masks(pretrained, spec)
@@ -1024,7 +1052,8 @@ def fit(
       A :class:`FitResult`.
 
     Raises:
-      ValueError: on ``epochs`` or ``steps_per_epoch`` < 1, mismatched inputs, a
+      ValueError: on ``epochs`` or ``steps_per_epoch`` < 1, mismatched inputs, initial
+        ``coefficients`` holding NaN or Inf, a
         ``checkpoint_every`` that is not a positive int or comes without
         ``checkpoint_dir``, or a checkpoint of a fit with another ``steps_per_epoch`` or
         ``seed``.
@@ -1063,6 +1092,7 @@ def fit(
             for m in partition_masks(pretrained, spec)
         ]
     _compose_jit(pretrained, tvs, coefs, spec, masks=masks)  # validates eagerly
+    _check_finite_coefficients(_flat_coefficients(coefs))
     score_fn = (lambda m: float(m[score])) if isinstance(score, str) else score
     tx = default_optimizer() if optimizer is None else optimizer
     first = batch_at(0)  # outside the trace: batch_at may do host work (decoding, resizing)

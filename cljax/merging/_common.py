@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cljax import tree as ct
+from cljax._checks import check_scalar as check_scalar  # shared with the other areas
 from cljax.kernels._ties_merge import keep_count as keep_count  # TIES' one keep count
 
 PyTree = Any
@@ -129,47 +129,6 @@ def accum(x: jax.Array) -> jax.Array:
 
 
 sum_slices = ct.sum_slices  # T arrays summed slice by slice in the accumulation dtype
-
-
-def check_scalar(
-    value: Any,
-    *,
-    name: str,
-    where: str,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Validates a scalar hyperparameter at call time: a real, finite scalar in range.
-
-    Python numbers, numpy scalars and 0-d concrete arrays are checked; a traced value (under
-    jit) cannot be and passes. Booleans, strings and arrays of more than one element raise.
-
-    Raises:
-      ValueError: naming ``where`` and the value.
-    """
-    if isinstance(value, jax.core.Tracer):
-        return
-    bad = f"{where}: {name}={value!r}"
-    if isinstance(value, bool | np.bool_) or not isinstance(
-        value, int | float | np.number | np.ndarray | jax.Array
-    ):
-        raise ValueError(f"{bad} must be a real number")
-    arr = np.asarray(value)
-    if arr.ndim != 0:
-        raise ValueError(f"{bad} must be a scalar; got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"{bad} must be a real number; got dtype {arr.dtype}")
-    v = float(arr)
-    if not np.isfinite(v):
-        raise ValueError(f"{bad} must be finite")
-    lo_ok = low is None or (v > low if low_open else v >= low)
-    hi_ok = high is None or (v < high if high_open else v <= high)
-    if not (lo_ok and hi_ok):
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-        raise ValueError(f"{bad} must be in {lo or '(-inf'}, {hi or 'inf)'}")
 
 
 def check_density(density: float, *, where: str) -> None:

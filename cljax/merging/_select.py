@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from cljax._checks import check_scalar
+
 __all__ = ["DEFAULT_GRID", "select_scale"]
 
 #: The task-arithmetic protocol's grid: λ ∈ {0, 0.05, …, 1.0}.
@@ -34,7 +36,8 @@ def select_scale(
       grid order. NaN scores never win.
 
     Raises:
-      ValueError: on an empty grid or if every score is NaN.
+      ValueError: on an empty grid, a grid point that is not a finite real number, or if
+        every score is NaN.
 
     Example:
       >>> lam, scores = select_scale(lambda s: val_acc(task_arithmetic(t0, taus, s)))
@@ -45,6 +48,8 @@ def select_scale(
     grid = list(DEFAULT_GRID if grid is None else grid)
     if not grid:
         raise ValueError("select_scale: grid is empty; give at least one scale")
+    for i, s in enumerate(grid):
+        check_scalar(s, name=f"grid[{i}]", where="select_scale")
     scores = np.array([float(evaluate(s)) for s in grid], dtype=np.float64)
     if np.isnan(scores).all():
         raise ValueError(f"select_scale: every score is NaN on grid {grid}")

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from cljax._checks import check_int, check_scalar
 from cljax.mtl._gram import combine, gram, stacked_grads
 from cljax.mtl._simplex import project_simplex
 
@@ -129,10 +130,8 @@ def cagrad(
       Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021.
     """
     del key
-    if not c >= 0:
-        raise ValueError(f"cagrad: {c=} must be >= 0")
-    if max_iters < 1:
-        raise ValueError(f"cagrad: {max_iters=} must be >= 1")
+    check_scalar(c, name="c", where="cagrad", low=0.0)
+    check_int(max_iters, name="max_iters", where="cagrad", low=1)
     stacked, _ = stacked_grads(task_grads, name="cagrad", min_tasks=2)
     w = cagrad_weights(gram(stacked), c=c, rescale=rescale, max_iters=max_iters)
     return combine(stacked, w)

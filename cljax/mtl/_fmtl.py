@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import tree as ct
+from cljax._checks import check_scalar
 from cljax.mtl._aggregate import FMTLGrads
 from cljax.mtl._linear import linear
 from cljax.mtl._per_task import (
@@ -308,8 +309,7 @@ def fmtl_grad_fn(
       Phan et al., "Improving Multi-task Learning via Seeking Task-based Flat Regions",
       arXiv 2211.13723.
     """
-    if not rho >= 0:
-        raise ValueError(f"{name}: {rho=} must be >= 0")
+    check_scalar(rho, name="rho", where=name, low=0.0)
     if normalization not in ("joint", "separate"):
         raise ValueError(f"{name}: {normalization=} must be 'joint' or 'separate'")
     check_task_batch_size(name, task_batch_size, unroll)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import tree as ct
+from cljax._checks import check_scalar
 from cljax.mtl._gram import stacked_grads
 
 __all__ = ["graddrop"]
@@ -44,8 +45,7 @@ def graddrop(task_grads: Any, *, key: jax.Array, leak: float = 0.0) -> Any:
       Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
       Dropout", NeurIPS 2020.
     """
-    if not 0.0 <= leak <= 1.0:
-        raise ValueError(f"graddrop: {leak=} must be in [0, 1]")
+    check_scalar(leak, name="leak", where="graddrop", low=0.0, high=1.0)
     stacked, _ = stacked_grads(task_grads, name="graddrop", min_tasks=2)
     if key is None:
         raise ValueError("graddrop: key=None; pass a PRNG key for the sign draws")

@@ -31,14 +31,16 @@ def stacked_grads(task_grads: Any, *, name: str, min_tasks: int = 1) -> tuple[Py
 
     Raises:
       ValueError: if the trees mismatch (naming the first differing path), the leaves
-        disagree on T, a leaf is not floating point, or ``T < min_tasks``.
+        disagree on T, a leaf is not floating point, ``T < min_tasks``, or (concrete
+        gradients only: an eager call) a task's gradient holds NaN or Inf.
+      TypeError: if a leaf is not an array.
     """
     try:
         stacked = ct.as_stacked(task_grads, name=f"{name}: task_grads")
         t = ct.num_stacked(stacked)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         msg = str(e)
-        raise ValueError(msg if msg.startswith(name) else f"{name}: {msg}") from None
+        raise type(e)(msg if msg.startswith(name) else f"{name}: {msg}") from None
     for p, x in ct.leaves_with_paths(stacked):
         if not ct.is_float(x):
             raise ValueError(f"{name}: leaf {p!r} has dtype {jnp.result_type(x)}, expected float")
@@ -46,7 +48,25 @@ def stacked_grads(task_grads: Any, *, name: str, min_tasks: int = 1) -> tuple[Py
         raise ValueError(
             f"{name}: got T={t} task gradients; this aggregator needs T >= {min_tasks}"
         )
+    _check_finite_tasks(stacked, t, name)
     return stacked, t
+
+
+def _check_finite_tasks(stacked: PyTree, t: int, name: str) -> None:
+    """With concrete gradients (an eager call), raises on the first task and leaf holding
+    NaN/Inf; traced ones (inside a step) are the step's to check (its ``nonfinite``)."""
+    pl = ct.leaves_with_paths(stacked)
+    if any(isinstance(x, jax.core.Tracer) for _, x in pl):
+        return
+    ok = jax.device_get([jnp.isfinite(x).reshape(t, -1).all(axis=1) for _, x in pl])
+    for (p, _), per_task in zip(pl, ok, strict=True):
+        if not per_task.all():
+            k = int((~per_task).argmax())
+            at = f" at path {p!r}" if p else ""
+            raise ValueError(
+                f"{name}: task_grads[{k}] holds NaN or Inf{at}; an aggregator would spread "
+                "it to every task's update"
+            )
 
 
 def num_tasks(task_grads: Any) -> int:

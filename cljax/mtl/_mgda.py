@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from cljax._checks import check_int
 from cljax.mtl._gram import combine, gram, stacked_grads
 from cljax.mtl._simplex import min_norm_weights
 
@@ -67,8 +68,7 @@ def mgda(
       Optimization", NeurIPS 2018.
     """
     del key
-    if max_iters < 1:
-        raise ValueError(f"mgda: {max_iters=} must be >= 1")
+    check_int(max_iters, name="max_iters", where="mgda", low=1)
     stacked, _ = stacked_grads(task_grads, name="mgda", min_tasks=2)
     w = mgda_weights(gram(stacked), normalize=normalize, max_iters=max_iters)
     return combine(stacked, w)

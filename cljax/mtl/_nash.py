@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from cljax._checks import check_int
 from cljax.mtl._gram import combine, gram, stacked_grads
 
 __all__ = ["nash_mtl", "nash_mtl_weights"]
@@ -73,7 +74,6 @@ def nash_mtl(task_grads: Any, *, max_iters: int = 20, key: jax.Array | None = No
       Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022.
     """
     del key
-    if max_iters < 1:
-        raise ValueError(f"nash_mtl: {max_iters=} must be >= 1")
+    check_int(max_iters, name="max_iters", where="nash_mtl", low=1)
     stacked, _ = stacked_grads(task_grads, name="nash_mtl", min_tasks=2)
     return combine(stacked, nash_mtl_weights(gram(stacked), max_iters=max_iters))

@@ -8,14 +8,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from cljax import tree as ct
+from cljax._checks import check_scalar
+
 __all__ = ["sam_gradient", "sam_perturbation"]
 
 PyTree = Any
 
 
 def _check_rho(rho: float, where: str) -> None:
-    if not rho >= 0:
-        raise ValueError(f"{where}: {rho=} must be >= 0")
+    check_scalar(rho, name="rho", where=where, low=0.0)
 
 
 def _sq_norm(grads: PyTree, params: PyTree, adaptive: bool) -> jax.Array:
@@ -46,9 +48,12 @@ def sam_perturbation(
       The perturbation, a tree like ``params``.
 
     Raises:
-      ValueError: if ``rho < 0``.
+      ValueError: if ``rho`` is not a finite real ``>= 0``, or ``grads`` and ``params``
+        differ in structure or shapes (naming the first differing path).
+      TypeError: if a leaf is not an array.
     """
     _check_rho(rho, "sam_perturbation")
+    ct.check_same_structure(params, grads, names=("params", "grads"))
     scale = rho / (jnp.sqrt(_sq_norm(grads, params, adaptive)) + eps)
 
     def leaf(g, w):
@@ -89,7 +94,7 @@ def sam_gradient(
       ``(grads, info)``: the SAM gradient and ``{"loss": clean loss, "aux": clean aux}``.
 
     Raises:
-      ValueError: if ``rho < 0``.
+      ValueError: if ``rho`` is not a finite real ``>= 0``.
 
     Example::
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cljax._checks import check_int, check_scalar
+
 __all__ = [
     "DWAState",
     "LossWeighting",
@@ -35,8 +37,7 @@ class LossWeighting(NamedTuple):
 
 
 def _check_tasks(num_tasks: int, where: str) -> None:
-    if num_tasks < 1:
-        raise ValueError(f"{where}: {num_tasks=} must be >= 1")
+    check_int(num_tasks, name="num_tasks", where=where, low=1)
 
 
 class UWState(NamedTuple):
@@ -75,8 +76,9 @@ def uncertainty_weighting(num_tasks: int, learning_rate: float = 1e-3) -> LossWe
       Geometry and Semantics", CVPR 2018.
     """
     _check_tasks(num_tasks, "uncertainty_weighting")
-    if not learning_rate > 0:
-        raise ValueError(f"uncertainty_weighting: {learning_rate=} must be > 0")
+    check_scalar(
+        learning_rate, name="learning_rate", where="uncertainty_weighting", low=0.0, low_open=True
+    )
     tx = optax.adam(learning_rate)
 
     def init():
@@ -133,10 +135,8 @@ def dwa(num_tasks: int, steps_per_epoch: int, temperature: float = 2.0) -> LossW
       Liu et al., "End-to-End Multi-Task Learning with Attention", CVPR 2019.
     """
     _check_tasks(num_tasks, "dwa")
-    if steps_per_epoch < 1:
-        raise ValueError(f"dwa: {steps_per_epoch=} must be >= 1")
-    if not temperature > 0:
-        raise ValueError(f"dwa: {temperature=} must be > 0")
+    check_int(steps_per_epoch, name="steps_per_epoch", where="dwa", low=1)
+    check_scalar(temperature, name="temperature", where="dwa", low=0.0, low_open=True)
     t = num_tasks
 
     def init():

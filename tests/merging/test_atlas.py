@@ -534,6 +534,39 @@ def test_bad_hyperparameters_raise(rng):
         atlas.few_shot_optimizer(0)
 
 
+def test_partitions_are_bounded_by_the_largest_block(rng):
+    """K beyond the entries of the largest partitioned block only adds empty groups."""
+    params = _params(rng)  # largest partitioned leaf: 15 entries ('embed/pos', (5, 3))
+    assert atlas.blocks(params, partitions=15).partitions == 15
+    with pytest.raises(ValueError, match="partitions=16 exceeds the 15 entries"):
+        atlas.blocks(params, partitions=16)
+    with pytest.raises(ValueError, match="partitions=1000000000 exceeds"):
+        atlas.blocks(params, partitions=10**9)  # rejected before allocating anything
+    assert atlas.blocks(params, partitions=np.int64(2)).partitions == 2
+
+
+def test_nonfinite_coefficients_are_rejected_eagerly(rng):
+    params = _params(rng)
+    tvs = _task_vectors(rng, params, 2)
+    coefs = atlas.init(params, tvs)
+    coefs["layer_0"]["key"]["bias"] = coefs["layer_0"]["key"]["bias"].at[1].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"coefficients\['layer_0/key/bias'\] holds NaN or Inf"):
+        atlas.compose(params, tvs, coefs)
+    # traced (inside a step) it cannot be checked: the step's non-finite policy is in charge
+    out = jax.jit(lambda c: atlas.compose(params, tvs, c))(coefs)
+    assert not np.isfinite(np.asarray(out["layer_0"]["key"]["bias"])).all()
+    with pytest.raises(ValueError, match="holds NaN or Inf"):
+        atlas.fit(
+            lambda p, b, r: 0.0,
+            params,
+            tvs,
+            lambda s: None,
+            epochs=1,
+            steps_per_epoch=1,
+            coefficients=coefs,
+        )
+
+
 # ----------------------------------------------------------------------------- fit
 
 

@@ -15,6 +15,15 @@ def _grads(rng, t, dtype=jnp.float32):
     }
 
 
+def test_nonfinite_task_gradients_are_rejected_eagerly_and_pass_traced(rng):
+    g = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.ones((3, 2))}
+    g["w"] = g["w"].at[2, 1].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"gram: task_grads\[2\] holds NaN or Inf at path 'w'"):
+        gram(g)
+    # inside a step the values are traced: the step's non-finite policy handles them
+    assert np.isnan(np.asarray(jax.jit(gram)(g))).any()
+
+
 def test_gram_is_global_dot_products(rng):
     g = _grads(rng, 3)
     f = R.flat(g)

@@ -67,3 +67,18 @@ def test_negative_rho():
         sam_gradient(lambda p, b: p["w"].sum(), {"w": jnp.ones(2)}, None, rho=-0.1)
     with pytest.raises(ValueError, match="rho=-1 must be >= 0"):
         sam_perturbation({"w": jnp.ones(2)}, {"w": jnp.ones(2)}, rho=-1)
+
+
+def test_sam_validates_rho_and_the_trees():
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    grads = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    for rho, msg in [(float("inf"), "must be finite"), (True, "must be a real number")]:
+        with pytest.raises(ValueError, match=rf"sam_perturbation: rho=.* {msg}"):
+            sam_perturbation(grads, params, rho=rho)
+        with pytest.raises(ValueError, match=rf"sam_gradient: rho=.* {msg}"):
+            sam_gradient(lambda p, b: jnp.sum(p["w"]), params, None, rho=rho)
+    with pytest.raises(ValueError, match=r"grads has no leaf at path 'b'"):
+        sam_perturbation({"w": jnp.ones(3)}, params, rho=0.1)
+    with pytest.raises(ValueError, match=r"shape mismatch at path 'w': params has \(3,\), grads"):
+        sam_perturbation({"w": jnp.ones(1), "b": jnp.ones(2)}, params, rho=0.1)
+    sam_perturbation(grads, params, rho=np.float32(0.05))  # a numpy scalar is fine
