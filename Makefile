@@ -46,7 +46,10 @@ $(DOCS_STAMP): $(STAMP)
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet  # not `python -m`: the cwd on sys.path would shadow build/api-src
+	@# mkdocstrings drops a search path that does not exist yet when it reads mkdocs.yml;
+	@# the hook (docs/_hooks/site.py) fills build/api-src just after.
+	mkdir -p build/api-src
+	$(PY) -m mkdocs build --strict --quiet
 
 # CLIP converter parity against transformers' PyTorch CLIPModel (CPU torch, no CUDA wheels).
 parity: $(STAMP)
