@@ -448,9 +448,8 @@ def sum_slices(xs: Sequence[jax.Array], dtype: Any = None) -> jax.Array:
     dtype of the first, :func:`accum_dtype`).
 
     For T task slices this is one fused elementwise loop on XLA:CPU, where a reduction over
-    the leading axis of the stacked array (or a ``tensordot`` with weights) is far slower:
-    35x for a ``[8, 768, 3072]`` sum on jax 0.10 (PLATFORM.md;
-    ``experiments/benchmarks/merge_bench.py`` measures both forms). On accelerators the
+    the leading axis of the stacked array (or a ``tensordot`` with weights) is far slower
+    (``experiments/benchmarks/merge_bench.py`` measures both forms). On accelerators the
     forms cost the same.
     """
     dtype = accum_dtype(xs[0].dtype) if dtype is None else dtype

@@ -129,8 +129,8 @@ class Blocks:
         return [p for p, b in zip(self.paths, self.block_of, strict=True) if b == i]
 
     def coefficient_shape(self, name: str, num_tasks: int) -> tuple[int, ...]:
-        i = self.names.index(name)
-        return (num_tasks, self.partitions) if self.partitioned[i] else (num_tasks,)
+        i, k = self.names.index(name), self.partitions
+        return (num_tasks, k) if self.partitioned[i] and k is not None else (num_tasks,)
 
     def num_coefficients(self, num_tasks: int) -> int:
         """The number of trainable numbers for T task vectors."""
@@ -252,7 +252,7 @@ def blocks(
     ex_hits = [0] * len(ex)
     gr_hits = [0] * len(gr)
     names: dict[str, int] = {}
-    member_ndims: list[list[int]] = []
+    member_ndims: list[list[tuple[int, ...]]] = []
     block_of = []
     for path, x in leaves:
         if not ct.is_float(x):
@@ -517,7 +517,7 @@ def _coefficient_grad(tau, g, mask, k, acc):
     single pass (per-t Python slices ``tau[t]`` are materialised as copies by XLA:CPU).
     Partitioned: a loop over t (``lax.map``) with a segment sum per slice, so the
     temporaries stay one leaf in size. With half-precision τ the cast happens inside the
-    fused read (XLA:CPU, jax 0.10: no temporary), provided it is not shared with the
+    fused read (on XLA:CPU: no temporary), provided it is not shared with the
     forward pass's cast (see the barrier in the backward of :func:`_make_leaf_op`).
     """
     g = g.astype(acc)
@@ -536,10 +536,9 @@ def _composed(theta0, tau, lam, mask):
     """The composed leaf; with half-precision τ it is written once, behind a barrier.
 
     The barrier stops XLA from fusing the cast-and-accumulate over the T slices into the
-    leaf's consumers, where it can be evaluated more than once (a measured effect on XLA:CPU,
-    jax 0.10; the fusion decisions were not traced). At ViT-B/32, T = 8, same process:
-    bfloat16 τ 3218 / 3198 ms → 3009 / 3031 ms per aTLAS step with the barrier; float32 τ
-    3497 / 3278 → 3863 / 3559 ms, so float32 τ goes without it.
+    leaf's consumers, where it can be evaluated more than once (on XLA:CPU). A float32 τ has
+    no cast to repeat, and there the barrier only costs fusions, so it goes without one
+    (``docs/results/atlas.md`` holds the step times).
     """
     out = _leaf_forward(theta0, tau, lam, mask)
     if jnp.dtype(tau.dtype).itemsize < jnp.dtype(_accum(theta0.dtype, lam.dtype)).itemsize:
@@ -571,8 +570,8 @@ def _make_leaf_op(k: int | None):
         tau, lam, mask, theta0_flag, tau_flag = res
         # Without the barrier XLA:CPU shares the forward pass's float32 conversion of a
         # half-precision τ with this pass, holding a float32 copy of every task vector
-        # through the model's backward pass (measured: 1.79× the fine-tuning step's time at
-        # ViT-B/32 with bfloat16 τ, 5.1 GB compiled peak; with it, the fused read of τ).
+        # through the model's backward pass (time and peak memory in docs/results/atlas.md;
+        # with the barrier, the fused read of τ).
         tau = jax.lax.optimization_barrier(tau)
         acc = _accum(g.dtype, lam.dtype)
         dlam = _coefficient_grad(tau, g, mask, k, acc).astype(lam.dtype)
@@ -690,6 +689,8 @@ def compose(
         masks = list(masks)
         if len(masks) != len(leaves):
             raise ValueError(f"masks has {len(masks)} entries for {len(leaves)} leaves")
+    else:
+        masks = [None] * len(leaves)  # read for partitioned blocks only
     tv_leaves = jax.tree.leaves(tvs)
     names = spec.names
     impl = kernels.resolve_implementation(implementation, where="atlas.compose")
@@ -943,9 +944,8 @@ def _split_train_step(loss_fn: LossFn, spec: Blocks, has_aux: bool):
     gradient at θ; the coefficient gradient (the VJP of :func:`compose`) and the update.
 
     The same arithmetic as the one-program step (bit-identical coefficients on the CPU);
-    on XLA:CPU (jax 0.10) the one program spends more CPU time on the same fusions
-    (ViT-B/32, T = 8: 1.32-1.35x the fine-tuning step in one program, 1.12-1.14x split;
-    ``experiments/benchmarks/atlas_bench.py``). The update and metrics are
+    on XLA:CPU the one program spends more CPU time on the same fusions
+    (``experiments/benchmarks/atlas_bench.py`` measures both). The update and metrics are
     :func:`cljax.train.apply_step`'s, as in :func:`cljax.train.make_step`.
     """
     compose_fn = jax.jit(lambda theta0, taus, c, ms: compose(theta0, taus, c, spec, masks=ms))
@@ -1045,8 +1045,8 @@ def fit(
         steps inside epochs (the losses of the epoch so far included).
       split_step: run each step as three compiled programs (compose; the model's forward
         and backward at θ; the coefficient gradient and update) instead of one. Same
-        results; on XLA:CPU it is faster (ViT-B/32, T = 8: 1.12-1.14x the fine-tuning step
-        against 1.32-1.35x). ``None``: split on the CPU, one program on accelerators.
+        results; on XLA:CPU it is faster (``experiments/benchmarks/atlas_bench.py``).
+        ``None``: split on the CPU, one program on accelerators.
 
     Returns:
       A :class:`FitResult`.
@@ -1117,6 +1117,7 @@ def fit(
     ckpt = None if checkpoint_dir is None else CheckpointManager(checkpoint_dir, keep=2)
     identity = {"steps_per_epoch": steps_per_epoch, "seed": seed}
     start, losses0, stopped = 0, [], False
+    history: list[dict[str, Any]]
     restored = None if ckpt is None else ckpt.restore_latest({"state": state, "best": coefs})
     if restored is not None:
         start, tree, meta = restored
@@ -1127,7 +1128,7 @@ def fit(
                 f"this fit has {identity} (use another folder)"
             )
         state, history = tree["state"].replace(tx=tx), meta["history"]
-        best = (tree["best"], meta["best_epoch"], meta["best_score"])
+        best: tuple[Any, int, float | None] = (tree["best"], meta["best_epoch"], meta["best_score"])
         losses0 = [np.asarray(v, meta["loss_dtype"]) for v in meta["losses"]]
         stopped = meta["stopped"]
     else:
@@ -1137,7 +1138,7 @@ def fit(
         history.append({"epoch": 0, "score": s0, **m0})
         best = (jax.tree.map(jnp.array, state.params), 0, s0)
 
-    def save(done: int, losses: list, stopped: bool = False) -> None:
+    def save(ckpt: CheckpointManager, done: int, losses: list, stopped: bool = False) -> None:
         host = [np.asarray(v) for v in jax.device_get(losses)]
         meta = {
             "history": history,
@@ -1162,13 +1163,14 @@ def fit(
         if stopped:
             break
         first, end = max((epoch - 1) * steps_per_epoch, start), epoch * steps_per_epoch
-        losses = list(losses0) if first > (epoch - 1) * steps_per_epoch else []
+        losses: list[Any] = list(losses0) if first > (epoch - 1) * steps_per_epoch else []
         it = range(first, end)
         for s in progress(it) if progress is not None else it:
             state, metrics = step(state, (batch_at(s), pretrained, tvs, masks))
             losses.append(metrics["loss"])
-            if checkpoint_every is not None and s + 1 < end and (s + 1) % checkpoint_every == 0:
-                save(s + 1, losses)
+            if ckpt is not None and checkpoint_every is not None and s + 1 < end:
+                if (s + 1) % checkpoint_every == 0:
+                    save(ckpt, s + 1, losses)
         m = run_eval(state.params)
         sc = score_fn(m) if evaluate is not None else float(-np.mean(jax.device_get(losses)))
         history.append(
@@ -1178,7 +1180,7 @@ def fit(
             best = (jax.tree.map(jnp.array, state.params), epoch, sc)
         stopped = stop is not None and evaluate is not None and bool(stop(m))
         if ckpt is not None:
-            save(end, [], stopped)
+            save(ckpt, end, [], stopped)
     if evaluate is None:  # no validation: keep the last epoch
         best = (state.params, history[-1]["epoch"], history[-1]["score"])
     return FitResult(best[0], best[1], best[2], history, state.params)

@@ -2,7 +2,7 @@
 
 Every merge works on the flat list of leaves of one reference tree (the pre-trained
 parameters) and, for T task vectors, on per-leaf lists of T slices. A set of task vectors may
-come as a Python list of trees or as one stacked tree (leading axis T, DESIGN §3); both are
+come as a Python list of trees or as one stacked tree (leading axis T); both are
 read here into :class:`TaskSet` without stacking a list (stacking would copy T models).
 """
 

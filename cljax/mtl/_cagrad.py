@@ -104,10 +104,10 @@ def cagrad(
     ``d = g_0 + c ||g_0|| / ||g_w|| * g_w`` with ``g_0`` the mean gradient.
 
     Scale convention: the *mean* scale (``g_0`` is the mean gradient); with
-    ``rescale=True`` (the reference's default ``rescale=1``, also used by F-MTL, METHODS
-    §12.1 step 3) the result is divided by ``1 + c^2``. T identical gradients ``g`` give
-    ``(1 + c) / (1 + c^2) * g`` (``(1 + c) * g`` with ``rescale=False``); ``c = 0`` gives
-    the mean.
+    ``rescale=True`` (the reference's default ``rescale=1``, also used by F-MTL,
+    github.com/VietHoang1512/FS-MTL) the result is divided by ``1 + c^2``. T identical
+    gradients ``g`` give ``(1 + c) / (1 + c^2) * g`` (``(1 + c) * g`` with
+    ``rescale=False``); ``c = 0`` gives the mean.
 
     Args:
       task_grads: stacked tree (leading axis T) or a sequence of T gradient trees.

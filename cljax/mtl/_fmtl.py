@@ -143,7 +143,8 @@ def fmtl(
        ``h_i = g_i^SAM - g_i`` (two independent solves).
 
     BatchNorm: only the clean pass's auxiliary output (e.g. updated ``batch_stats``) is
-    returned, so running statistics update on the clean pass only (METHODS §12.3.5).
+    returned, so running statistics update on the clean pass only (as the reference,
+    github.com/VietHoang1512/FS-MTL, freezes them with momentum 0 on the perturbed passes).
 
     Args:
       loss_fn: ``loss_fn(params, batch, *args) -> losses[T]`` or ``(losses, aux)``.

@@ -1,7 +1,7 @@
 """Shared plumbing of the gradient aggregators: validation, the Gram matrix, weighted sums.
 
 Every aggregator of :mod:`cljax.mtl` takes a *stacked* gradient tree (each leaf has a
-leading task axis of size T, DESIGN.md §3) or a Python sequence of T trees. Most of them
+leading task axis of size T) or a Python sequence of T trees. Most of them
 only need the T×T Gram matrix ``G[i, j] = <g_i, g_j>`` of the task gradients, taken as
 *global* dot products over all leaves (the PCGrad / CAGrad / MGDA references flatten all
 shared parameters into one vector), and return ``sum_i w_i g_i`` for task weights ``w``.

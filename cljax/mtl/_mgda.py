@@ -41,7 +41,7 @@ def mgda(
     Scale convention: a convex combination (weights sum to 1), i.e. the *mean* scale; T
     identical gradients ``g`` give ``g``. With ``normalize=True`` each ``g_i`` is divided
     by its norm before the solve and the result is multiplied by T (LibMTL's
-    ``mgda_gn="l2"`` and the NYUv2 F-MTL convention, METHODS §12.1 step 3): the weights on
+    ``mgda_gn="l2"`` and the NYUv2 script of github.com/VietHoang1512/FS-MTL): the weights on
     the raw gradients are ``T * w_i / ||g_i||`` and T identical gradients give
     ``T * g / ||g||``.
 

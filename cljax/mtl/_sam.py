@@ -40,8 +40,8 @@ def sam_perturbation(
       grads: the gradient at ``params``.
       params: the parameters (the ASAM scale).
       rho: radius, ``>= 0``.
-      adaptive: ASAM (METHODS §12.3.3: the square in the numerator, the absolute value in
-        the denominator).
+      adaptive: ASAM (Kwon et al., ICML 2021: the square in the numerator, the absolute
+        value in the denominator, as github.com/VietHoang1512/FS-MTL).
       eps: added to the norm.
 
     Returns:
@@ -78,7 +78,8 @@ def sam_gradient(
     Computes ``g = grad L(w)``, the perturbation ``e = rho * a * g / ||a' * g||``
     (:func:`sam_perturbation`) and returns ``grad L(w + e)``. Two forward and two
     backward passes. With ``has_aux`` the auxiliary output of the *clean* pass is
-    returned (BatchNorm statistics update only on the clean pass, METHODS §12.3.5).
+    returned (BatchNorm statistics update only on the clean pass, as in the F-MTL
+    reference, github.com/VietHoang1512/FS-MTL).
 
     Args:
       loss_fn: ``loss_fn(params, batch, *args) -> loss`` (scalar) or ``(loss, aux)``.

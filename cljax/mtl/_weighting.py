@@ -10,7 +10,7 @@ the task losses (so the per-task gradients) before any aggregator:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +94,8 @@ def uncertainty_weighting(num_tasks: int, learning_rate: float = 1e-3) -> LossWe
             1.0 - jax.lax.stop_gradient(losses).astype(jnp.float32) * jnp.exp(-state.log_vars)
         )
         upd, opt_state = tx.update(g, state.opt_state, state.log_vars)
-        return UWState(optax.apply_updates(state.log_vars, upd), opt_state)
+        # apply_updates is typed on trees; on an array it returns an array
+        return UWState(cast(jax.Array, optax.apply_updates(state.log_vars, upd)), opt_state)
 
     return LossWeighting(init, weights, update)
 
