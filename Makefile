@@ -1,6 +1,6 @@
 # cljax: two commands on a fresh machine with Python 3.11 and the package index.
 #   make demo  -- create .venv, install cljax, run the main job (embedded merging benchmark)
-#   make test  -- same install, then lint, the docs build and the whole test suite
+#   make test  -- same install, then lint (ruff, pyrefly), the docs build and the whole test suite
 #   make test-fast -- the tests not marked slow, for the edit-test loop (a few minutes)
 #   make docs  -- the documentation site (MkDocs, warnings as errors) into build/site
 PYTHON ?= python3
@@ -25,8 +25,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(MAKE) typecheck
 
-# pyrefly over cljax/ and kernels/ ([tool.pyrefly] in pyproject.toml).
+# pyrefly over cljax/ and kernels/ ([tool.pyrefly] in pyproject.toml); a few seconds.
 typecheck: $(STAMP)
 	$(VENV)/bin/pyrefly check
 
