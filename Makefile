@@ -29,7 +29,7 @@ lint: $(STAMP)
 
 # pyrefly over cljax/ and kernels/ ([tool.pyrefly] in pyproject.toml); a few seconds.
 typecheck: $(STAMP)
-	$(VENV)/bin/pyrefly check
+	$(VENV)/bin/pyrefly check --python-interpreter-path $(PY)
 
 # Compiled XLA executables are shared on disk between the test workers and the notebook and
 # experiment subprocesses (many compile the same tiny models); a fresh clone starts empty.
