@@ -759,6 +759,7 @@ def render(tmp: Path) -> str:
 _BEGIN, _END = "<!-- catalogue -->", "<!-- /catalogue -->"
 
 
+@pytest.mark.slow
 def test_doc_is_current(tmp_path):
     text = DOC.read_text()
     got = text.split(_BEGIN, 1)[1].split(_END, 1)[0].strip()

@@ -293,6 +293,7 @@ def test_zero_coefficients_give_pretrained(rng):
         chex.assert_trees_all_equal(theta, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [True, False])
 def test_jit_and_eager_agree(rng, jit):
     params = _params(rng)
@@ -343,6 +344,7 @@ def _naive_compose(params, tvs, coefs, spec, masks):
     return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kwargs",
     [{"groups": [QKV]}, {"partitions": 3, "partition_scope": "all", "groups": [QKV]}],
