@@ -432,7 +432,7 @@ def _build_embedded_pool(config: Config, out: Path, log: Callable) -> Pool:
     encoder = ZeroShotEncoder(pre.model.config, mean=pre.mean, std=pre.std)
     pretrained = clip.image_encoder_params(pre.params)
     # Zero-shot heads: class names in the task's templates through the pretrained text tower,
-    # scaled by the model's learned logit scale (METHODS: frozen, never merged).
+    # scaled by the model's learned logit scale; frozen and never merged, as in task_vectors.
     heads = {}
     for t in (*bench.tasks, bench.control):
         heads[t.name] = clip.zero_shot_head(
