@@ -100,33 +100,25 @@ class Config:
     lambda_grid: int = 21  # points of the λ grid on [0, 1] for task arithmetic
 
 
+# Every loop cut to a step or two: a smoke test of each part (on either pool).
+_TINY: dict[str, Any] = {
+    "seeds": (0,),
+    "addition_epochs": 1,
+    "negation_epochs": 1,
+    "shots": (1, 4),
+    "few_shot_steps": 3,
+    "probe_steps": 5,
+    "tta_epochs": 1,
+    "partitions": (2,),
+    "max_steps_per_epoch": 2,
+    "lambda_grid": 3,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "tiny": {
-        "seeds": (0,),
-        "addition_epochs": 1,
-        "negation_epochs": 1,
-        "shots": (1, 4),
-        "few_shot_steps": 3,
-        "probe_steps": 5,
-        "tta_epochs": 1,
-        "partitions": (2,),
-        "max_steps_per_epoch": 2,
-        "lambda_grid": 3,
-    },
+    "tiny": _TINY,
     "digits": {},
-    "digits-tiny": {
-        "seeds": (0,),
-        "addition_epochs": 1,
-        "negation_epochs": 1,
-        "shots": (1, 4),
-        "few_shot_steps": 3,
-        "probe_steps": 5,
-        "tta_epochs": 1,
-        "partitions": (2,),
-        "max_steps_per_epoch": 2,
-        "lambda_grid": 3,
-    },
+    "digits-tiny": _TINY,
 }
 
 
