@@ -38,10 +38,13 @@ import re
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from cljax.sharding import is_primary
 
 __all__ = [
     "CheckpointCorruptError",
@@ -202,7 +205,7 @@ class CheckpointManager:
             raise ValueError(f"{keep=} must be >= 1")
         self.directory = Path(directory).absolute()
         self.keep = keep
-        self.primary = jax.process_index() == 0 if primary is None else primary
+        self.primary = is_primary() if primary is None else primary
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_tmp()
 
@@ -271,21 +274,12 @@ class CheckpointManager:
           process is not the primary).
         """
         src = self.path(step)
-        if not self.primary or not src.exists():
+        if not self.primary:
             return None
-        dst = self.directory / f"{_CORRUPT}{int(step)}"
-        n = 1
-        while dst.exists():
-            n += 1
-            dst = self.directory / f"{_CORRUPT}{int(step)}-{n}"
-        try:
-            os.replace(src, dst)
-        except OSError:
-            if not src.exists():  # another process moved it
-                return None
-            raise
-        _fsync_dir(self.directory)
-        warnings.warn(f"{reason}; moved {src} aside to {dst}", stacklevel=2)
+        stem = f"{_CORRUPT}{int(step)}"
+        dst = _move_aside(src, lambda n: self.directory / (stem if n == 1 else f"{stem}-{n}"))
+        if dst is not None:
+            warnings.warn(f"{reason}; moved {src} aside to {dst}", stacklevel=2)
         return dst
 
     def latest_valid_step(self) -> int | None:
@@ -506,12 +500,34 @@ class CheckpointManager:
 # ------------------------------------------------------------------------- run files
 
 
-def _primary() -> bool:
-    return jax.process_index() == 0
+def _move_aside(src: Path, aside: Callable[[int], Path]) -> Path | None:
+    """Renames ``src`` to the first free ``aside(n)``, n = 1, 2, ... (the module's one move).
+
+    The rename is atomic and the parent folder is synced, so the damaged file or folder is
+    either in place or aside after a crash, never lost. Returns the new path, or ``None``
+    when there is nothing to move (no ``src``, or another process moved it first).
+    """
+    if not src.exists():
+        return None
+    n = 1
+    while (dst := aside(n)).exists():
+        n += 1
+    try:
+        os.replace(src, dst)
+    except OSError:
+        if not src.exists():  # another process moved it
+            return None
+        raise
+    _fsync_dir(src.parent)
+    return dst
 
 
 def quarantine_file(
-    path: str | os.PathLike, reason: str = "damaged", *, primary: bool | None = None
+    path: str | os.PathLike,
+    reason: str = "damaged",
+    *,
+    primary: bool | None = None,
+    stacklevel: int = 1,
 ) -> Path | None:
     """Moves a damaged file aside to ``<name>.corrupt-<n>`` beside it, with a warning.
 
@@ -523,28 +539,20 @@ def quarantine_file(
     Args:
       path: the damaged file.
       reason: what is wrong with it, for the warning.
-      primary: whether this process moves files (default: ``jax.process_index() == 0``).
+      primary: whether this process moves files (default:
+        :func:`cljax.sharding.is_primary`).
+      stacklevel: the frame the warning names, counted from the caller of this function
+        (1: the caller; 2: its caller, for a reader that quarantines on its caller's behalf).
 
     Returns:
       The new path, or ``None`` if nothing was moved (no such file, or not the primary).
     """
-    return _move_aside(Path(path), reason, primary, stacklevel=3)
-
-
-def _move_aside(src: Path, reason: str, primary: bool | None, stacklevel: int) -> Path | None:
-    if not (_primary() if primary is None else primary) or not src.exists():
+    src = Path(path)
+    if not (is_primary() if primary is None else primary):
         return None
-    n = 1
-    while (dst := src.with_name(f"{src.name}{_CORRUPT}{n}")).exists():
-        n += 1
-    try:
-        os.replace(src, dst)
-    except OSError:
-        if not src.exists():  # another process moved it
-            return None
-        raise
-    _fsync_dir(src.parent)
-    warnings.warn(f"{src}: {reason}; moved it aside to {dst}", stacklevel=stacklevel)
+    dst = _move_aside(src, lambda n: src.with_name(f"{src.name}{_CORRUPT}{n}"))
+    if dst is not None:
+        warnings.warn(f"{src}: {reason}; moved it aside to {dst}", stacklevel=stacklevel + 1)
     return dst
 
 
@@ -621,10 +629,10 @@ def load_json(path: str | os.PathLike, *, primary: bool | None = None) -> Any | 
     except FileNotFoundError:
         return None
     except OSError as e:  # a folder in its place, unreadable, ...
-        _move_aside(path, f"unreadable ({_short(e)})", primary, stacklevel=3)
+        quarantine_file(path, f"unreadable ({_short(e)})", primary=primary, stacklevel=2)
         return None
     try:
         return _parse_record(raw)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        _move_aside(path, f"damaged run record: {_short(e)}", primary, stacklevel=3)
+        quarantine_file(path, f"damaged run record: {_short(e)}", primary=primary, stacklevel=2)
         return None

@@ -312,3 +312,32 @@ def test_only_the_primary_moves_a_damaged_record(tmp_path, recwarn):
     _truncate(path)
     assert load_json(path, primary=False) is None
     assert path.exists() and not recwarn.list
+
+
+def test_quarantine_warnings_name_the_caller_and_keep_every_copy(tmp_path):
+    # One move-aside serves checkpoints and files: free names counted up, nothing deleted;
+    # each warning points at the line that asked (load_json's caller, quarantine_file's caller).
+    from cljax.checkpoint import load_json, quarantine_file, save_json
+
+    path = tmp_path / "a.json"
+    for n in (1, 2):
+        path.write_text("not json")
+        with pytest.warns(UserWarning, match=rf"a\.json\.corrupt-{n}") as got:
+            assert load_json(path) is None
+        assert got[0].filename == __file__
+    path.write_text("x")
+    with pytest.warns(
+        UserWarning, match=r"a\.json: cache; moved it aside to .*a\.json\.corrupt-3"
+    ) as got:
+        assert quarantine_file(path, "cache") == tmp_path / "a.json.corrupt-3"
+    assert got[0].filename == __file__
+    assert quarantine_file(path) is None  # nothing left to move: no warning
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"a.json.corrupt-{n}" for n in (1, 2, 3)]
+    m = CheckpointManager(tmp_path / "ckpt")
+    m.save(4, _tree())
+    with pytest.warns(UserWarning, match=r"bad; moved .*step_4 aside to .*\.corrupt-4") as got:
+        assert m.quarantine(4, "bad") == m.directory / ".corrupt-4"
+    assert got[0].filename == __file__
+    assert m.quarantine(4) is None and m.steps() == []
+    save_json(path, {"a": 1})
+    assert quarantine_file(path, primary=False) is None and path.exists()
