@@ -116,7 +116,7 @@ def _blotches(rng: np.random.Generator, a: np.ndarray, b: np.ndarray, cells: int
     from PIL import Image
 
     low = rng.random((cells, cells)).astype(np.float32)
-    t = np.asarray(Image.fromarray(low, mode="F").resize((SIZE, SIZE), Image.BICUBIC))
+    t = np.asarray(Image.fromarray(low, mode="F").resize((SIZE, SIZE), Image.Resampling.BICUBIC))
     t = np.clip(t, 0, 1)[..., None]
     return a * t + b * (1 - t)
 
@@ -328,7 +328,10 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
 
     x, y = load_digits()
-    up = [np.asarray(Image.fromarray(im, mode="F").resize((24, 24), Image.BILINEAR)) for im in x]
+    up = [
+        np.asarray(Image.fromarray(im, mode="F").resize((24, 24), Image.Resampling.BILINEAR))
+        for im in x
+    ]
     x = np.pad(np.clip(np.stack(up), 0, 1), ((0, 0), (4, 4), (4, 4)))
     return _gray_to_rgb(x), y
 

@@ -13,7 +13,7 @@ import importlib.resources
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,9 @@ def embedded_checkpoint() -> Path:
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_text(model: CLIP, params: Any, ids: jax.Array) -> jax.Array:
     # One compiled function per model config (a fresh jit per call would recompile each time).
-    return model.apply({"params": params}, ids, method=CLIP.encode_text)
+    # Flax types apply's result as a value or a (value, variables) pair; without `mutable`
+    # it is the value.
+    return cast(jax.Array, model.apply({"params": params}, ids, method=CLIP.encode_text))
 
 
 class PretrainedCLIP(NamedTuple):
