@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+from cljax._checks import check_int
 from cljax.data._task import Task
 
 if TYPE_CHECKING:
@@ -143,8 +144,7 @@ def mixed_batch_counts(
 
       mixed_batch_counts([1, 1, 1], 8)  # array([3, 3, 2])
     """
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"mixed_batch_counts: {batch_size=} must be a positive int")
+    batch_size = check_int(batch_size, name="batch_size", where="mixed_batch_counts", low=1)
     w = _check_weights(weights, "mixed_batch_counts")
     exact = [Fraction(float(x)) for x in w]
     total = sum(exact)
@@ -194,8 +194,9 @@ class MixedBatcher:
       batch = batcher.batch_at(step)  # {"x", "y", "task"}
 
     Raises:
-      ValueError: (at construction) without tasks, with a schedule whose length differs from
-        the number of tasks, with inputs of different shapes or dtypes, or with an empty
+      ValueError: (at construction) without tasks, with a ``batch_size`` that is not a
+        positive int or a ``seed`` that is not a non-negative int, with a schedule whose
+        length differs from the number of tasks, with inputs of different shapes or dtypes, or with an empty
         split in a task the schedule ever draws from.
     """
 
@@ -217,7 +218,8 @@ class MixedBatcher:
                 f"MixedBatcher: the schedule weighs {self.schedule.num_tasks} tasks but "
                 f"{len(tasks)} tasks were given"
             )
-        mixed_batch_counts(self.schedule.weights[0], self.batch_size)  # validates batch_size
+        check_int(self.batch_size, name="batch_size", where="MixedBatcher", low=1)
+        check_int(self.seed, name="seed", where="MixedBatcher", low=0)
         first = tasks[0].split(self.split)[0]
         used = self.schedule.weights.max(axis=0) > 0
         for t, task in enumerate(tasks):
@@ -251,8 +253,7 @@ class MixedBatcher:
 
         Examples are grouped by task in task order; ``task`` holds each example's task index.
         """
-        if int(step) != step or step < 0:
-            raise ValueError(f"MixedBatcher.batch_at: {step=} must be a non-negative int")
+        step = check_int(step, name="step", where="MixedBatcher.batch_at", low=0)
         counts, offsets = self.counts_at(step), self._offsets(step)
         xs, ys, ids = [], [], []
         for t, (task, c, o) in enumerate(zip(self.tasks, counts, offsets, strict=True)):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from cljax._checks import check_int, check_scalar
 
 __all__ = ["dann_schedule", "domain_adversarial_loss", "grad_reverse"]
 
@@ -46,7 +47,7 @@ def grad_reverse(x, scale: jax.typing.ArrayLike = 1.0):
       ``x`` unchanged.
 
     Raises:
-      ValueError: if ``scale`` is not a scalar.
+      ValueError: if ``scale`` is not a scalar, or is a concrete NaN or infinity.
 
     Example::
 
@@ -59,6 +60,7 @@ def grad_reverse(x, scale: jax.typing.ArrayLike = 1.0):
     """
     if jnp.ndim(scale) != 0:
         raise ValueError(f"grad_reverse: scale must be a scalar, got shape {jnp.shape(scale)}")
+    check_scalar(scale, name="scale", where="grad_reverse")
     return _reverse(x, jnp.asarray(scale, jnp.float32))
 
 
@@ -78,7 +80,8 @@ def dann_schedule(total_steps: int, *, gamma: float = 10.0) -> Callable[[jax.Arr
       ``schedule(step) -> float32 scalar``.
 
     Raises:
-      ValueError: on a non-positive ``total_steps`` or a non-positive or non-finite ``gamma``.
+      ValueError: on a ``total_steps`` that is not a positive int, or a ``gamma`` that is not
+        positive and finite.
 
     Example::
 
@@ -88,10 +91,9 @@ def dann_schedule(total_steps: int, *, gamma: float = 10.0) -> Callable[[jax.Arr
     References:
       Ganin et al., "Domain-Adversarial Training of Neural Networks", JMLR 2016 (Section 5.2.2).
     """
-    if int(total_steps) != total_steps or total_steps < 1:
-        raise ValueError(f"dann_schedule: {total_steps=} must be a positive int")
-    if not (math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"dann_schedule: {gamma=} must be positive and finite")
+    total_steps = check_int(total_steps, name="total_steps", where="dann_schedule", low=1)
+    check_scalar(gamma, name="gamma", where="dann_schedule", low=0.0, low_open=True)
+    gamma = float(gamma)
 
     def schedule(step):
         p = jnp.clip(jnp.asarray(step, jnp.float32) / float(total_steps), 0.0, 1.0)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["dynamic_logit_fusion", "logit_arithmetic"]
 
@@ -37,6 +38,18 @@ def _check(large, base, name):
             f"{name}: large {jnp.shape(large)} and base {jnp.shape(base)} logits must have one "
             "shape [..., V]"
         )
+
+
+def _check_finite(value, name: str, where: str) -> None:
+    """Rejects a concrete hyperparameter array holding NaN or infinity (traced ones pass)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    arr = np.asarray(value)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        if arr.dtype.kind != "V":  # bfloat16 is numpy's void-like extension type
+            raise ValueError(f"{where}: {name} must be real numbers; got dtype {arr.dtype}")
+    if not np.all(np.isfinite(arr.astype(np.float64))):
+        raise ValueError(f"{where}: {name}={arr.tolist()!r} must be finite")
 
 
 def _kl(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
@@ -67,7 +80,7 @@ def logit_arithmetic(
       ``[..., V]`` fused logits, computed in float32, in the dtype of ``large``.
 
     Raises:
-      ValueError: if the shapes disagree.
+      ValueError: if the shapes disagree, or a concrete ``alpha`` holds NaN or infinity.
 
     Example::
 
@@ -81,6 +94,7 @@ def logit_arithmetic(
     name = "logit_arithmetic"
     _check(large, base, name)
     experts = _stack(experts, base, name)
+    _check_finite(alpha, "alpha", name)
     a = jnp.asarray(alpha, jnp.float32)
     t = experts.shape[0]
     if a.ndim == 0:
@@ -138,7 +152,7 @@ def dynamic_logit_fusion(
       float32 weights per expert and position.
 
     Raises:
-      ValueError: on mismatched shapes or an empty or non-1-D grid.
+      ValueError: on mismatched shapes, or an empty, non-1-D or non-finite grid.
 
     Example::
 
@@ -155,6 +169,8 @@ def dynamic_logit_fusion(
     g = jnp.linspace(0.0, 2.0, 21) if grid is None else jnp.asarray(grid, jnp.float32)
     if g.ndim != 1 or g.shape[0] == 0:
         raise ValueError(f"{name}: grid {g.shape} must be a non-empty 1-D array")
+    if grid is not None:
+        _check_finite(grid, "grid", name)
     t = experts.shape[0]
     combos = jnp.stack(jnp.meshgrid(*([g] * t), indexing="ij"), axis=-1).reshape(-1, t)
     large32 = jnp.asarray(large, jnp.float32)

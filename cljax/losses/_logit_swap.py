@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cljax._checks import check_scalar
+
 __all__ = ["logit_swap_distillation", "swap_top_logit"]
 
 
@@ -71,7 +73,7 @@ def logit_swap_distillation(
       A float32 scalar; 0 when no position is selected.
 
     Raises:
-      ValueError: on a non-positive temperature or mismatched shapes.
+      ValueError: on a temperature that is not positive and finite, or mismatched shapes.
 
     Example::
 
@@ -83,8 +85,7 @@ def logit_swap_distillation(
       Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015.
     """
     name = "logit_swap_distillation"
-    if not temperature > 0:
-        raise ValueError(f"{name}: {temperature=} must be positive")
+    check_scalar(temperature, name="temperature", where=name, low=0.0, low_open=True)
     if jnp.shape(student_logits) != jnp.shape(teacher_logits):
         raise ValueError(
             f"{name}: student {jnp.shape(student_logits)} and teacher "

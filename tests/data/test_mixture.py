@@ -144,11 +144,21 @@ def test_bad_inputs():
         mixture_schedule({0: [1, 1], 3: [1, 1, 1]})
     with pytest.raises(ValueError, match=r"step=-1 must be a non-negative int"):
         mixture_schedule({0: [1], -1: [1]})
-    with pytest.raises(ValueError, match=r"batch_size=0 must be a positive int"):
+    with pytest.raises(
+        ValueError, match=r"mixed_batch_counts: batch_size=0 must be an integer >= 1"
+    ):
         mixed_batch_counts([1, 1], 0)
+    with pytest.raises(ValueError, match=r"batch_size=nan must be an integer"):
+        mixed_batch_counts([1, 1], float("nan"))
+    with pytest.raises(ValueError, match=r"must be finite"):
+        mixed_batch_counts([1, float("inf")], 4)
+    with pytest.raises(ValueError, match=r"MixedBatcher: seed=-1 must be an integer >= 0"):
+        MixedBatcher(_tasks(), 4, [1, 1, 1], seed=-1)
+    with pytest.raises(ValueError, match=r"MixedBatcher: batch_size=2.5 must be an integer"):
+        MixedBatcher(_tasks(), 2.5, [1, 1, 1])
     with pytest.raises(ValueError, match=r"weighs 2 tasks but 3 tasks"):
         MixedBatcher(_tasks(), 4, mixture_schedule({0: [1, 1]}))
-    with pytest.raises(ValueError, match=r"step=-2 must be a non-negative int"):
+    with pytest.raises(ValueError, match=r"batch_at: step=-2 must be an integer >= 0"):
         mixed_batch_at(_tasks(), -2, 4, [1, 1, 1])
     a = _tasks()[0]
     odd = Task(

@@ -135,10 +135,19 @@ def test_adversarial_step_moves_features_against_the_domain_classifier(rng):
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match=r"total_steps=0 must be a positive int"):
+    with pytest.raises(ValueError, match=r"dann_schedule: total_steps=0 must be an integer >= 1"):
         losses.dann_schedule(0)
-    with pytest.raises(ValueError, match=r"gamma=-1.0 must be positive"):
+    with pytest.raises(ValueError, match=r"total_steps=10.0 must be an integer"):
+        losses.dann_schedule(10.0)
+    with pytest.raises(ValueError, match=r"dann_schedule: gamma=-1.0 must be > 0"):
         losses.dann_schedule(10, gamma=-1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"dann_schedule: gamma=.* must be finite"):
+            losses.dann_schedule(10, gamma=bad)
+        with pytest.raises(ValueError, match=r"grad_reverse: scale=.* must be finite"):
+            losses.grad_reverse(jnp.ones(3), bad)
+        with pytest.raises(ValueError, match=r"grad_reverse: scale=.* must be finite"):
+            losses.grad_reverse(jnp.ones(3), jnp.float32(bad))
     with pytest.raises(ValueError, match=r"scale must be a scalar"):
         losses.grad_reverse(jnp.ones(3), jnp.ones(3))
     with pytest.raises(ValueError, match=r"domain_logits_source has shape \(2, 3\)"):

@@ -123,6 +123,11 @@ def test_bad_inputs():
         losses.dynamic_logit_fusion(x, x, [x], grid=jnp.zeros(0))
     with pytest.raises(ValueError, match=r"experts is empty"):
         losses.dynamic_logit_fusion(x, x, [])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"logit_arithmetic: alpha=.* must be finite"):
+            losses.logit_arithmetic(x, x, [x, x], [1.0, bad])
+        with pytest.raises(ValueError, match=r"dynamic_logit_fusion: grid=.* must be finite"):
+            losses.dynamic_logit_fusion(x, x, [x], grid=[0.0, bad])
 
 
 @pytest.mark.slow

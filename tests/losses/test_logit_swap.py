@@ -62,8 +62,11 @@ def test_minimum_at_swapped_teacher_and_no_teacher_gradient(rng):
 
 def test_bad_inputs():
     x = jnp.ones((2, 3))
-    with pytest.raises(ValueError, match=r"temperature=0.0 must be positive"):
+    with pytest.raises(ValueError, match=r"temperature=0.0 must be > 0"):
         losses.logit_swap_distillation(x, x, jnp.zeros(2, int), temperature=0.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"logit_swap_distillation: temperature=.* finite"):
+            losses.logit_swap_distillation(x, x, jnp.zeros(2, int), temperature=bad)
     with pytest.raises(ValueError, match=r"differ in shape"):
         losses.logit_swap_distillation(x, jnp.ones((2, 4)), jnp.zeros(2, int))
     with pytest.raises(ValueError, match=r"labels \(3,\) must have shape \(2,\)"):
