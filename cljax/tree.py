@@ -26,7 +26,7 @@ the few conventions they all share:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -93,10 +93,59 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(_key_str(k) for k in path)
 
 
-def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
-    """Returns ``[(path, leaf), ...]`` in flattening order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(path_str(p), leaf) for p, leaf in flat]
+def _mixed_keys(tree: PyTree, path: tuple[str, ...] = ()) -> tuple[str, list[Any]] | None:
+    """The path and keys of the first mapping in ``tree`` whose keys cannot be sorted."""
+    if isinstance(tree, Mapping):
+        keys = list(tree.keys())
+        try:
+            sorted(keys)
+        except TypeError:
+            return "/".join(path), keys
+        children = [(str(k), v) for k, v in tree.items()]
+    else:  # one level of any other node: a list, a tuple, a registered dataclass
+        try:
+            flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)[0]
+        except Exception:  # a node that cannot even be opened: leave JAX's error as it is
+            return None
+        children = [(path_str(p), v) for p, v in flat if p]
+    for k, v in children:
+        found = _mixed_keys(v, (*path, k))
+        if found is not None:
+            return found
+    return None
+
+
+def _flatten_with_path(tree: PyTree, name: str) -> list[tuple[Any, Any]]:
+    """``tree_flatten_with_path``, with a clear error for a dict whose keys mix types.
+
+    JAX sorts a dict's keys to flatten it, so ``{0: a, "b": b}`` fails inside the sort
+    with a message that names neither the tree nor the dict.
+    """
+    try:
+        return jax.tree_util.tree_flatten_with_path(tree)[0]
+    except (TypeError, ValueError) as e:
+        found = _mixed_keys(tree)
+        if found is None:
+            raise
+        where, keys = found
+        types = " and ".join(sorted({type(k).__name__ for k in keys}))
+        at = f"the dict at path {where!r}" if where else "its top-level dict"
+        raise TypeError(
+            f"{name}: {at} has keys of mixed types ({types}: "
+            f"{', '.join(repr(k) for k in keys[:6])}{', ...' if len(keys) > 6 else ''}), "
+            "which cannot be sorted; JAX sorts a dict's keys to flatten it, so the keys of "
+            "one dict must share one type (e.g. all str)"
+        ) from e
+
+
+def leaves_with_paths(tree: PyTree, *, name: str = "tree") -> list[tuple[str, Any]]:
+    """Returns ``[(path, leaf), ...]`` in flattening order.
+
+    Raises:
+      TypeError: naming ``name`` and the dict's path, for a dict whose keys mix types
+        (``{0: a, "b": b}``), which JAX cannot flatten.
+    """
+    return [(path_str(p), leaf) for p, leaf in _flatten_with_path(tree, name)]
 
 
 def paths(tree: PyTree) -> list[str]:
@@ -141,7 +190,7 @@ def num_stacked(tree: PyTree) -> int:
         T is 0 (a stacked set holds at least one tree).
       TypeError: if a leaf is not an array (:func:`check_leaves`).
     """
-    pl = leaves_with_paths(tree)
+    pl = leaves_with_paths(tree, name="stacked tree")
     if not pl:
         raise ValueError("stacked tree has no leaves")
     check_leaves(tree, name="stacked tree")
@@ -259,7 +308,7 @@ def check_leaves(tree: PyTree, *, name: str = "tree") -> None:
     or a Python number as a leaf is an error here rather than an obscure one (or a silently
     converted result) later; wrap a number with ``jnp.asarray`` to use it as a leaf.
     """
-    for p, x in leaves_with_paths(tree):
+    for p, x in leaves_with_paths(tree, name=name):
         problem = _leaf_problem(x)
         if problem is not None:
             raise TypeError(

@@ -172,3 +172,42 @@ def test_a_rule_that_selects_nothing_is_an_error():
     # The documented opt-out, and an empty tree has nothing to select.
     assert ct.rule_values(_params(), [("nope", 1)], default=0, allow_unused=True)["step"] == 0
     assert ct.rule_values({}, [("nope", 1)]) == {}
+
+
+def test_dict_with_mixed_key_types_is_named_with_its_path():
+    # JAX sorts dict keys to flatten; {0: .., "b": ..} fails inside the sort with a message
+    # that names neither the argument nor the dict. The error names both.
+    from flax import nnx
+    from flax.core import FrozenDict
+
+    from cljax import merging
+
+    x = jnp.ones(2)
+    bad = {"enc": {"layers": [{"w": x}, {0: x, "b": x}]}, "head": x}
+    good = {"enc": {"layers": [{"w": x}, {"0": x, "b": x}]}, "head": x}
+    with pytest.raises((ValueError, TypeError)):  # what JAX says on its own
+        jax.tree_util.tree_flatten_with_path(bad)
+    with pytest.raises(TypeError, match=r"^tree: the dict at path 'enc/layers/1' has keys of mixed types \(int and str: 0, 'b'\)"):  # fmt: skip
+        ct.leaves_with_paths(bad)
+    with pytest.raises(TypeError, match=r"^finetuned: the dict at path 'enc/layers/1'"):
+        merging.task_vector(bad, good)
+    with pytest.raises(TypeError, match=r"^task_vectors\[1\]: the dict at path 'enc/layers/1'"):
+        merging.task_arithmetic(good, [good, bad])
+    with pytest.raises(TypeError, match=r"^task_vectors: stacked tree: its top-level dict"):
+        ct.as_stacked({1: x[None], "a": x[None]})
+    for container in (FrozenDict, nnx.State):  # Mappings that sort their keys too
+        with pytest.raises(TypeError, match=r"^params: the dict at path 'm' .*\(int and str: 1, 'a'\)"):  # fmt: skip
+            ct.check_leaves(container({"m": {1: x, "a": x}}), name="params")
+    # keys of one type, even unusual ones, still flatten
+    assert ct.paths({1: x, 2: {(0, 1): x}}) == ["1", "2/(0, 1)"]
+    with pytest.raises(TypeError, match=r"mixed types \(str and tuple: \(0, 1\), 'a'\)"):
+        ct.paths({(0, 1): x, "a": x})
+
+    class Broken:  # a node whose own flattening fails: JAX's error passes through as it is
+        pass
+
+    jax.tree_util.register_pytree_node(
+        Broken, lambda b: (_ for _ in ()).throw(ValueError("cannot flatten")), lambda a, c: None
+    )
+    with pytest.raises(ValueError, match="^cannot flatten$"):
+        ct.leaves_with_paths({"a": Broken()})
