@@ -32,6 +32,13 @@ from cljax.mtl._mgda import mgda
 from cljax.mtl._nash import nash_mtl
 from cljax.mtl._pcgrad import pcgrad
 from cljax.mtl._per_task import TaskGrads, head_mask, per_task_grads
+from cljax.mtl._rep_mtl import (
+    rep_mtl_loss_fn,
+    rep_mtl_regularizer,
+    saliency_alignment,
+    saliency_entropy,
+    task_saliency,
+)
 from cljax.mtl._sam import sam_gradient, sam_perturbation
 from cljax.mtl._weighting import (
     DWAState,
@@ -74,8 +81,13 @@ __all__ = [
     "pcgrad",
     "per_task_grads",
     "random_loss_weighting",
+    "rep_mtl_loss_fn",
+    "rep_mtl_regularizer",
+    "saliency_alignment",
+    "saliency_entropy",
     "sam_gradient",
     "sam_perturbation",
     "task_grad_fn",
+    "task_saliency",
     "uncertainty_weighting",
 ]
