@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cljax import tree as ct
 from cljax.merging import _common
@@ -76,14 +77,17 @@ def dare(
     mask = tuple(_common.participating(reference, rules))
     hashes = tuple(_common.path_hash(p) for p in ct.paths(reference))
     treedef = jax.tree.structure(reference)
+    # The cutoff and the factor are data: a new drop rate reuses the compiled merge.
+    cutoff = np.uint32(min(round(float(drop_rate) * 2.0**32), 2**32 - 1))
+    factor = np.float64(1.0 / (1.0 - float(drop_rate)) if rescale else 1.0)
     out = _dare_core(
         ts.leaves,
         key,
+        cutoff,
+        factor,
         mask=mask,
         hashes=hashes,
         num_tasks=ts.num_tasks,
-        drop_rate=float(drop_rate),
-        rescale=rescale,
     )
     out = jax.tree.unflatten(treedef, out)
     if check_finite:
@@ -91,25 +95,32 @@ def dare(
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "hashes", "num_tasks", "drop_rate", "rescale"))
-def _dare_core(tv_leaves, key, *, mask, hashes, num_tasks, drop_rate, rescale):
+@functools.partial(jax.jit, static_argnames=("mask", "hashes", "num_tasks"))
+def _dare_core(tv_leaves, key, cutoff, factor, *, mask, hashes, num_tasks):
     ts = _common.TaskSet(tv_leaves, num_tasks)
-    cutoff = jnp.uint32(min(round(drop_rate * 2.0**32), 2**32 - 1))
-    out = []
-    for i, (m, h) in enumerate(zip(mask, hashes, strict=True)):
-        if not m:
-            out.append(ts.stacked(i))
-            continue
-        x = ts.stacked(i)
-        words = jax.vmap(  # (T, 2): the key words of each task's mask of this leaf
-            lambda t, h=h: jax.random.bits(
-                jax.random.fold_in(jax.random.fold_in(key, t), h), (2,), jnp.uint32
-            )
-        )(jnp.arange(num_tasks, dtype=jnp.uint32))
-        bits = entry_bits(x.shape, words, batch_dims=1)
+    merged = [i for i, m in enumerate(mask) if m]
+    # The key words of every (merged leaf, task) mask in one vectorised draw: one PRNG
+    # computation in the program instead of one a leaf.
+    folds = jnp.asarray([hashes[i] for i in merged], jnp.uint32)
+    tasks = jnp.arange(num_tasks, dtype=jnp.uint32)
+    words = (
+        jax.vmap(
+            lambda h: jax.vmap(
+                lambda t: jax.random.bits(
+                    jax.random.fold_in(jax.random.fold_in(key, t), h), (2,), jnp.uint32
+                )
+            )(tasks)
+        )(folds)
+        if merged
+        else None
+    )  # (leaves, T, 2)
+    out = [ts.stacked(i) for i in range(len(mask))]
+    for j, i in enumerate(merged):
+        x = out[i]
+        bits = entry_bits(x.shape, words[j], batch_dims=1)
         v = _common.accum(x)
-        v = v * (1.0 / (1.0 - drop_rate)) if rescale else v
-        out.append(jnp.where(bits >= cutoff, v, 0).astype(x.dtype))
+        v = v * factor.astype(v.dtype)
+        out[i] = jnp.where(bits >= cutoff, v, 0).astype(x.dtype)
     return out
 
 

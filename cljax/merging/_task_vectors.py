@@ -100,6 +100,8 @@ def apply(
       Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
     """
     _common.check_scalar(scale, name="scale", where="apply")
+    if isinstance(scale, int):  # one compiled merge serves int and float λ alike
+        scale = float(scale)
     ct.check_same_structure(pretrained, task_vector, names=("pretrained", "task_vector"))
     if check_finite:
         _common.check_finite_trees("apply", pretrained=pretrained, task_vector=task_vector)
@@ -159,6 +161,8 @@ def task_arithmetic(
       Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
     """
     _common.check_scalar(scale, name="scale", where="task_arithmetic")
+    if isinstance(scale, int):  # one compiled merge serves int and float λ alike
+        scale = float(scale)
     ts = _common.read_task_set(task_vectors, pretrained)
     if check_finite:
         _common.check_finite_trees(

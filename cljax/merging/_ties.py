@@ -86,6 +86,8 @@ def ties(
     _common.check_density(density, where="ties")
     density = float(density)  # a numpy scalar counts as a Python float
     _common.check_scalar(scale, name="scale", where="ties")
+    if isinstance(scale, int):  # one compiled merge serves int and float λ alike
+        scale = float(scale)
     _common.check_choice(merge, _MERGES, what="merge", where="ties")
     _common.check_choice(scope, _SCOPES, what="scope", where="ties")
     ts = _common.read_task_set(task_vectors, pretrained)
