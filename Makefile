@@ -3,13 +3,14 @@
 #   make test  -- same install, then lint (ruff, pyrefly), the docs build and the whole test suite
 #   make test-fast -- the tests not marked slow, for the edit-test loop (a few minutes)
 #   make docs  -- the documentation site (MkDocs, warnings as errors) into build/site
+#   make install-check -- the wheel installed in a fresh venv, used from outside the checkout
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test test-fast lint typecheck install clean parity docs
+.PHONY: demo test test-fast lint typecheck install install-check clean parity docs
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,25 @@ docs: $(DOCS_STAMP)
 	@# the hook (docs/_hooks/site.py) fills build/api-src just after.
 	mkdir -p build/api-src
 	$(PY) -m mkdocs build --strict --quiet
+
+# The package as a user gets it: the wheel built from this tree, installed with its
+# dependencies into a fresh venv (pip's cache and index as configured), then imported and a
+# CLI run from a folder outside the checkout, so nothing resolves to the source tree.
+# It installs every dependency (about 1 GB), so it is not part of make test.
+CHECK := build/install-check
+install-check: $(STAMP)
+	rm -rf $(CHECK) && mkdir -p $(CHECK)/elsewhere
+	$(PY) -m pip wheel -q --no-deps -w $(CHECK)/dist .
+	$(PYTHON) -m venv $(CHECK)/venv
+	$(CHECK)/venv/bin/python -m pip install -q $(CHECK)/dist/cljax-*.whl
+	cd $(CHECK)/elsewhere && ../venv/bin/python -I -c "import cljax, cljax.kernels, \
+	  experiments.merging, sys; from cljax.models import clip; \
+	  paths = [cljax.__file__, cljax.kernels.__file__, experiments.merging.__file__]; \
+	  assert all(p.startswith(sys.prefix) for p in paths), paths; \
+	  assert clip.embedded_checkpoint().is_relative_to(sys.prefix); print('imports:', *paths)"
+	cd $(CHECK)/elsewhere && ../venv/bin/python -I -m experiments.merging --help > help.txt
+	grep -q -- "--preset" $(CHECK)/elsewhere/help.txt
+	@echo "install-check: the wheel works from a fresh venv"
 
 # CLIP converter parity against transformers' PyTorch CLIPModel (CPU torch, no CUDA wheels).
 parity: $(STAMP)
