@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
@@ -157,6 +158,14 @@ def mixed_batch_counts(
     return np.asarray(counts, np.int64)
 
 
+@functools.lru_cache(maxsize=256)
+def _epoch_permutation(n: int, seed: int, task: int, epoch: int) -> np.ndarray:
+    """Epoch ``epoch`` of a task's stream (cached: consecutive batches read the same epoch)."""
+    perm = np.random.default_rng([seed, task, epoch]).permutation(n)
+    perm.setflags(write=False)
+    return perm
+
+
 def _stream_indices(n: int, start: int, count: int, seed: int, task: int) -> np.ndarray:
     """Positions ``[start, start + count)`` of a task's endless stream of shuffled epochs."""
     out = []
@@ -164,7 +173,7 @@ def _stream_indices(n: int, start: int, count: int, seed: int, task: int) -> np.
     while pos < end:
         epoch, i = divmod(pos, n)
         take = min(end - pos, n - i)
-        perm = np.random.default_rng([seed, task, epoch]).permutation(n)
+        perm = _epoch_permutation(n, seed, task, epoch)
         out.append(perm[i : i + take])
         pos += take
     return np.concatenate(out) if out else np.zeros(0, np.int64)
