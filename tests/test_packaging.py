@@ -36,6 +36,8 @@ def test_wheel_contains_kernels_as_subpackage(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "cljax/kernels/__init__.py" in names
     assert "cljax/tree.py" in names
+    assert {"cljax/sharding/__init__.py", "cljax/py.typed", "experiments/merging.py"} <= set(names)
+    assert "cljax/models/embedded/miniclip/model.safetensors" in names  # the embedded model
     # import from the wheel alone, away from the source tree
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -48,3 +50,11 @@ def test_wheel_contains_kernels_as_subpackage(tmp_path):
         check=True,
     )
     assert str(site) in out.stdout
+    # the experiments run from the wheel too, away from the checkout
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    cli = [sys.executable, "-m", "experiments.merging", "--help"]
+    out = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert "--preset" in out.stdout
+    where = [sys.executable, "-c", "import experiments.merging as m; print(m.__file__)"]
+    out = subprocess.run(where, cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith(str(site))
