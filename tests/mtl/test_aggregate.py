@@ -1,6 +1,5 @@
 import functools
 import re
-from pathlib import Path
 
 import chex
 import jax
@@ -180,21 +179,3 @@ def test_make_mtl_step_with_aggregate_trains_without_model_state(rng):
             first = float(metrics["loss"]) if first is None else first
         assert float(metrics["loss"]) < 0.5 * first
         chex.assert_tree_all_finite(state.params)
-
-
-def _docs_block() -> str:
-    text = (Path(__file__).parents[2] / "docs" / "mtl.md").read_text()
-    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
-
-
-@pytest.mark.slow
-def test_docs_example_runs():
-    """The first code block of docs/mtl.md, run as written with fewer images and steps."""
-    code = _docs_block()
-    for old, new in (("20_000, 1000, 2000", "512, 64, 64"), ("range(1000)", "range(5)")):
-        assert old in code
-        code = code.replace(old, new)
-    scope = {}
-    exec(compile(code, "docs/mtl.md", "exec"), scope)
-    for name in ("PCGrad", "F-PCGrad"):
-        assert np.isfinite(scope["results"][name])
