@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import tree as ct
+from cljax._checks import check_scalar
 
 __all__ = ["l2_anchor"]
 
@@ -50,8 +51,7 @@ def l2_anchor(
       Zheng et al., "Preventing Zero-Shot Transfer Degradation in Continual Learning of
       Vision-Language Models" (ZSCL), ICCV 2023.
     """
-    if weight < 0:
-        raise ValueError(f"l2_anchor: {weight=} must be >= 0")
+    check_scalar(weight, name="weight", where="l2_anchor", low=0.0)
     if reduction not in ("sum", "mean"):
         raise ValueError(f"l2_anchor: {reduction=} must be 'sum' or 'mean'")
     ct.check_same_structure(params, anchor, names=("params", "anchor"))

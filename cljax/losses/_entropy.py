@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from cljax._checks import check_scalar
+
 __all__ = ["entropy", "entropy_loss", "pseudo_label_loss"]
 
 
@@ -102,8 +104,9 @@ def pseudo_label_loss(
       Sohn et al., "FixMatch: Simplifying Semi-Supervised Learning with Consistency and
       Confidence", NeurIPS 2020. Zhang et al., aTLAS, NeurIPS 2024 (``src/learn_ufm.py``).
     """
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"{threshold=} must be in [0, 1)")
+    check_scalar(
+        threshold, name="threshold", where="pseudo_label_loss", low=0.0, high=1.0, high_open=True
+    )
     if normalize not in ("confident", "batch"):
         raise ValueError(f"{normalize=} must be 'confident' or 'batch'")
     weak = jnp.asarray(weak_logits)

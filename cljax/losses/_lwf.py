@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cljax._checks import check_scalar
+
 __all__ = ["lwf_distillation"]
 
 
@@ -34,7 +36,7 @@ def lwf_distillation(
       A float32 scalar (mean over all leading positions).
 
     Raises:
-      ValueError: on a non-positive temperature or mismatched shapes.
+      ValueError: on a non-positive or non-finite temperature or mismatched shapes.
 
     Example::
 
@@ -44,8 +46,7 @@ def lwf_distillation(
       Li & Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017; Hinton et al.,
       "Distilling the Knowledge in a Neural Network", 2015.
     """
-    if temperature <= 0:
-        raise ValueError(f"lwf_distillation: {temperature=} must be positive")
+    check_scalar(temperature, name="temperature", where="lwf_distillation", low=0.0, low_open=True)
     if jnp.shape(student_logits) != jnp.shape(teacher_logits):
         raise ValueError(
             f"lwf_distillation: student {jnp.shape(student_logits)} and teacher "

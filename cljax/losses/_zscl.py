@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cljax._checks import check_int, check_scalar
+
 __all__ = [
     "kd_loss",
     "reference_embeddings",
@@ -33,7 +35,8 @@ def kd_loss(
       A float32 scalar.
 
     Raises:
-      ValueError: for a non-positive temperature, mismatched shapes or an empty axis.
+      ValueError: for a non-positive or non-finite temperature, mismatched shapes or an
+        empty axis.
 
     Example:
       >>> t = jnp.array([[2.0, 0.0]]); kd_loss(t, t) > 0  # the teacher's entropy, times T^2
@@ -43,8 +46,7 @@ def kd_loss(
       Hinton et al., "Distilling the Knowledge in a Neural Network", 2015; ZSCL's
       ``distillation`` (``mtil/src/models/helpers.py``).
     """
-    if not temperature > 0:
-        raise ValueError(f"kd_loss: {temperature=} must be positive")
+    check_scalar(temperature, name="temperature", where="kd_loss", low=0.0, low_open=True)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"kd_loss: {teacher_logits.shape=} differs from {student_logits.shape=}")
     if teacher_logits.ndim < 1 or teacher_logits.shape[-1] == 0 or teacher_logits.size == 0:
@@ -99,8 +101,7 @@ def reference_embeddings(
     n = int(np.shape(inputs)[0]) if np.ndim(inputs) else 0
     if n == 0:
         raise ValueError(f"reference_embeddings: the reference set is empty ({np.shape(inputs)=})")
-    if batch_size < 1:
-        raise ValueError(f"reference_embeddings: {batch_size=} must be >= 1")
+    batch_size = check_int(batch_size, name="batch_size", where="reference_embeddings", low=1)
     out = [jnp.asarray(embed_fn(inputs[i : i + batch_size])) for i in range(0, n, batch_size)]
     emb = jnp.concatenate(out, axis=0).astype(jnp.float32)
     if emb.ndim != 2 or emb.shape[0] != n:
@@ -145,7 +146,8 @@ def zscl_distillation(
       ``(loss, {"kd_image": ..., "kd_transposed": ...})``, float32 scalars.
 
     Raises:
-      ValueError: (at trace time) for an empty reference set or batch, or mismatched shapes.
+      ValueError: for a non-positive or non-finite temperature or logit scale, a negative or
+        non-finite weight, an empty reference set or batch, or mismatched shapes.
 
     Example:
       >>> loss, aux = zscl_distillation(encode(p, xr), teacher_feats, ref)  # doctest: +SKIP
@@ -154,6 +156,11 @@ def zscl_distillation(
       Zheng et al., "Preventing Zero-Shot Transfer Degradation in Continual Learning of
       Vision-Language Models", ICCV 2023 (``mtil/src/models/finetune.py``).
     """
+    where = "zscl_distillation"
+    check_scalar(temperature, name="temperature", where=where, low=0.0, low_open=True)
+    check_scalar(logit_scale, name="logit_scale", where=where, low=0.0, low_open=True)
+    check_scalar(image_weight, name="image_weight", where=where, low=0.0)
+    check_scalar(transposed_weight, name="transposed_weight", where=where, low=0.0)
     if ref_embeddings.ndim != 2 or ref_embeddings.shape[0] == 0:
         raise ValueError(
             f"zscl_distillation: the reference set is empty or not [K, D] ({ref_embeddings.shape=})"

@@ -27,6 +27,9 @@ def test_bad_inputs():
     p = {"a": jnp.ones(2)}
     with pytest.raises(ValueError, match=r"weight=-1 must be >= 0"):
         losses.l2_anchor(p, p, weight=-1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"l2_anchor: weight=.* must be finite"):
+            losses.l2_anchor(p, p, weight=bad)
     with pytest.raises(ValueError, match=r"reduction='max'"):
         losses.l2_anchor(p, p, reduction="max")
     with pytest.raises(ValueError, match=r"selects no parameter"):

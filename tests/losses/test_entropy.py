@@ -81,6 +81,8 @@ def test_pseudo_label_bad_input():
     z = jnp.zeros((2, 3))
     with pytest.raises(ValueError, match="threshold=1.0 must be in"):
         pseudo_label_loss(z, z, threshold=1.0)
+    with pytest.raises(ValueError, match="threshold=nan must be finite"):
+        pseudo_label_loss(z, z, threshold=float("nan"))
     with pytest.raises(ValueError, match="normalize='mean'"):
         pseudo_label_loss(z, z, normalize="mean")
     with pytest.raises(ValueError, match=r"\(2, 3\) and strong_logits \(2, 4\)"):

@@ -40,7 +40,13 @@ def test_minimum_at_the_teacher_and_no_teacher_gradient(rng):
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match=r"temperature=0.0 must be positive"):
+    with pytest.raises(ValueError, match=r"temperature=0.0 must be > 0"):
         losses.lwf_distillation(jnp.ones((2, 3)), jnp.ones((2, 3)), temperature=0.0)
     with pytest.raises(ValueError, match=r"differ in shape"):
         losses.lwf_distillation(jnp.ones((2, 3)), jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_temperature_rejected(bad):
+    with pytest.raises(ValueError, match=r"lwf_distillation: temperature=.* must be finite"):
+        losses.lwf_distillation(jnp.ones((2, 3)), jnp.ones((2, 3)), temperature=bad)

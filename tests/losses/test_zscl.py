@@ -126,3 +126,13 @@ def test_bad_inputs():
         zscl_distillation(jnp.ones((2, 4)), jnp.ones((2, 4)), jnp.ones((5, 3)))
     with pytest.raises(ValueError, match="batch_size=0"):
         reference_embeddings(lambda x: x, np.ones((3, 4)), batch_size=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_hyperparameters_rejected_by_name(bad):
+    s = jnp.ones((2, 4))
+    with pytest.raises(ValueError, match=r"kd_loss: temperature=.* must be finite"):
+        kd_loss(jnp.ones((2, 3)), jnp.ones((2, 3)), bad)
+    for name in ("temperature", "logit_scale", "image_weight", "transposed_weight"):
+        with pytest.raises(ValueError, match=rf"zscl_distillation: {name}=.* must be finite"):
+            zscl_distillation(s, s, jnp.ones((3, 4)), **{name: bad})
