@@ -9,6 +9,10 @@ the *pretrained* text tower). After every task every dataset is evaluated, so th
 accuracy matrix also holds the zero-shot accuracy on the datasets not trained yet. Methods:
 
 * ``finetune``: continual fine-tuning, cross-entropy with label smoothing 0.2;
+* ``lwf``: LwF as the reference's ``mtil/scripts/lwf.sh``: ZSCL's distillation with the
+  start-of-task model as teacher, the current task's (unaugmented) training images as
+  reference images and its class prompts (first template) as reference texts, both terms,
+  ``T^2``-scaled;
 * ``wise_ft``: after each task, ``interpolate(theta_start, theta_ft, wise_alpha)``;
 * ``we``: ZSCL's weight ensemble alone (a snapshot every ``avg_freq`` iterations, the next
   task starts from the running mean, :func:`cljax.averaging.weight_ensemble`);
@@ -19,8 +23,9 @@ accuracy matrix also holds the zero-shot accuracy on the datasets not trained ye
 * ``zscl``: distillation + weight ensemble + the summed L2 to the start-of-task weights
   (``l2_weight`` 1, as ``ZSCL.sh``).
 
-The recipe is the reference's (``mtil/scripts/ZSCL.sh``): 1,000 iterations of batch 64 per
-task, AdamW with weight decay 0, lr 1e-5 (5e-5 for Aircraft and MNIST), its cosine schedule
+The recipe is the reference's (``mtil/scripts/ZSCL.sh``): 1,000 + 1 iterations of batch 64
+per task (its loop runs ``range(iterations + 1)``; the last iteration has learning rate 0 and
+its weight-ensemble snapshot is the final weights), AdamW with weight decay 0, lr 1e-5 (5e-5 for Aircraft and MNIST), its cosine schedule
 with 100 warm-up iterations and a fresh optimiser per task, label smoothing 0.2, WE every
 100 iterations, training images through a random resized crop of 90-100 % of the area (its
 training transform), reference batches of 64 ImageNet training images without augmentation.
@@ -67,6 +72,7 @@ import numpy as np
 import optax
 
 from cljax import continual, losses
+from cljax._checks import check_int, check_scalar
 from cljax.averaging import averaging_hook, interpolate, next_task_from_average, weight_ensemble
 from cljax.checkpoint import CheckpointManager
 from cljax.models import clip
@@ -88,7 +94,7 @@ MTIL_ORDER_I = (
     "cars",
     "sun397",
 )
-METHODS = ("finetune", "wise_ft", "we", "distill", "zscl")
+METHODS = ("finetune", "lwf", "wise_ft", "we", "distill", "zscl")
 _NEG = -1e9  # bias of the padding classes of the zero-shot heads
 
 
@@ -146,19 +152,13 @@ PRESETS: dict[str, ClipZsclConfig] = {
 def _validate(cfg: ClipZsclConfig) -> None:
     from cljax.data import DATASETS
 
-    for m in cfg.methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
+    check_recipe(cfg)
     if len(cfg.tasks) < 2 or len(set(cfg.tasks)) != len(cfg.tasks):
         raise ValueError(f"tasks={cfg.tasks} must name at least two distinct datasets")
     for t in (*cfg.tasks, cfg.reference_images):
         if t not in DATASETS and not t.startswith("tfds:"):
             raise ValueError(f"unknown dataset {t!r}; known: {sorted(DATASETS)} or 'tfds:<name>'")
-    for name in ("steps_per_task", "batch_size", "ref_batch_size", "eval_batch_size", "avg_freq"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
-    if not 0.0 <= cfg.wise_alpha <= 1.0:
-        raise ValueError(f"wise_alpha={cfg.wise_alpha} must be in [0, 1]")
+    check_int(cfg.eval_batch_size, name="eval_batch_size", where=cfg.preset, low=1)
 
 
 def _tiny_clip(workdir: Path, seed: int) -> tuple[str, clip.CLIPConfig]:
@@ -192,13 +192,53 @@ def _pad_head(head: dict, width: int) -> dict:
     }
 
 
-def _flags(method: str) -> dict[str, bool]:
+def method_flags(method: str) -> dict[str, bool]:
+    """Which terms and hand-overs ``method`` uses (shared by every ZSCL preset).
+
+    Raises:
+      ValueError: for a method not in :data:`METHODS`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return {
+        "lwf": method == "lwf",
         "wise": method == "wise_ft",
         "we": method in ("we", "zscl"),
         "distill": method in ("distill", "zscl"),
         "l2": method == "zscl",
     }
+
+
+#: The recipe's real-valued settings: finite, and within these bounds.
+_REAL = {
+    "lr": (0.0, None),
+    "fast_lr": (0.0, None),
+    "label_smoothing": (0.0, 1.0),
+    "temperature": (0.0, None),
+    "distill_weight": (0.0, None),
+    "l2_weight": (0.0, None),
+    "wise_alpha": (0.0, 1.0),
+}
+_COUNTS = ("steps_per_task", "batch_size", "ref_batch_size", "avg_freq")
+
+
+def check_recipe(cfg: Any) -> None:
+    """Rejects a bad recipe before any work: real settings must be finite and in range
+    (``lr=nan``, ``temperature=inf`` raise), counts positive integers, methods known.
+
+    Raises:
+      ValueError: naming the setting and its value.
+    """
+    for m in cfg.methods:
+        method_flags(m)
+    for name, (low, high) in _REAL.items():
+        if hasattr(cfg, name):
+            check_scalar(getattr(cfg, name), name=name, where=cfg.preset, low=low, high=high)
+    if not cfg.temperature > 0:
+        raise ValueError(f"{cfg.preset}: temperature={cfg.temperature!r} must be > 0")
+    for name in _COUNTS:
+        check_int(getattr(cfg, name), name=name, where=cfg.preset, low=1)
+    check_int(cfg.warmup, name="warmup", where=cfg.preset, low=0)
 
 
 def _copy(tree: Any) -> Any:
@@ -278,6 +318,19 @@ def run(cfg: ClipZsclConfig) -> dict[str, Any]:
     if not texts:
         raise ValueError(f"no reference caption in {cfg.captions!r}")
     anchors = losses.reference_embeddings(encode_text, tokenize(texts), batch_size=256)
+    # LwF's reference texts (lwf.sh): the current task's class names in its first template.
+    lwf_texts = {
+        t: losses.reference_embeddings(
+            encode_text,
+            tokenize(
+                [
+                    clip.TEMPLATES.get(t, clip.TEMPLATES["generic"])[0].format(c)
+                    for c in task.classes
+                ]
+            ),
+        )
+        for t, task in tasks.items()
+    }
 
     features = jax.jit(lambda p, x: encoder.apply({"params": p}, x))
 
@@ -321,11 +374,14 @@ def run(cfg: ClipZsclConfig) -> dict[str, Any]:
             "reference": reference,
             "heads": heads,
             "anchors": anchors,
+            "lwf_texts": lwf_texts,
             "scale": scale,
             "evaluate": evaluate,
             "features": features,
         }
-        acc, start = _run_method(method, cfg, env, out / "ckpt" / method, fingerprint)
+        ((acc, start),) = run_method(
+            method, cfg, env, out / "ckpt" / method, fingerprint, seeds=(cfg.seed,)
+        )
         results["runs"][method] = {
             "accuracy": acc.tolist(),
             "transfer": continual.mtil_transfer(acc),
@@ -339,31 +395,64 @@ def run(cfg: ClipZsclConfig) -> dict[str, Any]:
     return results
 
 
-def _run_method(
-    method: str, cfg: ClipZsclConfig, env: dict[str, Any], ckpt_dir: Path, fingerprint: dict
-) -> tuple[np.ndarray, int]:
-    """Trains ``method`` over the sequence; returns the accuracy matrix and the resume point."""
-    encoder, theta0, tasks, heads = env["encoder"], env["theta0"], env["train_tasks"], env["heads"]
-    flags = _flags(method)
+def run_method(
+    method: str,
+    cfg: Any,
+    env: dict[str, Any],
+    ckpt_dir: Path,
+    fingerprint: dict,
+    *,
+    seeds: tuple[int, ...] = (0,),
+) -> list[tuple[np.ndarray, int]]:
+    """Trains ``method`` over the sequence once per seed (one compiled step for all seeds).
+
+    Shared by every CLIP preset of the ZSCL experiment (MTIL with a Hugging Face CLIP, and
+    MiniCLIP on the embedded benchmark). ``cfg`` carries the recipe (``tasks``,
+    ``steps_per_task``, ``batch_size``, ``lr``, ``fast_lr``, ``fast_lr_tasks``, ``warmup``,
+    ``label_smoothing``, ``avg_freq``, ``temperature``, ``distill_weight``, ``l2_weight``,
+    ``wise_alpha``, ``ref_batch_size``); ``env`` the model and data:
+
+    * ``encoder``, ``theta0``: the image encoder module and its pretrained params;
+    * ``train_tasks`` / ``tasks``: per task name, objects whose ``batch_at(step, batch_size,
+      seed=...)`` gives training batches through the training / evaluation transform;
+    * ``heads``: frozen zero-shot heads padded to one width (bias ``-1e9`` on padding);
+    * ``reference``: ``batch_at`` of the reference images (ZSCL's ImageNet);
+    * ``anchors``: ``[K, D]`` normalised reference text embeddings (computed once);
+    * ``lwf_texts``: per task, ``[C, D]`` normalised embeddings of its class prompts;
+    * ``scale``: the logit scale; ``features``: ``(params, x) -> features`` (jitted);
+    * ``evaluate``: ``params -> [T]`` test accuracies in %.
+
+    Each task runs ``steps_per_task + 1`` iterations, as the reference's ``range(iterations
+    + 1)``: the cosine schedule reaches 0 at the last one, so with ``avg_freq`` dividing
+    ``steps_per_task`` the weight ensemble's last snapshot is the final weights. Every
+    finished (seed, task) is checkpointed under ``ckpt_dir / f"seed{seed}"``; a re-run with
+    the same ``fingerprint`` resumes after it.
+
+    Returns:
+      Per seed, the accuracy matrix ``A[j, i]`` (%) and the task it resumed from.
+    """
+    encoder = env["encoder"]
+    flags = method_flags(method)
     we = weight_ensemble(cfg.avg_freq)
     ls = cfg.label_smoothing
 
     def loss_fn(params, batch, rng):
         del rng
+        n = len(batch["y"])
         x = batch["x"]
-        if flags["distill"]:  # one forward pass of the task and the reference images
+        if "ref_x" in batch:  # one forward pass of the task and the reference images
             x = jnp.concatenate([x, batch["ref_x"]])
         feats = encoder.apply({"params": params}, x)
-        z = clip.head_logits(batch["head"], feats[: len(batch["y"])])
+        z = clip.head_logits(batch["head"], feats[:n])
         valid = batch["head"]["bias"] > _NEG / 2  # the task's real classes
         target = (1 - ls) * jax.nn.one_hot(batch["y"], z.shape[-1]) + ls * valid / valid.sum()
         ce = jnp.mean(optax.softmax_cross_entropy(z, target))
         loss, aux = ce, {"ce": ce}
-        if flags["distill"]:
+        if "ref_x" in batch:  # ZSCL's distillation; LwF is the same loss with other inputs
             kd, _ = losses.zscl_distillation(
-                feats[len(batch["y"]) :],
+                feats[n:],
                 batch["ref_teacher"],
-                env["anchors"],
+                batch["ref_texts"],
                 temperature=cfg.temperature,
                 logit_scale=env["scale"],
             )
@@ -385,14 +474,34 @@ def _run_method(
         optax.inject_hyperparams(optax.scale)(step_size=-cfg.lr),
     )
 
-    def new_state(params, task: str) -> TrainState:
+    def new_state(params, task: str, seed: int) -> TrainState:
         lr = cfg.fast_lr if task in cfg.fast_lr_tasks else cfg.lr
         methods = {"we": we.init(params)} if flags["we"] else {}
-        state = TrainState.create(params, tx, rng=cfg.seed, methods=methods)
+        state = TrainState.create(params, tx, rng=seed, methods=methods)
         adam, sched, scale = state.opt_state
         scale = scale._replace(hyperparams={"step_size": jnp.asarray(-lr, jnp.float32)})
         return state.replace(opt_state=(adam, sched, scale))
 
+    return [
+        _run_seed(
+            method,
+            cfg,
+            env,
+            flags,
+            we,
+            step,
+            new_state,
+            ckpt_dir / f"seed{seed}",
+            fingerprint,
+            seed,
+        )
+        for seed in seeds
+    ]
+
+
+def _run_seed(method, cfg, env, flags, we, step, new_state, ckpt_dir, fingerprint, seed):
+    """One seed of :func:`run_method`: the sequence, checkpointed task by task."""
+    theta0, heads = env["theta0"], env["heads"]
     n = len(cfg.tasks)
     acc = np.zeros((n, n))
     params = _copy(theta0)
@@ -409,19 +518,30 @@ def _run_method(
         shutil.rmtree(ckpt_dir)
         ckpt = CheckpointManager(ckpt_dir, keep=1)
 
-    for j in _common.progress(range(start, n), method, total=n - start):
+    desc = f"{method} seed {seed}"
+    for j in _common.progress(range(start, n), desc, total=n - start):
         name = cfg.tasks[j]
-        anchor = _copy(params)  # the start-of-task weights: L2 anchor and WiSE-FT end point
-        state = new_state(params, name)
-        for s in range(cfg.steps_per_task):
-            b = tasks[name].batch_at(s, cfg.batch_size, seed=cfg.seed * 1000 + j)
+        anchor = _copy(params)  # the start-of-task weights: teacher of LwF, L2 anchor, WiSE-FT
+        state = new_state(params, name, seed)
+        data_seed = seed * 1000 + j
+        for s in range(cfg.steps_per_task + 1):
+            b = env["train_tasks"][name].batch_at(s, cfg.batch_size, seed=data_seed)
             batch = {"x": b["x"], "y": b["y"], "head": heads[name], "anchor": anchor}
-            if flags["distill"]:
+            if flags["distill"]:  # reference images, the frozen pretrained teacher
                 r = env["reference"].batch_at(
-                    j * cfg.steps_per_task + s, cfg.ref_batch_size, seed=cfg.seed
+                    j * (cfg.steps_per_task + 1) + s, cfg.ref_batch_size, seed=seed
                 )
+                teacher, texts = theta0, env["anchors"]
+            elif flags["lwf"]:  # lwf.sh: the current task's images, the previous model
+                r = env["tasks"][name].batch_at(s, cfg.ref_batch_size, seed=data_seed + 500)
+                teacher, texts = anchor, env["lwf_texts"][name]
+            if flags["distill"] or flags["lwf"]:
                 # the frozen teacher's features, outside the differentiated step
-                batch |= {"ref_x": r["x"], "ref_teacher": env["features"](theta0, r["x"])}
+                batch |= {
+                    "ref_x": r["x"],
+                    "ref_teacher": env["features"](teacher, r["x"]),
+                    "ref_texts": texts,
+                }
             try:
                 state, _ = step(state, batch)
             except NonFiniteError as e:  # name the method and task; nothing was checkpointed

@@ -1,47 +1,60 @@
-"""ZSCL on an MTIL-style embedded sequence: does distillation + weight ensembling keep the
-zero-shot transfer of a pretrained encoder while it learns a sequence of tasks?
+"""ZSCL / MTIL on MiniCLIP: does distillation + weight ensembling keep the zero-shot transfer
+of a CLIP while it learns a sequence of tasks?
 
 Command::
 
-    python -m experiments.zscl                 # embedded preset, 3 seeds
-    python -m experiments.zscl --preset tiny   # smoke run (3 tasks, 1 seed)
+    python -m experiments.zscl                        # MiniCLIP, embedded benchmark, 3 seeds
+    python -m experiments.zscl --preset tiny          # smoke run (3 tasks, 1 seed, toy sizes)
+    python -m experiments.zscl --preset digits        # the MLP setting on digit domains
     python -m experiments.zscl --preset mtil --clip_path CLIP_DIR --data_dir TFDS_DIR
-                                               # CLIP on the 11 MTIL datasets: clip_zscl.py
+                                                      # CLIP on the 11 MTIL datasets: clip_zscl.py
 
-Setting (``cljax.data.mtil_sequence(mtil_domain_tasks())``: the merging benchmark's five
-domain-shifted digit tasks; the reference set is MNIST-1D drawn as strokes): a small MLP
-encoder pretrained on the benchmark's source task (upright MNIST digits no task uses) and
-one frozen head per task
-(fitted on the pretrained features: the role of CLIP's zero-shot text heads). The encoder
-is fine-tuned on the tasks one after another, each with its own frozen head; after every
-task every task is evaluated with its head, so the accuracy matrix ``A[j, i]`` also holds
-the "zero-shot" accuracy on tasks not trained yet.
-Methods (as WiSE-FT, github.com/mlfoundations/wise-ft, and ZSCL, github.com/Thunderbeee/ZSCL):
+Default setting, as the paper (Zheng et al., ICCV 2023; github.com/Thunderbeee/ZSCL,
+``mtil/``) with the embedded foundation in the place of CLIP and its data:
 
-* ``finetune``: continual fine-tuning, cross-entropy only (label smoothing 0.2 as ZSCL);
-* ``lwf``: + LwF on the previous tasks' heads, teacher = the start-of-task model, T = 2
-  (``cljax.losses.lwf_distillation``);
-* ``wise_ft``: after each task, ``interpolate(theta_start, theta_ft, 0.8)`` (ZSCL's MTIL
-  WiSE-FT baseline: ``--wise_merge --wise_ft_model n --wise_ft_alpha 0.8``);
-* ``we``: ZSCL's weight ensemble alone (running mean every ``avg_freq`` iterations, the next
-  task starts from it);
-* ``distill``: ZSCL's feature distillation alone (teacher = the pretrained encoder, frozen;
-  reference images = MNIST-1D strokes; KD at T = 2 over the reference axis + the transposed
-  term over the batch axis);
-* ``zscl``: distillation + weight ensemble + L2 to the start-of-task weights, summed
-  (``cljax.losses.l2_anchor``; ZSCL.sh).
+* the model is MiniCLIP (``cljax.models.clip.load_pretrained()``); its image tower is
+  fine-tuned, its text tower stays frozen;
+* the sequence is six tasks of ``cljax.data.embedded_benchmark()`` in the benchmark's order
+  (that of the names of the data sets they stand for, as MTIL order I is): textures, digits,
+  signs, mnist, shapes, svhn; each task is classified by its zero-shot head (its class names
+  in its prompt templates, through the text tower); after every task every task is
+  evaluated, so ``A[j, i]`` also holds the zero-shot accuracy of the tasks not trained yet;
+* ZSCL's reference set (ImageNet images, Conceptual Captions texts) is 1,000 image-caption
+  pairs of the pretraining corpus (``cljax.data.corpus_batch``) from a seed MiniCLIP never
+  saw; the captions are embedded once by the frozen text tower.
 
-Metrics (ZSCL's, ``cljax.continual``): Transfer (mean over i >= 1 of the accuracy on
-task i before it is trained), Avg (mean of the whole matrix), Last (mean of the last row).
+Methods (the reference's ``mtil/scripts``), all sharing :func:`experiments.clip_zscl.run_method`:
 
-Expected runtime: the embedded preset (6 methods x 3 seeds x 5 tasks x 150 steps) takes
-about 2 minutes of CPU time, a few minutes on 2 idle cores. ``--preset tiny`` (3 tasks, 6
-steps) takes CPU seconds, plus compiles.
+* ``finetune``: continual fine-tuning, cross-entropy with label smoothing 0.2;
+* ``zscl``: distillation + weight ensemble + the summed L2 to the start-of-task weights
+  (``ZSCL.sh``);
+* ``lwf``: ``lwf.sh``: ZSCL's distillation with the start-of-task model as teacher, the
+  current task's images and its class prompts, both terms, ``T^2``-scaled;
+* ``wise_ft``: ``WiSE_finetune.sh``: after each task, ``interpolate(theta_start, theta_ft,
+  0.8)``;
+* ``we``: ``we.sh``-style weight ensemble alone (a snapshot every ``avg_freq`` iterations, the
+  next task starts from the mean);
+* ``distill``: ZSCL's distillation alone (teacher = the pretrained image tower).
 
-Expected result. The paper (MTIL order I): ZSCL keeps the best Transfer (68.1 vs 44.6 for
-continual fine-tuning) while its Last stays near or above fine-tuning (83.6 vs 77.3).
-Expected here (3 seeds): Transfer / Avg / Last = 75.1 / 76.1 / 74.3 for ZSCL, 63.7 / 68.0 /
-64.7 for fine-tuning, zero-shot 84.8 / 83.8 / 83.8 (full table in ``docs/results/zscl.md``).
+Recipe: ZSCL's, scaled to MiniCLIP: ``steps_per_task + 1`` iterations a task (40 + 1; ZSCL
+1,000 + 1), warm-up and ensemble period scaled alike (4; ZSCL 100) so the ensemble holds the
+same 11 snapshots including the final weights, AdamW without weight decay and a fresh state
+per task, the reference's cosine schedule, batches of 16 training and 16 reference images
+(ZSCL 64 and 64), training images through ZSCL's training transform (a random resized crop
+of 90-100 % of the area), the loader's shuffled epochs over the whole training split, L2
+weight 1 and KD temperature 2 as ``ZSCL.sh``. The learning rate (3e-4) is MiniCLIP's, not
+CLIP's 1e-5.
+
+Metrics (ZSCL's, ``cljax.continual``): Transfer (mean over i >= 1 of the accuracy on task i
+before it is trained), Avg (mean of the whole matrix), Last (mean of the last row).
+
+Runtime and results: ``docs/results/zscl.md`` (the default preset is sized to run in under
+20 minutes on two idle cores; ``--preset tiny`` in CPU seconds plus compiles).
+
+The ``digits`` preset is the earlier setting: a small MLP encoder pretrained on upright
+MNIST, frozen linear probes as "zero-shot" heads, five domain-shifted digit tasks
+(``mtil_domain_tasks``), MNIST-1D strokes as the reference set; its code is ``Config``
+and ``run``, above the MiniCLIP preset.
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ import numpy as np
 import optax
 
 from cljax import continual, losses
+from cljax._checks import check_int
 from cljax.averaging import (
     averaging_hook,
     interpolate,
@@ -67,19 +81,27 @@ from cljax.averaging import (
     weight_ensemble,
 )
 from cljax.checkpoint import CheckpointManager
-from cljax.data import mtil_domain_tasks, mtil_pretraining_data, mtil_sequence
-from cljax.models import MLP
+from cljax.data import (
+    EMBEDDED_TASKS,
+    Task,
+    corpus_batch,
+    embedded_benchmark,
+    mtil_domain_tasks,
+    mtil_pretraining_data,
+    mtil_sequence,
+)
+from cljax.models import MLP, clip
 from cljax.train import NonFiniteError, TrainState, make_step
 from experiments import _common
 
-METHODS = ("finetune", "lwf", "wise_ft", "we", "distill", "zscl")
+METHODS = ("finetune", "zscl", "lwf", "wise_ft", "we", "distill")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Hyper-parameters of the experiment (flags: ``--name value``)."""
 
-    preset: str = "default"
+    preset: str = "digits"
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
     tasks: tuple[str, ...] = ()  # training order; empty = the benchmark's order
@@ -103,12 +125,12 @@ class Config:
     # pretrained encoder and frozen heads
     pretrain_steps: int = 800
     probe_steps: int = 300
-    out: str = "runs/zscl"
+    out: str = "runs/zscl_digits"
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "tiny": {
+DIGIT_PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {},
+    "digits-tiny": {
         "seeds": (0,),
         "steps_per_task": 6,
         "batch_size": 16,
@@ -548,16 +570,14 @@ def matrices(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _plots(results: dict[str, Any], out: Path) -> None:
+def _plots(results: dict[str, Any], out: Path, *, title: str) -> None:
     groups = list(results["runs"])
     series, errors = {}, {}
     for key, col in (("transfer", "Transfer"), ("avg", "Avg"), ("last", "Last")):
         stats = [_common.mean_std([r[key] for r in results["runs"][m]]) for m in groups]
         series[col] = [s[0] for s in stats]
         errors[col] = [s[1] for s in stats]
-    _common.bar_chart(
-        out / "metrics.png", groups, series, errors=errors, title="MTIL-style digits: ZSCL"
-    )
+    _common.bar_chart(out / "metrics.png", groups, series, errors=errors, title=title)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -577,22 +597,318 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------- MiniCLIP on the benchmark
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedConfig:
+    """The default preset: ZSCL / MTIL with MiniCLIP on the embedded benchmark (flags:
+    ``--name value``). The recipe is ZSCL's (``mtil/scripts/ZSCL.sh``) scaled to MiniCLIP:
+    1,000 iterations become ``steps_per_task``, the warm-up (100) and the ensemble period
+    (100) scale with them, so a task still ends with the ensemble of 11 snapshots."""
+
+    preset: str = "default"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = METHODS
+    # MTIL-style: the benchmark's tasks in its order (that of their stand-ins' names, as MTIL
+    # order I), less greek and letters, which fine-tuning does not learn (docs/results/zscl.md)
+    tasks: tuple[str, ...] = ("textures", "digits", "signs", "mnist", "shapes", "svhn")
+    train_size: int = 1000
+    test_size: int = 150
+    steps_per_task: int = 40  # + 1, as the reference's range(iterations + 1)
+    batch_size: int = 16
+    lr: float = 3e-4
+    fast_lr: float = 3e-4
+    fast_lr_tasks: tuple[str, ...] = ()
+    warmup: int = 4
+    augment: bool = True  # ZSCL's training transform: RandomResizedCrop(scale=(0.9, 1.0))
+    label_smoothing: float = 0.2
+    avg_freq: int = 4
+    temperature: float = 2.0
+    distill_weight: float = 1.0
+    l2_weight: float = 1.0
+    wise_alpha: float = 0.8
+    num_reference: int = 1000  # corpus image-caption pairs: reference images and texts
+    ref_batch_size: int = 16
+    eval_batch_size: int = 150
+    out: str = "runs/zscl"
+
+
+EMBEDDED_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": {
+        "seeds": (0,),
+        "tasks": ("textures", "digits", "signs"),
+        "train_size": 32,
+        "test_size": 16,
+        "steps_per_task": 2,
+        "batch_size": 8,
+        "warmup": 1,
+        "avg_freq": 1,
+        "num_reference": 24,
+        "ref_batch_size": 8,
+        "eval_batch_size": 16,
+    },
+}
+#: The corpus seed of the reference pairs: neither pretraining (0) nor the control task
+#: (from 1,000,003) draws it.
+REFERENCE_SEED = 2_000_003
+
+
+class _Preprocessed:
+    """A task's training split as MiniCLIP sees it: ``batch_at`` of :class:`cljax.data.Task`
+    (shuffled epochs over the whole split, ZSCL's loader), then ZSCL's training transform
+    (a random resized crop of 90-100 % of the area, crops fixed by ``(seed, step)``) or only
+    the normalisation (its evaluation transform)."""
+
+    def __init__(self, task, *, augment: bool, size: int):
+        self.task, self.augment, self.size = task, augment, size
+
+    def batch_at(self, step: int, batch_size: int, *, seed: int = 0) -> dict:
+        from experiments.clip_merging import train_preprocess
+
+        b = self.task.batch_at(step, batch_size, seed=seed)
+        if self.augment:
+            x = train_preprocess(b["x"], np.random.default_rng([seed, step, 0x5EED]), self.size)
+        else:
+            x = np.asarray(clip.normalize_images(b["x"]))
+        return {"x": x, "y": b["y"]}
+
+
+def _check_embedded(cfg: EmbeddedConfig) -> None:
+    from experiments.clip_zscl import check_recipe
+
+    check_recipe(cfg)
+    bad = [t for t in cfg.tasks if t not in EMBEDDED_TASKS]
+    if bad or len(cfg.tasks) < 2 or len(set(cfg.tasks)) != len(cfg.tasks):
+        raise ValueError(
+            f"tasks={cfg.tasks} must name at least two distinct tasks of {EMBEDDED_TASKS}"
+        )
+    if not cfg.seeds:
+        raise ValueError("seeds is empty")
+    for name in ("train_size", "test_size", "num_reference", "eval_batch_size"):
+        check_int(getattr(cfg, name), name=name, where=cfg.preset, low=1)
+
+
+def _embedded_env(cfg: EmbeddedConfig) -> dict[str, Any]:
+    """MiniCLIP, its zero-shot heads, the benchmark's tasks and the corpus reference set."""
+    from experiments.clip_zscl import _NEG
+
+    pre = clip.load_pretrained()
+    encoder = pre.image_encoder()
+    theta0 = clip.image_encoder_params(pre.params)
+    size = pre.model.config.vision.image_size
+    bench = embedded_benchmark(
+        0,
+        tasks=tuple(cfg.tasks),
+        train_size=cfg.train_size,
+        val_size=1,
+        test_size=cfg.test_size,
+        cache_dir=Path(cfg.out) / "data",
+    )
+    scale = pre.logit_scale
+    # Zero-shot heads: every class name in every template of its task, through the frozen
+    # text tower; padded to one width so that one compiled step serves every task.
+    width = max(t.num_classes for t in bench.tasks)
+    heads, lwf_texts = {}, {}
+    for task in bench.tasks:
+        templates = bench.templates[task.name]
+        h = clip.zero_shot_head(pre.encode_text, task.classes, templates, logit_scale=scale)
+        c = task.num_classes
+        heads[task.name] = {
+            "kernel": jnp.pad(h["kernel"], ((0, 0), (0, width - c))),
+            "bias": jnp.pad(h["bias"], (0, width - c), constant_values=_NEG),
+        }
+        # lwf.sh's reference texts: the current task's classes in its first template
+        lwf_texts[task.name] = losses.reference_embeddings(
+            pre.encode_text, [templates[0].format(n) for n in task.classes]
+        )
+    # The reference set (ImageNet and its captions in ZSCL): image-caption pairs of the
+    # pretraining corpus, from a seed MiniCLIP never saw. The captions are embedded once by
+    # the frozen text tower.
+    ref_x, captions, _ = corpus_batch(REFERENCE_SEED, 0, cfg.num_reference)
+    anchors = losses.reference_embeddings(pre.encode_text, captions)
+    reference = Task(
+        "reference",
+        ("corpus",),
+        ref_x,
+        np.zeros(len(ref_x), np.int32),
+        ref_x[:1],
+        np.zeros(1, np.int32),
+        ref_x[:1],
+        np.zeros(1, np.int32),
+    )
+    features = jax.jit(lambda p, x: encoder.apply({"params": p}, x))
+    test_x = {t.name: np.asarray(clip.normalize_images(t.x_test)) for t in bench.tasks}
+    bs = cfg.eval_batch_size
+
+    def evaluate(params) -> np.ndarray:
+        accs = []
+        for task in bench.tasks:
+            x, y = test_x[task.name], task.y_test
+            hits = 0
+            for i in range(0, len(y), bs):
+                xb = x[i : i + bs]
+                m = len(xb)
+                if m < bs:  # pad the last batch: one compiled shape
+                    xb = np.concatenate([xb, np.zeros((bs - m, *xb.shape[1:]), xb.dtype)])
+                logits = clip.head_logits(heads[task.name], features(params, xb)[:m])
+                hits += int((jnp.argmax(logits, -1) == y[i : i + m]).sum())
+            accs.append(100.0 * hits / len(y))
+        return np.asarray(accs)
+
+    return {
+        "encoder": encoder,
+        "theta0": theta0,
+        "train_tasks": {
+            t.name: _Preprocessed(t, augment=cfg.augment, size=size) for t in bench.tasks
+        },
+        "tasks": {t.name: _Preprocessed(t, augment=False, size=size) for t in bench.tasks},
+        "reference": _Preprocessed(reference, augment=False, size=size),
+        "heads": heads,
+        "anchors": anchors,
+        "lwf_texts": lwf_texts,
+        "scale": scale,
+        "features": features,
+        "evaluate": evaluate,
+    }
+
+
+def run_embedded(cfg: EmbeddedConfig) -> dict[str, Any]:
+    """The default preset: every method, every seed; returns what ``results.json`` holds."""
+    from experiments.clip_zscl import run_method
+
+    _check_embedded(cfg)
+    out = Path(cfg.out)
+    t0, c0 = time.perf_counter(), time.process_time()
+    env = _embedded_env(cfg)
+    zero_shot = env["evaluate"](env["theta0"])
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "tasks": list(cfg.tasks),
+        "reference": {"source": f"corpus_batch(seed={REFERENCE_SEED})", "pairs": cfg.num_reference},
+        "zero_shot": zero_shot.tolist(),
+        "setup_seconds": time.perf_counter() - t0,
+        "setup_cpu_seconds": time.process_time() - c0,
+        "runs": {},
+    }
+    fingerprint = json.loads(
+        json.dumps(
+            {
+                k: v
+                for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("methods", "out", "seeds", "eval_batch_size")
+            }
+        )
+    )
+    for method in cfg.methods:
+        t1, c1 = time.perf_counter(), time.process_time()
+        per_seed = run_method(
+            method, cfg, env, out / "ckpt" / method, fingerprint, seeds=tuple(cfg.seeds)
+        )
+        results["runs"][method] = [
+            {
+                "seed": seed,
+                "accuracy": acc.tolist(),
+                "transfer": continual.mtil_transfer(acc),
+                "avg": continual.mtil_avg(acc),
+                "last": continual.mtil_last(acc),
+                "resumed_from": start,
+            }
+            for seed, (acc, start) in zip(cfg.seeds, per_seed, strict=True)
+        ]
+        results.setdefault("seconds_per_method", {})[method] = time.perf_counter() - t1
+        results.setdefault("cpu_seconds_per_method", {})[method] = time.process_time() - c1
+    return results
+
+
+def _targets(results: dict[str, Any]) -> list[dict]:
+    """The issue's targets, checked on the seed means."""
+    zs = np.asarray(results["zero_shot"])
+    zs_transfer = continual.mtil_transfer(np.tile(zs, (len(zs), 1)))
+    mean = {
+        m: {k: float(np.mean([r[k] for r in runs])) for k in ("transfer", "last")}
+        for m, runs in results["runs"].items()
+    }
+    rows = []
+    if "zscl" in mean and "finetune" in mean:
+        z, f = mean["zscl"], mean["finetune"]
+        rows += [
+            {
+                "target": "Transfer >= fine-tuning's + 5",
+                "measured": f"{z['transfer']:.1f} vs {f['transfer'] + 5:.1f}",
+                "met": "yes" if z["transfer"] >= f["transfer"] + 5 else "no",
+            },
+            {
+                "target": "Transfer >= 90 % of zero-shot's",
+                "measured": f"{z['transfer']:.1f} vs {0.9 * zs_transfer:.1f}",
+                "met": "yes" if z["transfer"] >= 0.9 * zs_transfer else "no",
+            },
+            {
+                "target": "Last >= fine-tuning's",
+                "measured": f"{z['last']:.1f} vs {f['last']:.1f}",
+                "met": "yes" if z["last"] >= f["last"] else "no",
+            },
+        ]
+        best = max(mean, key=lambda m: mean[m]["transfer"])
+        rows.append(
+            {
+                "target": "ZSCL best on Transfer",
+                "measured": f"best: {best} ({mean[best]['transfer']:.1f})",
+                "met": "yes" if best == "zscl" else "no",
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
     known, _ = pre.parse_known_args(argv)
-    if known.preset in ("mtil", "mtil-tiny"):  # CLIP on the MTIL datasets
+    preset = known.preset or EmbeddedConfig.preset
+    if preset in ("mtil", "mtil-tiny"):  # CLIP on the MTIL datasets
         from experiments import clip_zscl
 
-        return clip_zscl.main(known.preset, argv)
+        return clip_zscl.main(preset, argv)
+    if preset in DIGIT_PRESETS:
+        return _main_digits(preset, argv)
+    if preset not in EMBEDDED_PRESETS:
+        known_presets = sorted([*EMBEDDED_PRESETS, *DIGIT_PRESETS, "mtil", "mtil-tiny"])
+        raise ValueError(f"unknown preset {preset!r}; choose from {known_presets}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _common.add_config_flags(parser, EmbeddedConfig)
+    args = parser.parse_args(argv)
+    base = dataclasses.replace(EmbeddedConfig(), preset=preset, **EMBEDDED_PRESETS[preset])
+    if preset != "default" and args.out is None:
+        base = dataclasses.replace(base, out=f"runs/zscl_{preset}")
+    cfg = _common.config_from_flags(base, args)
+    t0 = time.perf_counter()
+    results = run_embedded(cfg)
+    results["seconds"] = time.perf_counter() - t0
+    results["cpu_seconds"] = time.process_time()
+    table, rows = summarize(results)
+    results["table"] = rows
+    results["targets"] = _targets(results)
+    if _common.is_primary():
+        out = Path(cfg.out)
+        print(f"\nZSCL / MTIL on MiniCLIP, tasks {results['tasks']}, seeds {cfg.seeds}\n")
+        print(table)
+        if results["targets"]:
+            print("\n" + _common.format_table(results["targets"]))
+        print("\n" + matrices(results))
+        print(f"\nzero-shot row: {np.round(results['zero_shot'], 1).tolist()}")
+        print(f"total {results['seconds']:.0f}s wall, {results['cpu_seconds']:.0f}s CPU")
+        _common.write_json(out / "results.json", results)
+        _plots(results, out, title="ZSCL / MTIL on MiniCLIP")
+    return results
+
+
+def _main_digits(preset: str, argv: list[str] | None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_config_flags(parser, Config)
     args = parser.parse_args(argv)
-    preset = args.preset or Config.preset
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    base = dataclasses.replace(Config(), preset=preset, **PRESETS[preset])
-    if preset != "default" and args.out is None:
+    base = dataclasses.replace(Config(), preset=preset, **DIGIT_PRESETS[preset])
+    if preset != "digits" and args.out is None:
         base = dataclasses.replace(base, out=f"runs/zscl_{preset}")
     cfg = _common.config_from_flags(base, args)
     t0 = time.perf_counter()
@@ -608,7 +924,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\nzero-shot row: {np.round(results['zero_shot'], 1).tolist()}")
         print(f"total {results['seconds']:.0f}s")
         _common.write_json(out / "results.json", results)
-        _plots(results, out)
+        _plots(results, out, title="MTIL-style digits: ZSCL")
     return results
 
 

@@ -44,7 +44,7 @@ def test_mtil_tiny_preset_runs_and_resumes(tmp_path):
 
     # The checkpointed encoder after the last task moved away from the pretrained one.
     theta0 = _tiny_encoder_params(tmp_path / "reference-clip")
-    step, saved_tree, meta = CheckpointManager(tmp_path / "ckpt" / "zscl").restore_latest(
+    step, saved_tree, meta = CheckpointManager(tmp_path / "ckpt" / "zscl" / "seed0").restore_latest(
         {"params": theta0, "acc": np.zeros((3, 3))}
     )
     assert step == 3 and meta["config"]["tasks"] == tasks

@@ -1,7 +1,12 @@
-"""The ZSCL experiment: its table on a hand-computed matrix, and a tiny end-to-end run."""
+"""The ZSCL experiment: its table on a hand-computed matrix, the shared CLIP training loop on
+a toy encoder (iterations, teachers, reference sources, WiSE-FT), bad settings, and tiny
+end-to-end runs of the MiniCLIP and digit presets."""
 
 import json
+import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -52,12 +57,148 @@ def test_unknown_method_and_preset():
         zscl._flags("sgd")
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         zscl.main(["--preset", "huge"])
+    with pytest.raises(ValueError, match="unknown method 'sgd'"):
+        zscl.main(["--methods", "sgd"])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("lr", "nan"), ("temperature", "inf"), ("l2_weight", "-inf"), ("wise_alpha", "nan")],
+)
+def test_nonfinite_settings_rejected_before_any_work(tmp_path, flag, value):
+    for preset in ("default", "mtil"):
+        argv = ["--preset", preset, "--out", str(tmp_path), f"--{flag}={value}"]
+        with pytest.raises(ValueError, match=rf"{preset}: {flag}=.* must be finite"):
+            zscl.main(argv)
+    assert not list(tmp_path.iterdir())  # nothing was drawn, built or written
+
+
+# ------------------------------------------------- the shared loop on a toy "CLIP"
+
+
+class _Encoder:
+    """A linear image encoder ``x @ w``: features of width 4 from inputs of width 3."""
+
+    def apply(self, variables, x):
+        return x @ variables["params"]["w"]
+
+
+class _Data:
+    """``batch_at`` that logs (source, step, seed) and returns reproducible batches."""
+
+    def __init__(self, name, classes, log):
+        self.name, self.classes, self.log = name, classes, log
+
+    def batch_at(self, step, batch_size, *, seed=0):
+        self.log.append((self.name, step, seed))
+        r = np.random.default_rng([seed, step, len(self.name)])
+        x = r.normal(size=(batch_size, 3)).astype(np.float32)
+        return {"x": x, "y": r.integers(0, self.classes, batch_size).astype(np.int32)}
+
+
+def _toy_run(tmp_path, method, steps=3, **overrides):
+    from experiments import clip_zscl
+
+    log, evaluated, teachers = [], [], []
+    classes = {"a": 3, "b": 3}  # one shape of LwF texts: one compiled step
+    enc = _Encoder()
+    features = jax.jit(lambda p, x: enc.apply({"params": p}, x))
+
+    def spy_features(p, x):
+        teachers.append(jax.tree.map(np.asarray, p))
+        return features(p, x)
+
+    def evaluate(p):
+        evaluated.append(jax.tree.map(np.asarray, p))
+        return np.zeros(2)
+
+    def head(c):
+        return {
+            "kernel": jnp.pad(5.0 * jnp.eye(4)[:, :c], ((0, 0), (0, 3 - c))),
+            "bias": jnp.pad(jnp.zeros(c), (0, 3 - c), constant_values=-1e9),
+        }
+
+    env = {
+        "encoder": enc,
+        "theta0": {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)},
+        "train_tasks": {n: _Data("train:" + n, c, log) for n, c in classes.items()},
+        "tasks": {n: _Data("plain:" + n, c, log) for n, c in classes.items()},
+        "reference": _Data("reference", 1, log),
+        "heads": {n: head(c) for n, c in classes.items()},
+        "anchors": jnp.eye(4)[:3],
+        "lwf_texts": {n: jnp.eye(4)[:c] for n, c in classes.items()},
+        "scale": 10.0,
+        "features": spy_features,
+        "evaluate": evaluate,
+    }
+    cfg = dict(
+        preset="toy",
+        methods=(method,),
+        tasks=("a", "b"),
+        steps_per_task=steps,
+        batch_size=4,
+        ref_batch_size=5,
+        lr=1e-2,
+        fast_lr=1e-2,
+        fast_lr_tasks=(),
+        warmup=1,
+        label_smoothing=0.2,
+        avg_freq=steps,
+        temperature=2.0,
+        distill_weight=1.0,
+        l2_weight=1.0,
+        wise_alpha=0.8,
+    )
+    cfg = types.SimpleNamespace(**{**cfg, **overrides})
+    clip_zscl.check_recipe(cfg)
+    ((acc, start),) = clip_zscl.run_method(
+        method, cfg, env, tmp_path / method, {"toy": 1}, seeds=(7,)
+    )
+    return {"log": log, "evaluated": evaluated, "teachers": teachers, "theta0": env["theta0"]}
+
+
+def _tree_equal(a, b):
+    return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+
+def test_lwf_teacher_is_the_start_of_task_model_on_the_tasks_own_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    r = _toy_run(tmp_path, "lwf", steps=3)
+    train = [e for e in r["log"] if e[0].startswith("train")]
+    # steps_per_task + 1 iterations a task, steps 0..3, as the reference's range(1000 + 1)
+    assert [(n, s) for n, s, _ in train] == [("train:a", s) for s in range(4)] + [
+        ("train:b", s) for s in range(4)
+    ]
+    refs = [e[0] for e in r["log"] if not e[0].startswith("train")]
+    assert refs == ["plain:a"] * 4 + ["plain:b"] * 4  # lwf.sh: --ref-dataset = current task
+    # lwf.sh: --ref-model = the previous task's saved model (the pretrained one for task 0)
+    assert all(_tree_equal(t, r["theta0"]) for t in r["teachers"][:4])
+    assert all(_tree_equal(t, r["evaluated"][0]) for t in r["teachers"][4:])
+    assert not _tree_equal(r["evaluated"][0], r["theta0"])  # it did train
+
+
+def test_distill_teacher_is_pretrained_on_reference_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    r = _toy_run(tmp_path, "distill", steps=2)
+    refs = [(n, s) for n, s, _ in r["log"] if not n.startswith("train")]
+    # one reference stream across the tasks, never the task's own images
+    assert refs == [("reference", s) for s in range(6)]
+    assert len(r["teachers"]) == 6
+    assert all(_tree_equal(t, r["theta0"]) for t in r["teachers"])
+
+
+def test_wise_ft_alpha_zero_keeps_the_start_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    r = _toy_run(tmp_path, "wise_ft", steps=2, wise_alpha=0.0)
+    assert len(r["evaluated"]) == 2
+    assert all(_tree_equal(p, r["theta0"]) for p in r["evaluated"])
+    assert r["teachers"] == []
 
 
 @pytest.mark.slow
-def test_tiny_preset_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_digits_tiny_preset_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
-    argv = ["--preset", "tiny", "--out", str(tmp_path), "--methods", "finetune", "zscl"]
+    argv = ["--preset", "digits-tiny", "--out", str(tmp_path), "--methods", "finetune", "zscl"]
     res = zscl.main(argv)
     assert res["tasks"] == ["rotated", "digits", "parity"]
     for method in ("finetune", "zscl"):
@@ -81,7 +222,24 @@ def test_nonfinite_training_stops_naming_method_and_task(tmp_path, monkeypatch):
     from cljax.train import NonFiniteError
 
     monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
-    argv = ["--preset", "tiny", "--out", str(tmp_path), "--methods", "finetune", "--lr", "1e38"]
+    argv = ["--preset", "digits-tiny", "--out", str(tmp_path), "--methods", "finetune"]
+    argv += ["--lr", "1e38"]
     with pytest.raises(NonFiniteError, match=r"finetune: non-finite .* task 0 \('rotated'\)"):
         zscl.main(argv)
     assert not list((tmp_path / "ckpt" / "finetune").glob("step_*"))
+
+
+@pytest.mark.slow
+def test_tiny_preset_miniclip_end_to_end(tmp_path, monkeypatch):
+    """The default preset's code path (MiniCLIP, text-tower heads, corpus reference) at toy size."""
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    argv = ["--preset", "tiny", "--out", str(tmp_path), "--methods", "zscl"]
+    argv += ["--tasks", "textures", "digits", "--steps_per_task", "1"]
+    res = zscl.main(argv)
+    assert res["tasks"] == ["textures", "digits"]
+    (run,) = res["runs"]["zscl"]
+    acc = np.asarray(run["accuracy"])
+    assert acc.shape == (2, 2) and np.all((acc >= 0) & (acc <= 100))
+    assert len(res["zero_shot"]) == 2 and res["reference"]["pairs"] == 24
+    assert res["targets"] == []  # they compare zscl with finetune
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "metrics.png").is_file()
