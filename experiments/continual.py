@@ -70,6 +70,7 @@ class Config:
     lwf_weight: float = 1.0
     lwf_temperature: float = 2.0
     gpm_samples: int = 300
+    pmnist_normalize: bool = True  # (x - 0.1307) / 0.3081 as GPM's loader
     coso_proj_rank: int = 10
     coso_sketch_rank: int = 40
     checkpoint: bool = True
@@ -109,7 +110,8 @@ class MLP(nn.Module):
 
 def _benchmark(name: str, cfg: Config, seed: int):
     if name == "pmnist":
-        return data.permuted_mnist(cfg.pmnist_tasks, seed=seed), "domain"
+        tasks = data.permuted_mnist(cfg.pmnist_tasks, seed=seed, normalize=cfg.pmnist_normalize)
+        return tasks, "domain"
     if name == "split":
         return data.split_mnist(cfg.split_tasks, seed=seed), "task"
     if name == "rotated":

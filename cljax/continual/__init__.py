@@ -6,7 +6,7 @@ every task into the accuracy matrix ``A[j, i]`` (after task j, on task i), and c
 its whole state at task boundaries. The metrics read that matrix.
 """
 
-from cljax.continual._methods import EWC, GPM, OSFT, CoSO, L2Anchor, LwF, Naive
+from cljax.continual._methods import EWC, GPM, OSFT, PRD, CoSO, L2Anchor, LwF, Naive, no_task_loss
 from cljax.continual._metrics import (
     average_incremental_accuracy,
     backward_transfer,
@@ -31,6 +31,7 @@ __all__ = [
     "EWC",
     "GPM",
     "OSFT",
+    "PRD",
     "CoSO",
     "ContinualResult",
     "HeadLayout",
@@ -40,6 +41,7 @@ __all__ = [
     "Naive",
     "TaskContext",
     "cross_entropy_loss",
+    "no_task_loss",
     "run_sequence",
     "average_incremental_accuracy",
     "backward_transfer",

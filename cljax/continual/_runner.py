@@ -16,8 +16,11 @@ labels of a task map onto the model's outputs -- through a :class:`HeadLayout`:
 
 * ``"task"`` (task-incremental): one head per task, i.e. a slice of the output per task;
   training and evaluation use the task's slice only (the task id is known);
-* ``"class"`` (class-incremental): one head over the classes of all tasks; evaluation takes
-  the argmax over every output (no task id);
+* ``"class"`` (class-incremental): one growing head; task ``i`` trains over the classes
+  seen so far (``class_loss="seen"``) or over its own new classes only (``"new"``, the
+  local cross-entropy of PyCIL's baselines and of CoSO's and InfLoRA's class-incremental
+  code), and evaluation after task ``j`` takes the argmax over the classes of tasks
+  ``0..j`` (no task id);
 * ``"domain"`` (domain-incremental): every task has the same label space and one head.
 """
 
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 SCENARIOS = ("task", "class", "domain")
+CLASS_LOSSES = ("seen", "new")
 NONFINITE = ("raise", "skip")
 _NEG = -1e9
 
@@ -64,44 +68,67 @@ class HeadLayout:
       offsets: first output of each task.
       sizes: number of classes of each task.
       num_outputs: width of the model's output.
+      class_loss: ``"class"`` scenario only: the outputs task ``i`` trains over, ``"seen"``
+        (the classes of tasks ``0..i``) or ``"new"`` (task ``i``'s own classes).
     """
 
     scenario: str
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     num_outputs: int
+    class_loss: str = "seen"
 
     @classmethod
-    def build(cls, scenario: str, tasks: Sequence[Task]) -> HeadLayout:
+    def build(cls, scenario: str, tasks: Sequence[Task], *, class_loss: str = "seen") -> HeadLayout:
         """The layout of a task sequence under a scenario.
 
         Raises:
-          ValueError: on an unknown scenario or an empty task sequence.
+          ValueError: on an unknown scenario or ``class_loss``, or an empty task sequence.
         """
         if scenario not in SCENARIOS:
             raise ValueError(f"{scenario=} must be one of {SCENARIOS}")
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"{class_loss=} must be one of {CLASS_LOSSES}")
         if len(tasks) == 0:
             raise ValueError("the task sequence is empty; need at least one task")
         sizes = tuple(t.num_classes for t in tasks)
         if scenario == "domain":
-            return cls(scenario, (0,) * len(sizes), sizes, max(sizes))
+            return cls(scenario, (0,) * len(sizes), sizes, max(sizes), class_loss)
         offsets = tuple(int(v) for v in np.cumsum((0, *sizes[:-1])))
-        return cls(scenario, offsets, sizes, int(sum(sizes)))
+        return cls(scenario, offsets, sizes, int(sum(sizes)), class_loss)
 
     def _range(self, i: int) -> np.ndarray:
         m = np.zeros(self.num_outputs, bool)
         m[self.offsets[i] : self.offsets[i] + self.sizes[i]] = True
         return m
 
+    def _seen(self, i: int) -> np.ndarray:
+        m = np.zeros(self.num_outputs, bool)
+        m[: self.offsets[i] + self.sizes[i]] = True
+        return m
+
     def train_mask(self, i: int) -> np.ndarray:
-        """Outputs the loss of task ``i`` sees (its own head for ``"task"``, all otherwise)."""
-        if self.scenario == "task":
+        """Outputs the loss of task ``i`` sees: its own head for ``"task"`` (and ``"class"``
+        with ``class_loss="new"``), the classes seen so far for ``"class"``, all for
+        ``"domain"``."""
+        if self.scenario == "task" or (self.scenario == "class" and self.class_loss == "new"):
             return self._range(i)
+        if self.scenario == "class":
+            return self._seen(i)
         return np.ones(self.num_outputs, bool)
 
-    def eval_mask(self, i: int) -> np.ndarray:
-        """Outputs among which task ``i`` is evaluated (no task id unless ``"task"``)."""
-        return self.train_mask(i)
+    def eval_mask(self, i: int, after: int | None = None) -> np.ndarray:
+        """Outputs among which task ``i`` is evaluated after training task ``after``.
+
+        ``"task"``: task ``i``'s head (the task id is given); ``"class"``: the classes of
+        tasks ``0..max(i, after)`` (all seen classes, no task id; ``after=None`` reads as
+        ``i``); ``"domain"``: all outputs.
+        """
+        if self.scenario == "task":
+            return self._range(i)
+        if self.scenario == "class":
+            return self._seen(i if after is None else max(i, after))
+        return np.ones(self.num_outputs, bool)
 
     def old_mask(self, i: int) -> np.ndarray:
         """Outputs of tasks before ``i`` (all outputs in ``"domain"``): what LwF distills."""
@@ -180,7 +207,11 @@ class Method:
     def loss(
         self, params: Any, batch: dict, logits: jax.Array, mstate: Any, apply_fn: Callable
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """An extra loss term (traced inside the jitted step) and scalar metrics."""
+        """An extra loss term (traced inside the jitted step) and scalar metrics.
+
+        ``batch`` holds ``x``, the global labels ``y``, ``mask``, ``old_mask``, ``task``
+        and ``rng``, a PRNG key of its own for this method and step (e.g. augmentation).
+        """
         return jnp.zeros((), jnp.float32), {}
 
     def post_step(self, state: TrainState) -> TrainState:
@@ -344,6 +375,7 @@ def run_sequence(
     batch_size: int,
     methods: Method | Sequence[Method] = (),
     scenario: str = "domain",
+    class_loss: str = "seen",
     task_loss: Callable[[jax.Array, dict], jax.Array] = cross_entropy_loss,
     eval_fn: Callable[[Any, int, Task], float] | None = None,
     eval_split: str = "test",
@@ -367,6 +399,8 @@ def run_sequence(
       batch_size: training batch size.
       methods: one method or several (hooks run in order, losses add up); none = naive.
       scenario: ``"task"``, ``"class"`` or ``"domain"`` (module docstring).
+      class_loss: ``"class"`` scenario: train each task over the classes seen so far
+        (``"seen"``) or over its new classes only (``"new"``); see :class:`HeadLayout`.
       task_loss: ``task_loss(logits, batch) -> scalar`` (default: masked cross-entropy).
       eval_fn: ``eval_fn(params, i, task) -> accuracy`` replacing the default argmax
         accuracy on ``eval_split`` with the scenario's masks (e.g. zero-shot CLIP heads).
@@ -431,7 +465,7 @@ def run_sequence(
       2019 (task-, domain- and class-incremental).
     """
     tasks = tuple(tasks)
-    layout = HeadLayout.build(scenario, tasks)
+    layout = HeadLayout.build(scenario, tasks, class_loss=class_loss)
     if steps_per_task < 1:
         raise ValueError(f"{steps_per_task=} must be >= 1")
     if batch_size < 1:
@@ -461,11 +495,11 @@ def run_sequence(
 
     correct = _accuracy_fn(apply_fn)
 
-    def evaluate(p, i):
+    def evaluate(p, i, after):
         if eval_fn is not None:
             return float(eval_fn(p, i, tasks[i]))
         hits, n = 0, 0
-        mask = layout.eval_mask(i)
+        mask = layout.eval_mask(i, after)
         for b in tasks[i].eval_batches(eval_batch_size, eval_split):
             hits += int(correct(p, b["x"], layout.global_labels(b["y"], i), mask))
             n += len(b["y"])
@@ -524,7 +558,7 @@ def run_sequence(
             losses = [float(v) for v in np.asarray(tree["losses"])[:start]]
 
     if initial is not None and restored is None:
-        initial[:] = [evaluate(state.params, i) for i in range(n_tasks)]
+        initial[:] = [evaluate(state.params, i, 0) for i in range(n_tasks)]
 
     def snapshot() -> dict:
         padded = np.zeros(n_tasks)
@@ -537,12 +571,13 @@ def run_sequence(
         }
 
     def loss_fn(p, batch, rng, mstates):
-        del rng
         logits = apply_fn(p, batch["x"])
         loss = task_loss(logits, batch)
         aux = {"task_loss": loss}
-        for m in methods:
-            extra, a = m.loss(p, batch, logits, mstates[m.name], apply_fn)
+        keys = jax.random.split(rng, max(len(methods), 1))
+        for m, key in zip(methods, keys, strict=False):
+            mb = {**batch, "rng": key}
+            extra, a = m.loss(p, mb, logits, mstates[m.name], apply_fn)
             loss = loss + extra
             aux.update({f"{m.name}/{k}": v for k, v in a.items()})
         return loss, aux
@@ -633,7 +668,7 @@ def run_sequence(
             state = m.end_task(state, ctx)
         if methods:
             check_hook(j, "end_task")
-        acc[j] = [evaluate(state.params, i) for i in range(n_tasks)]
+        acc[j] = [evaluate(state.params, i, j) for i in range(n_tasks)]
         if ckpt is not None:
             meta = {"num_tasks": n_tasks, "completed": j + 1, "scenario": scenario, **identity}
             _save(ckpt, j + 1, snapshot(), meta)

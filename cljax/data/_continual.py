@@ -2,7 +2,8 @@
 
 All three share one shuffled train/val/test split of the 5,000 real MNIST digits, so task
 ``i`` of every benchmark sees the same underlying images (only the transform differs), and
-nothing is downloaded. Images are ``[N, 28, 28, 1]`` float32 in [0, 1].
+nothing is downloaded. Images are ``[N, 28, 28, 1]`` float32 in [0, 1]
+(``permuted_mnist(normalize=True)``: standardised as GPM's loader).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from cljax.data._task import Task, split_train_val
 __all__ = ["permuted_mnist", "rotated_mnist", "split_mnist"]
 
 _DIGITS = tuple(str(i) for i in range(10))
+# MNIST's pixel mean and standard deviation (over the 60k training images), the constants of
+# torchvision's usual MNIST transform and of GPM's loader.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def _base_split(seed: int, test_fraction: float, val_fraction: float):
@@ -45,6 +49,7 @@ def permuted_mnist(
     test_fraction: float = 0.2,
     val_fraction: float = 0.1,
     identity_first: bool = False,
+    normalize: bool = False,
 ) -> list[Task]:
     """Permuted MNIST: each task applies its own fixed pixel permutation (domain-incremental).
 
@@ -57,6 +62,11 @@ def permuted_mnist(
       test_fraction: fraction of the 5,000 images held out as test.
       val_fraction: fraction of the rest held out as validation.
       identity_first: leave task 0 unpermuted (some codebases do; GPM permutes all).
+      normalize: standardise the pixels, ``(x - 0.1307) / 0.3081``, as GPM's loader
+        (``dataloader/pmnist.py``: ``transforms.Normalize`` before the permutation). The
+        background is then -0.42 instead of 0, so a permuted zero pixel is not a missing
+        input to the first layer. Off by default: images stay in [0, 1] as the other
+        benchmarks.
 
     Returns:
       ``num_tasks`` :class:`Task` objects named ``pmnist-<i>``.
@@ -69,6 +79,8 @@ def permuted_mnist(
       Saha et al., GPM, ICLR 2021.
     """
     _check_tasks(num_tasks)
+    if not isinstance(normalize, bool | np.bool_):
+        raise ValueError(f"permuted_mnist: {normalize=} must be a bool")
     tr, va, te = _base_split(seed, test_fraction, val_fraction)
     rng = np.random.default_rng([seed, 1])
     tasks = []
@@ -76,6 +88,8 @@ def permuted_mnist(
         perm = np.arange(784) if (identity_first and t == 0) else rng.permutation(784)
 
         def f(x, perm=perm):
+            if normalize:
+                x = ((x - MNIST_MEAN) / MNIST_STD).astype(np.float32)
             return x.reshape(len(x), 784)[:, perm].reshape(x.shape)
 
         tasks.append(

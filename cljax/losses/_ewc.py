@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import tree as ct
+from cljax._checks import check_scalar
 
 __all__ = ["EWCState", "diagonal_fisher", "ewc_penalty", "ewc_update"]
 
@@ -97,8 +98,7 @@ def ewc_update(
       Schwarz et al., "Progress & Compress: A scalable framework for continual learning",
       ICML 2018 (online EWC).
     """
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"ewc_update: {gamma=} must be in [0, 1]")
+    check_scalar(gamma, name="gamma", where="ewc_update", low=0.0, high=1.0)
     ct.check_same_structure(params, fisher, names=("params", "fisher"))
     fisher = jax.tree.map(lambda f: jnp.asarray(f, jnp.float32), fisher)
     if state is not None:
@@ -128,8 +128,7 @@ def ewc_penalty(params: ct.Params, state: EWCState, *, strength: float = 1.0) ->
     References:
       Kirkpatrick et al., PNAS 2017; Schwarz et al., ICML 2018.
     """
-    if strength < 0:
-        raise ValueError(f"ewc_penalty: {strength=} must be >= 0")
+    check_scalar(strength, name="strength", where="ewc_penalty", low=0.0)
     terms = jax.tree.map(
         lambda p, a, f: jnp.sum(
             jax.lax.stop_gradient(f) * (p.astype(jnp.float32) - jax.lax.stop_gradient(a)) ** 2

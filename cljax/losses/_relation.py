@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cljax._checks import check_scalar
+
 __all__ = ["prototype_loss", "relation_distillation", "supervised_contrastive_loss"]
 
 
@@ -51,8 +53,8 @@ def supervised_contrastive_loss(
       Contrastive Learning", NeurIPS 2020 (Eq. 2, L_out); https://github.com/HobbitLong/SupContrast.
     """
     name = "supervised_contrastive_loss"
-    if not temperature > 0 or not base_temperature > 0:
-        raise ValueError(f"{name}: {temperature=} and {base_temperature=} must be positive")
+    check_scalar(temperature, name="temperature", where=name, low=0.0, low_open=True)
+    check_scalar(base_temperature, name="base_temperature", where=name, low=0.0, low_open=True)
     if jnp.ndim(features) != 3:
         raise ValueError(f"{name}: features {jnp.shape(features)} must be [N, V, D]")
     n, v, _ = jnp.shape(features)
@@ -128,6 +130,7 @@ def relation_distillation(
     teacher_prototypes: jax.Array,
     *,
     temperature: float = 1.0,
+    where: jax.Array | None = None,
 ) -> jax.Array:
     """KL between each sample's softmax over old prototypes, previous model vs current model.
 
@@ -152,6 +155,10 @@ def relation_distillation(
       student_prototypes: ``[..., P, D]`` current prototypes of the old classes.
       teacher_prototypes: ``[..., P, D]`` the previous model's prototypes of the old classes.
       temperature: T > 0.
+      where: optional ``[..., P]`` bool mask of the prototypes that take part: the softmax
+        of each group runs over its selected prototypes only, and a group with none
+        selected adds 0. It lets one fixed-shape call cover a growing set of old classes
+        inside a jitted step (the groups of tasks not seen yet masked out).
 
     Returns:
       A float32 scalar.
@@ -171,8 +178,7 @@ def relation_distillation(
       ``relation_distillation_loss``).
     """
     name = "relation_distillation"
-    if not temperature > 0:
-        raise ValueError(f"{name}: {temperature=} must be positive")
+    check_scalar(temperature, name="temperature", where=name, low=0.0, low_open=True)
     fs, ft = jnp.shape(student_features), jnp.shape(teacher_features)
     ps, pt = jnp.shape(student_prototypes), jnp.shape(teacher_prototypes)
     if len(fs) != 2 or fs != ft:
@@ -186,10 +192,19 @@ def relation_distillation(
         w = _normalize(jnp.asarray(w, jnp.float32))
         return jnp.einsum("nd,...pd->...np", jnp.asarray(f, jnp.float32), w) / temperature
 
+    if where is not None and jnp.shape(where) != ps[:-1]:
+        raise ValueError(
+            f"{name}: where {jnp.shape(where)} must be {ps[:-1]} (prototypes' [..., P])"
+        )
     t = jax.lax.stop_gradient(scores(teacher_features, teacher_prototypes))
     s = scores(student_features, student_prototypes)
+    mask = jnp.ones(ps[:-1], bool) if where is None else jnp.asarray(where, bool)
+    sel = jnp.expand_dims(mask, -2)  # [..., 1, P], broadcast over samples
+    # a large finite negative (not -inf): an all-masked group stays finite, then zeroed
+    t, s = jnp.where(sel, t, -1e9), jnp.where(sel, s, -1e9)
     logq = jax.nn.log_softmax(t, axis=-1)
-    q = jnp.exp(logq)
+    q = jnp.where(sel, jnp.exp(logq), 0.0)
     kl = jnp.sum(jnp.where(q > 0, q * (logq - jax.nn.log_softmax(s, axis=-1)), 0.0), axis=-1)
+    kl = jnp.where(jnp.any(sel, axis=-1), kl, 0.0)
     # kl: [..., N]; mean over samples, sum over groups
     return jnp.sum(jnp.mean(kl, axis=-1))

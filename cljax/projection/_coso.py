@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from cljax import tree as ct
+from cljax._checks import check_scalar
 from cljax.projection._common import check_finite_inputs, select_targets
 
 __all__ = [
@@ -176,7 +177,11 @@ def coso(
       proj_rank: rank ``r`` of the per-step projector (capped at ``min(in, out)``).
       sketch_rank: rank ``l`` of the Frequent-Directions sketch (capped at ``out``).
       update_gap: recompute the projector and update the sketch every this many steps.
-      b1, b2, eps: Adam hyperparameters (the reference uses eps 1e-6).
+      b1, b2, eps: Adam hyperparameters (the reference uses eps 1e-6). As in the reference
+        (``coso/adamw.py``), eps is added to ``sqrt(v)`` of the raw moment and the bias
+        corrections scale the step size, ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``;
+        optax's Adam adds eps to the corrected ``sqrt(v_hat)`` instead, which differs in
+        the first steps of each task (where ``1 - b2^t`` is small).
       decay: factor on the old sketch at each merge (``db_decay``).
       svd: ``"exact"`` (the reference: full SVD each step) or ``"randomized"``.
       oversample, power_iters: randomized-SVD parameters.
@@ -209,8 +214,9 @@ def coso(
     for name, v in (("b1", b1), ("b2", b2)):
         if not 0.0 <= v < 1.0:
             raise ValueError(f"coso: {name}={v} must be in [0, 1)")
-    if eps <= 0:
-        raise ValueError(f"coso: {eps=} must be positive")
+    check_scalar(eps, name="eps", where="coso", low=0.0, low_open=True)
+    if not callable(learning_rate):
+        check_scalar(learning_rate, name="learning_rate", where="coso", low=0.0)
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"coso: {decay=} must be in [0, 1]")
     lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
@@ -288,9 +294,10 @@ def coso(
             low = g @ proj[i]  # [in, r]
             mu[i] = b1 * mu[i] + (1 - b1) * low
             nu[i] = b2 * nu[i] + (1 - b2) * low**2
-            mhat = mu[i] / (1 - b1**count)
-            vhat = nu[i] / (1 - b2**count)
-            step = -lr * (mhat / (jnp.sqrt(vhat) + eps)) @ proj[i].T
+            # eps on the raw second moment, bias corrections folded into the step size,
+            # as coso/adamw.py (HF AdamW): lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps).
+            size = lr * jnp.sqrt(1 - b2**count) / (1 - b1**count)
+            step = -size * (mu[i] / (jnp.sqrt(nu[i]) + eps)) @ proj[i].T
             step = step - (step @ h) @ h.T
             out[j] = step.astype(u.dtype)
         new_state = state._replace(

@@ -48,7 +48,17 @@ def test_head_layouts():
     np.testing.assert_array_equal(lt.old_mask(2), [1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(lt.global_labels(np.array([0, 1]), 2), [4, 5])
     lc = cl.HeadLayout.build("class", tasks)
-    assert lc.eval_mask(1).all() and lc.num_outputs == 6
+    assert lc.num_outputs == 6
+    # one growing head: train and test over the classes seen so far, no task id
+    np.testing.assert_array_equal(lc.train_mask(1), [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(lc.eval_mask(0, after=2), [1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(lc.eval_mask(1), [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(lc.eval_mask(2, after=0), [1, 1, 1, 1, 1, 1])
+    ln = cl.HeadLayout.build("class", tasks, class_loss="new")  # PyCIL's / CoSO's local CE
+    np.testing.assert_array_equal(ln.train_mask(1), [0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(ln.eval_mask(0, after=1), [1, 1, 1, 1, 0, 0])
+    with pytest.raises(ValueError, match=r"class_loss='old'"):
+        cl.HeadLayout.build("class", tasks, class_loss="old")
     ld = cl.HeadLayout.build("domain", tasks)
     assert ld.num_outputs == 2 and ld.offsets == (0, 0, 0)
     assert not ld.old_mask(0).any() and ld.old_mask(1).all()

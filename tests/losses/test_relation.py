@@ -82,6 +82,22 @@ def test_relation_distillation_matches_numpy_loop(rng):
     assert float(got) == pytest.approx(_np_relation(fs, ft, ws, wt, 1.0), rel=1e-5)
 
 
+def test_relation_distillation_where_selects_prototypes(rng):
+    """A mask equals the loop over the selected prototypes; an empty group adds 0."""
+    fs, ft = rng.normal(size=(2, 6, 5))
+    ws, wt = rng.normal(size=(2, 3, 4, 5))
+    where = np.array([[1, 0, 1, 1], [0, 1, 1, 0], [0, 0, 0, 0]], bool)
+    f = jax.jit(lambda *a: losses.relation_distillation(*a, temperature=0.7, where=where))
+    got = f(fs, ft, ws, wt)
+    want = sum(_np_relation(fs, ft, ws[g][where[g]], wt[g][where[g]], 0.7) for g in range(2))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    grads = jax.grad(lambda w: f(fs, ft, w, wt))(jnp.asarray(ws, jnp.float32))
+    assert np.isfinite(np.asarray(grads)).all()
+    np.testing.assert_array_equal(np.asarray(grads)[~where], 0.0)  # unselected: no gradient
+    with pytest.raises(ValueError, match=r"where \(3,\) must be \(3, 4\)"):
+        losses.relation_distillation(fs, ft, ws, wt, where=np.ones(3, bool))
+
+
 @pytest.mark.slow
 def test_relation_zero_when_unchanged_and_no_teacher_gradient(rng):
     f = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
@@ -96,7 +112,7 @@ def test_relation_zero_when_unchanged_and_no_teacher_gradient(rng):
 
 def test_bad_inputs():
     f = jnp.ones((4, 3))
-    with pytest.raises(ValueError, match=r"temperature=0.0 and base_temperature=0.07 must be"):
+    with pytest.raises(ValueError, match=r"temperature=0.0 must be > 0"):
         losses.supervised_contrastive_loss(jnp.ones((4, 2, 3)), temperature=0.0)
     with pytest.raises(ValueError, match=r"must be \[N, V, D\]"):
         losses.supervised_contrastive_loss(f)
@@ -104,7 +120,7 @@ def test_bad_inputs():
         losses.prototype_loss(f, jnp.zeros(4, int), jnp.ones((2, 5)))
     with pytest.raises(ValueError, match=r"prototypes must be one"):
         losses.relation_distillation(f, f, jnp.ones((2, 3)), jnp.ones((3, 3)))
-    with pytest.raises(ValueError, match=r"temperature=-1.0 must be positive"):
+    with pytest.raises(ValueError, match=r"temperature=-1.0 must be > 0"):
         losses.relation_distillation(f, f, jnp.ones((2, 3)), jnp.ones((2, 3)), temperature=-1.0)
 
 

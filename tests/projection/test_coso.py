@@ -58,10 +58,35 @@ def test_first_step_is_low_rank_adam(rng):
     _, _, vt = np.linalg.svd(np.asarray(g))
     p = vt[:2].T  # [out, r]
     low = np.asarray(g) @ p
-    want = -0.1 * (low / (np.abs(low) + 1e-6)) @ p.T  # Adam's first step, bias corrected
+    # Adam's first step with eps on the raw sqrt(v) (coso/adamw.py): eps / sqrt(1 - b2)
+    want = -0.1 * (low / (np.abs(low) + 1e-6 / np.sqrt(1 - 0.999))) @ p.T
     np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=1e-4, atol=1e-6)
     # projector sign is arbitrary; its span is what counts
     np.testing.assert_allclose(np.abs(np.asarray(st.projector[0]).T @ p), np.eye(2), atol=1e-5)
+
+
+def test_eps_is_placed_as_the_reference_adamw(rng):
+    """Steps 1-4 on a fixed gradient against a numpy loop of coso/adamw.py's update:
+    ``lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``, not optax's ``m_hat / (sqrt(v_hat)
+    + eps)`` (a large eps separates the two)."""
+    g = rng.normal(size=(6, 4)).astype(np.float32)
+    lr, b1, b2, eps = 0.05, 0.8, 0.9, 0.3
+    tx = pj.coso(lr, [("w", True)], proj_rank=2, sketch_rank=2, b1=b1, b2=b2, eps=eps)
+    state = tx.init({"w": jnp.asarray(g)})
+    _, _, vt = np.linalg.svd(g.astype(np.float64))
+    p = vt[:2].T
+    m = v = np.zeros((6, 2))
+    for t in range(1, 5):
+        u, state = tx.update({"w": jnp.asarray(g)}, state, None)
+        low = g @ p  # the same top-2 subspace each step; the sign of p cancels in low @ p.T
+        m = b1 * m + (1 - b1) * low
+        v = b2 * v + (1 - b2) * low**2
+        size = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        want = -size * (m / (np.sqrt(v) + eps)) @ p.T
+        np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=2e-4, atol=1e-6)
+        mh, vh = m / (1 - b1**t), v / (1 - b2**t)
+        other = -lr * (mh / (np.sqrt(vh) + eps)) @ p.T
+        assert np.abs(want - other).max() > 1e-3  # the check can tell the placements apart
 
 
 @pytest.mark.slow
@@ -125,9 +150,21 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"select no parameter"):
         tx.init({"v": jnp.zeros((3, 3))})
     st = tx.init({"w": jnp.zeros((3, 3))})
-    for bad in (0.0, 1.01):
+    for bad in (0.0, 1.01, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"threshold=.* must be in \(0, 1\]"):
             pj.coso_next_task(st, bad)
+    for kw, msg in (
+        ({"eps": float("nan")}, r"coso: eps=nan must be finite"),
+        ({"eps": float("inf")}, r"coso: eps=inf must be finite"),
+        ({"eps": 0.0}, r"coso: eps=0.0 must be > 0"),
+        ({"b1": float("nan")}, r"b1=nan"),
+        ({"decay": float("inf")}, r"decay=inf"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            pj.coso(1e-3, [("w", True)], **kw)
+    for lr in (float("nan"), float("inf"), -1e-3):
+        with pytest.raises(ValueError, match=r"coso: learning_rate="):
+            pj.coso(lr, [("w", True)])
 
 
 def test_nonfinite_sketch_is_rejected_at_the_task_boundary():

@@ -1,0 +1,110 @@
+"""Continual methods: hyperparameter checks, GPM's per-layer sample counts, normalised PMNIST."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cljax import continual as cl
+from cljax import data, losses
+from cljax import projection as pj
+from cljax.data import Task
+from cljax.train import TrainState
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "make, msg",
+    [
+        (lambda: cl.EWC(NAN), r"EWC: strength=nan must be finite"),
+        (lambda: cl.EWC(INF), r"EWC: strength=inf must be finite"),
+        (lambda: cl.EWC(1.0, gamma=NAN), r"EWC: gamma=nan"),
+        (lambda: cl.EWC(1.0, fisher_samples=2.5), r"EWC: fisher_samples=2.5"),
+        (lambda: cl.LwF(INF), r"LwF: weight=inf must be finite"),
+        (lambda: cl.LwF(1.0, temperature=NAN), r"LwF: temperature=nan"),
+        (lambda: cl.L2Anchor(NAN), r"L2Anchor: weight=nan"),
+        (lambda: cl.OSFT([("k", True)], ratio=NAN), r"OSFT: ratio=nan"),
+        (lambda: cl.OSFT([("k", True)], ratio=[0.5, INF]), r"OSFT: ratio\[1\]=inf"),
+        (lambda: cl.OSFT([("k", True)], ratio="fixed"), r"OSFT: ratio='fixed'"),
+        (lambda: cl.OSFT([("k", True)], max_ratio=NAN), r"OSFT: max_ratio=nan"),
+        (lambda: cl.GPM([("k", True)], None, threshold=NAN), r"threshold=nan"),
+        (lambda: cl.GPM([("k", True)], None, num_samples=0), r"GPM: num_samples=0"),
+        (lambda: cl.GPM([("k", True)], None, num_samples=[3, 0]), r"num_samples\[1\]=0"),
+        (lambda: cl.CoSO(NAN, [("k", True)]), r"coso: learning_rate=nan"),
+        (lambda: cl.CoSO(1e-3, [("k", True)], threshold=INF), r"threshold=inf"),
+        (lambda: losses.ewc_penalty({}, None, strength=INF), r"ewc_penalty: strength=inf"),
+        (
+            lambda: losses.relation_distillation(
+                jnp.ones((2, 3)),
+                jnp.ones((2, 3)),
+                jnp.ones((2, 3)),
+                jnp.ones((2, 3)),
+                temperature=INF,
+            ),
+            r"relation_distillation: temperature=inf must be finite",
+        ),
+        (
+            lambda: losses.supervised_contrastive_loss(jnp.ones((2, 1, 3)), temperature=NAN),
+            r"supervised_contrastive_loss: temperature=nan",
+        ),
+    ],
+)
+def test_nonfinite_hyperparameters_are_rejected_by_name(make, msg):
+    with pytest.raises(ValueError, match=msg):
+        make()
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(7, use_bias=False)(x))
+        x = nn.relu(nn.Dense(5, use_bias=False)(x))
+        return nn.Dense(3, use_bias=False)(x)
+
+
+def test_gpm_per_layer_sample_counts_match_separate_recordings():
+    """num_samples=[a, b, c]: layer k's memory is GPM's update from the first n_k examples."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=40).astype(np.int32)
+    task = Task("t", ("a", "b", "c"), x, y, x[:4], y[:4], x[:4], y[:4])
+    model = _MLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+    targets = [(r"Dense_\d/kernel", True)]
+    rec = lambda p, xs: pj.record_layer_inputs(model, {"params": p}, xs)  # noqa: E731
+    counts = [4, 30, 12]
+    method = cl.GPM(targets, rec, threshold=0.9, num_samples=counts)
+    tx = method.wrap_optimizer(optax.sgd(0.1))
+    state = TrainState.create(params, tx, rng=0, methods={})
+    layout = cl.HeadLayout.build("class", [task])
+    ctx = cl.TaskContext(0, (task,), layout, lambda p, xs: model.apply({"params": p}, xs), 0)
+    got = pj.find_state(method.end_task(state, ctx).opt_state, pj.GPMState)[0]
+    # oracle: each layer from its own recording of its own count
+    fresh = pj.find_state(state.opt_state, pj.GPMState)[0]
+    reps = [
+        pj.gpm_representations(params, targets, rec(params, jnp.asarray(x[:n])))[k]
+        for k, n in enumerate(counts)
+    ]
+    want = pj.gpm_update_memory(fresh, tuple(reps), 0.9)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # the counts matter: layer 1 from 4 examples instead of 30 gets another memory
+    alt = pj.gpm_update_memory(fresh, (reps[0], reps[1][:4], reps[2]), 0.9)
+    assert not np.allclose(np.asarray(alt.memory[1]), np.asarray(got.memory[1]), atol=1e-3)
+    with pytest.raises(ValueError, match=r"GPM: got 2 num_samples for 3 targets"):
+        cl.GPM(targets, rec, threshold=0.9, num_samples=[4, 5]).end_task(state, ctx)
+
+
+def test_permuted_mnist_normalised_as_gpm_loader():
+    raw = data.permuted_mnist(2, seed=3)
+    norm = data.permuted_mnist(2, seed=3, normalize=True)
+    for a, b in zip(raw, norm, strict=True):
+        np.testing.assert_array_equal(a.y_train, b.y_train)
+        np.testing.assert_allclose(b.x_test, (a.x_test - 0.1307) / 0.3081, rtol=1e-5, atol=1e-6)
+        assert b.x_train.dtype == np.float32
+    assert np.isclose(norm[0].x_train.min(), -0.1307 / 0.3081, atol=1e-5)
+    with pytest.raises(ValueError, match=r"normalize=1"):
+        data.permuted_mnist(1, normalize=1)
