@@ -579,7 +579,8 @@ def figure(path: Path, ds: str, rows: list[dict], paired: list[dict], cfg: Confi
     a1.axhline(0, color="k", lw=0.5)
     a1.set_xticks(x, shown, rotation=30, ha="right")
     a1.set_ylabel("Δm% vs single-task (higher is better)")
-    a1.set_title(f"{ds}: mean ± std over {len(cfg.seeds)} seeds")
+    n = sorted({by[m]["seeds"] for m in shown} | {by["F-" + m]["seeds"] for m in shown})
+    a1.set_title(f"{ds}: mean ± std over {'/'.join(map(str, n))} seeds")
     a1.legend(fontsize=8)
     ps = [p for p in paired if p["method"] in shown]
     mean = np.array([p["dm_diff"] for p in ps])
@@ -589,6 +590,7 @@ def figure(path: Path, ds: str, rows: list[dict], paired: list[dict], cfg: Confi
     for i, p in enumerate(ps):
         a2.scatter(np.full(len(p["dm_diffs"]), i + 0.15), p["dm_diffs"], s=8, c="gray")
     a2.axhline(0, color="k", lw=0.5)
+    a2.set_xlim(-0.5, len(shown) - 0.5)
     a2.set_xticks(x, shown, rotation=30, ha="right")
     a2.set_ylabel("F-MTL − base, Δm points (same seed)")
     a2.set_title("paired difference, mean and 95 % t-interval")
@@ -623,7 +625,9 @@ def main(argv=None) -> dict:
             if not rows:
                 continue
             cols = [c for c in rows[0] if not c.startswith("_") and c != "dataset"]
-            print(f"\n### {ds} (test accuracy %, mean ± std over seeds {list(cfg.seeds)})\n")
+            print(
+                f"\n### {ds} (test accuracy %, mean ± std over the finished seeds of {list(cfg.seeds)})\n"
+            )
             print(C.format_table(rows, cols))
             paired = results["paired"][ds]
             if paired:
