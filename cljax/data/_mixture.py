@@ -205,7 +205,9 @@ class MixedBatcher:
     Raises:
       ValueError: (at construction) without tasks, with a ``batch_size`` that is not a
         positive int or a ``seed`` that is not a non-negative int, with a schedule whose
-        length differs from the number of tasks, with inputs of different shapes or dtypes, or with an empty
+        length differs from the number of tasks, with a task of positive weight that the
+        rounding leaves without a single example per batch (its quota ``w * batch_size``
+        ranks below the others' remainders: it would silently never be drawn), with inputs of different shapes or dtypes, or with an empty
         split in a task the schedule ever draws from.
     """
 
@@ -229,6 +231,16 @@ class MixedBatcher:
             )
         check_int(self.batch_size, name="batch_size", where="MixedBatcher", low=1)
         check_int(self.seed, name="seed", where="MixedBatcher", low=0)
+        for k, w in enumerate(self.schedule.weights):
+            starved = (w > 0) & (mixed_batch_counts(w, self.batch_size) == 0)
+            if starved.any():
+                t = int(np.argmax(starved))
+                raise ValueError(
+                    f"MixedBatcher: task {tasks[t].name!r} has weight {w[t]:.4g} from step "
+                    f"{self.schedule.boundaries[k]} but gets 0 of batch_size={self.batch_size} "
+                    f"examples in every batch (largest-remainder rounding); use a batch_size of "
+                    f"at least {math.ceil(1 / w[t] - 1e-9)} or a larger weight"
+                )
         first = tasks[0].split(self.split)[0]
         used = self.schedule.weights.max(axis=0) > 0
         for t, task in enumerate(tasks):

@@ -154,6 +154,13 @@ def test_bad_inputs():
         mixed_batch_counts([1, float("inf")], 4)
     with pytest.raises(ValueError, match=r"MixedBatcher: seed=-1 must be an integer >= 0"):
         MixedBatcher(_tasks(), 4, [1, 1, 1], seed=-1)
+    # weight 0.02 of a batch of 32: a quota of 0.64 that loses the remainder contest
+    with pytest.raises(
+        ValueError,
+        match=r"task 'c' has weight 0.02 from step 5 but gets 0 of batch_size=32.*at least 50",
+    ):
+        MixedBatcher(_tasks(), 32, mixture_schedule({0: [1, 1, 1], 5: [0.49, 0.49, 0.02]}))
+    MixedBatcher(_tasks(), 50, mixture_schedule({0: [1, 1, 1], 5: [0.49, 0.49, 0.02]}))
     with pytest.raises(ValueError, match=r"MixedBatcher: batch_size=2.5 must be an integer"):
         MixedBatcher(_tasks(), 2.5, [1, 1, 1])
     with pytest.raises(ValueError, match=r"weighs 2 tasks but 3 tasks"):
