@@ -109,6 +109,7 @@ class Config:
     train: bool = True  # False: only summarise the runs found in the checkpoint
     width: int = 10  # lenet: conv channels width, 2*width, dense 5*width (paper: 10)
     checkpoint_every: int = 0  # > 0: save a run in progress every N steps and each epoch
+    merge: tuple[str, ...] = ()  # other --out folders whose finished runs (same config) count
     out: str = "runs/mtl"
 
 
@@ -381,6 +382,14 @@ def train_one(
     }
 
 
+def _fingerprint(cfg: Config) -> dict:
+    """What shapes a run: finished runs are reused only where it is unchanged."""
+    fields = ("num_samples", "attribute_samples", "epochs", "batch_size", "learning_rate")
+    fields += ("rho", "adaptive", "normalization", "trunk", "width")
+    fields += ("num_train", "num_val", "num_test", "schedule", "unroll")
+    return {f: getattr(cfg, f) for f in fields}
+
+
 def run(cfg: Config) -> dict:
     _methods(cfg)  # validates the names before anything trains
     if cfg.checkpoint_every < 0:
@@ -389,14 +398,20 @@ def run(cfg: Config) -> dict:
     ckpt = CheckpointManager(out / "ckpt", keep=2)
     done: dict = {}
     restored = ckpt.restore_latest({"count": np.zeros((), np.int32)})
-    # Runs are reused only if everything that shapes a run is unchanged.
-    fields = ("num_samples", "attribute_samples", "epochs", "batch_size", "learning_rate")
-    fields += ("rho", "adaptive", "normalization", "trunk", "width")
-    fields += ("num_train", "num_val", "num_test", "schedule", "unroll")
-    fingerprint = {f: getattr(cfg, f) for f in fields}
+    fingerprint = _fingerprint(cfg)
     if restored is not None and restored[2].get("config", fingerprint) == fingerprint:
         done = dict(restored[2].get("runs", {}))
     count = 0 if restored is None else restored[0]
+    for other in cfg.merge:  # finished runs of the same configuration, from other folders
+        got = None
+        if (Path(other) / "ckpt").is_dir():
+            got = CheckpointManager(Path(other) / "ckpt", keep=2).restore_latest(
+                {"count": np.zeros((), np.int32)}
+            )
+        if got is None or got[2].get("config") != fingerprint:
+            raise ValueError(f"mtl: merge folder {other!r} holds no runs of this configuration")
+        for k, v in got[2].get("runs", {}).items():
+            done.setdefault(k, v)
     # runs in progress (--checkpoint_every), in a folder of this configuration
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
     partial = out / "partial" / digest

@@ -91,3 +91,31 @@ def test_methods_are_checked_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"unknown methods \['pcgard'\]"):
         mtl.run(cfg)
     assert mtl._methods(dataclasses.replace(cfg, methods=("none",))) == ()
+
+
+def test_merge_adds_the_finished_runs_of_other_folders(tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from cljax.checkpoint import CheckpointManager
+
+    cfg = dataclasses.replace(mtl.PRESETS["tiny"], train=False, out=str(tmp_path / "a"))
+    fp = mtl._fingerprint(cfg)
+    r = lambda acc: {"test": acc, "best_val": 0.0}
+    parts = {
+        "b": {"multi_mnist/stl0/0": r([50.0]), "multi_mnist/stl1/0": r([40.0])},
+        "c": {"multi_mnist/mgda/0": r([45.0, 44.0]), "multi_mnist/f-mgda/0": r([46.0, 44.0])},
+    }
+    for name, runs in parts.items():
+        meta = {"runs": runs, "config": fp}
+        CheckpointManager(tmp_path / name / "ckpt").save(
+            1, {"count": np.ones((), np.int32)}, metadata=meta
+        )
+    res = mtl.run(dataclasses.replace(cfg, merge=(str(tmp_path / "b"), str(tmp_path / "c"))))
+    assert set(res["runs"]) == set(parts["b"]) | set(parts["c"])
+    (p,) = res["paired"]["multi_mnist"]
+    np.testing.assert_allclose(p["dm_diffs"], [100 * (1 / 50) / 2])  # +1 point on the left
+    other = dataclasses.replace(cfg, epochs=2, merge=(str(tmp_path / "b"),))
+    with pytest.raises(ValueError, match="holds no runs of this configuration"):
+        mtl.run(other)
