@@ -99,22 +99,22 @@ def dare(
 def _dare_core(tv_leaves, key, cutoff, factor, *, mask, hashes, num_tasks):
     ts = _common.TaskSet(tv_leaves, num_tasks)
     merged = [i for i, m in enumerate(mask) if m]
+    out = [ts.stacked(i) for i in range(len(mask))]
+    if not merged:
+        return out
     # The key words of every (merged leaf, task) mask in one vectorised draw: one PRNG
     # computation in the program instead of one a leaf.
     folds = jnp.asarray([hashes[i] for i in merged], jnp.uint32)
     tasks = jnp.arange(num_tasks, dtype=jnp.uint32)
-    words = (
-        jax.vmap(
-            lambda h: jax.vmap(
-                lambda t: jax.random.bits(
-                    jax.random.fold_in(jax.random.fold_in(key, t), h), (2,), jnp.uint32
-                )
-            )(tasks)
-        )(folds)
-        if merged
-        else None
-    )  # (leaves, T, 2)
-    out = [ts.stacked(i) for i in range(len(mask))]
+
+    def task_words(h):  # (T, 2)
+        return jax.vmap(
+            lambda t: jax.random.bits(
+                jax.random.fold_in(jax.random.fold_in(key, t), h), (2,), jnp.uint32
+            )
+        )(tasks)
+
+    words = jax.vmap(task_words)(folds)  # (merged leaves, T, 2)
     for j, i in enumerate(merged):
         x = out[i]
         bits = entry_bits(x.shape, words[j], batch_dims=1)
