@@ -51,7 +51,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -399,12 +399,36 @@ def kth_largest_bits(
         lo = _kth_by_sort(leaves, k, num_tasks)
         return (lo, jnp.int32(0)) if return_passes else lo
     limit = _listing_size(n)
-
-    # First candidates from a strided sample: its quantile and 4 standard errors either side.
     sample = jnp.concatenate(
         [_sample(x, max(1, _SAMPLE * s // n)) for x, s in zip(leaves, sizes, strict=True)], axis=1
     )
-    m = sample.shape[1]
+    first_cands = _first_candidates(sample, k, n)
+    search = _Search(k=k, n=n, limit=limit, first_cands=first_cands)
+
+    def body(s):
+        step = search.propose(s)
+        # The barrier ties the leaves to this pass's candidates: otherwise XLA hoists their
+        # magnitudes out of the loop, a full float32 copy of the task vectors.
+        read, thr = lax.optimization_barrier((leaves, _as_float(step["cand"])))
+
+        def listing(read, thr):
+            del thr
+            return search.after_listing(s, step, *bracket_entries(read, s["lo"], s["hi"], limit))
+
+        def counting(read, thr):
+            return search.after_counting(s, step, count_at_least_many(read, thr))
+
+        return lax.cond(step["extract"], listing, counting, read, thr)
+
+    final = lax.while_loop(_go_on, body, _initial_state(num_tasks, n))
+    lo = _finish(final)
+    return (lo, final["it"]) if return_passes else lo
+
+
+def _first_candidates(sample: jax.Array, k: jax.Array, n: int) -> jax.Array:
+    """``(3, T)`` uint32: the first pass's candidates from a strided sample ``(T, m)`` of
+    the magnitudes, its quantile at rank k and 4 standard errors either side."""
+    num_tasks, m = sample.shape
     # Sorted as int32 patterns: XLA:CPU's float sort (a total order) is far slower.
     asc = jnp.sort(lax.bitcast_convert_type(magnitude_bits(sample), jnp.int32), axis=1)
     q = k.astype(jnp.float32) / n
@@ -416,16 +440,50 @@ def kth_largest_bits(
         at = m - 1 - jnp.clip(r, 0, m - 1).astype(jnp.int32)
         return lax.bitcast_convert_type(asc[tasks, at], jnp.uint32)
 
-    first_cands = jnp.stack(  # ascending magnitudes: descending sample ranks
+    return jnp.stack(  # ascending magnitudes: descending sample ranks
         [sample_bits(rank + spread), sample_bits(rank), sample_bits(rank - spread - 1) + 1]
     )
-    open_steps = (jnp.uint32(1 << 22), jnp.uint32(1 << 24))  # magnitude ratios sqrt(2), 4
-    sides = jnp.array([-1.0, 0.0, 1.0], jnp.float32)[:, None]
 
-    def cond(s):
-        return (s["it"] < _MAX_PASSES) & jnp.any(s["hi"] - s["lo"] > 1)
 
-    def body(s):
+def _initial_state(num_tasks: int, n: int) -> dict:
+    return {
+        "it": jnp.int32(0),
+        "lo": jnp.zeros((num_tasks,), jnp.uint32),
+        "hi": jnp.full((num_tasks,), _TOP, jnp.uint32),
+        "c_lo": jnp.full((num_tasks,), n, jnp.uint32),
+        "c_hi": jnp.zeros((num_tasks,), jnp.uint32),
+        "bisect": jnp.zeros((num_tasks,), bool),
+        "listed": jnp.int32(0),
+        "out": jnp.zeros((num_tasks,), jnp.uint32),
+        "c_out": jnp.zeros((num_tasks,), jnp.uint32),
+    }
+
+
+def _go_on(s: dict) -> jax.Array:
+    return (s["it"] < _MAX_PASSES) & jnp.any(s["hi"] - s["lo"] > 1)
+
+
+def _finish(final: dict) -> jax.Array:
+    # Compares flush subnormals to zero on CPUs and accelerators: below the smallest normal
+    # float32 the k-th magnitude is reported as 0 (a threshold that keeps everything).
+    return jnp.where(final["lo"] < _MIN_NORMAL, jnp.uint32(0), final["lo"])
+
+
+class _Search(NamedTuple):
+    """The search's bookkeeping on ``(T,)`` brackets, apart from the reads of the leaves:
+    :meth:`propose` picks a pass (three candidates to count, or a listing of the
+    bracket); :meth:`after_counting` and :meth:`after_listing` narrow the bracket with
+    what that pass found. Inside one computation a ``while_loop`` runs them
+    (:func:`kth_largest_bits`); :func:`kth_largest_bits_driven` runs the same steps from
+    Python, reading the leaves through small per-leaf programs."""
+
+    k: jax.Array
+    n: int
+    limit: int
+    first_cands: jax.Array
+
+    def propose(self, s: dict) -> dict:
+        k = self.k
         lo, hi, c_lo, c_hi = s["lo"], s["hi"], s["c_lo"], s["c_hi"]
         width = hi - lo
         # Interpolation: probe where the count, read as a function of the magnitude,
@@ -439,6 +497,7 @@ def kth_largest_bits(
         spread = _Z * jnp.sqrt(jnp.maximum(frac * (1 - frac), 0.0) * inside) + 1.0
         c0, c1, c2 = (x.astype(jnp.float32) for x in (c_lo, c_hi, s["c_out"]))
         v0, v1, v2 = (_as_float(x) for x in (lo, hi, s["out"]))
+        sides = jnp.array([-1.0, 0.0, 1.0], jnp.float32)[:, None]
         target = jnp.clip(k.astype(jnp.float32) - 0.5 - sides * spread, c1, c0)  # (3, T)
         line = v0 + (c0 - target) / (c0 - c1) * (v1 - v0)
         u, u0, u1, u2 = (jnp.log(x + 0.5) for x in (target, c0, c1, c2))
@@ -461,94 +520,194 @@ def kth_largest_bits(
         # binades, where neither interpolation nor an even split of the patterns helps:
         # step geometrically away from the known end (x1.4 and x4 in magnitude) and probe
         # the middle of the patterns (which halves the bracket, bounding the passes).
+        open_steps = (jnp.uint32(1 << 22), jnp.uint32(1 << 24))  # magnitude ratios sqrt(2), 4
         from_lo = jnp.stack([lo + open_steps[0], lo + open_steps[1], lo + width // 2])
         from_hi = jnp.stack(
             [lo + width // 2]
             + [jnp.where(hi > d, hi - d, 1) for d in (open_steps[1], open_steps[0])]
         )
         step = jnp.where(hi == jnp.uint32(_TOP), from_lo, jnp.where(lo == 0, from_hi, step))
-        cand = jnp.where(s["it"] == 0, first_cands, step)
+        cand = jnp.where(s["it"] == 0, self.first_cands, step)
         cand = jnp.clip(cand, lo + 1, jnp.maximum(hi - 1, lo + 1))
-        # The barrier ties the leaves to this pass's candidates: otherwise XLA hoists their
-        # magnitudes out of the loop, a full float32 copy of the task vectors.
-        read, thr = lax.optimization_barrier((leaves, _as_float(cand)))
         live = width > 1
         inside = c_lo - c_hi
         # Few entries left in every live bracket: list them (one read) and take the k-th.
         # Entries sharing a slot of the listing's layout can be missed; a task whose list
         # falls short keeps its bracket, and counting goes on (a second listing waits
         # until fewer entries are left).
-        room = jnp.uint32(limit) >> (3 * s["listed"]).astype(jnp.uint32)
+        room = jnp.uint32(self.limit) >> (3 * s["listed"]).astype(jnp.uint32)
         extract = (
             (s["it"] >= 1)
             & (s["listed"] < 2)
             & jnp.all(~live | ((inside <= room) & (lo >= _MIN_NORMAL)))
         )
+        return {"cand": cand, "extract": extract, "live": live, "inside": inside}
 
-        def listing(read, thr):
-            del thr
-            patterns, found = bracket_entries(read, lo, hi, limit)
-            ok = live & (found == inside)
-            at = jnp.clip(k - c_hi, 1, limit).astype(jnp.int32) - 1  # rank in the bracket
-            kth = patterns[tasks, at]
-            return {
-                "out": s["out"],
-                "c_out": s["c_out"],
-                "it": s["it"] + 1,
-                "lo": jnp.where(ok, kth, lo),
-                "hi": jnp.where(ok, kth + 1, hi),
-                "c_lo": jnp.where(ok, c_hi + _count_rows(patterns >= kth[:, None]), c_lo),
-                "c_hi": jnp.where(ok, c_hi + _count_rows(patterns > kth[:, None]), c_hi),
-                "bisect": jnp.zeros_like(s["bisect"]),
-                "listed": s["listed"] + 1,
-            }
+    def after_listing(self, s: dict, step: dict, patterns: jax.Array, found: jax.Array) -> dict:
+        k, limit = self.k, self.limit
+        lo, hi, c_lo, c_hi = s["lo"], s["hi"], s["c_lo"], s["c_hi"]
+        tasks = jnp.arange(lo.shape[0])
+        ok = step["live"] & (found == step["inside"])
+        at = jnp.clip(k - c_hi, 1, limit).astype(jnp.int32) - 1  # rank in the bracket
+        kth = patterns[tasks, at]
+        return {
+            "out": s["out"],
+            "c_out": s["c_out"],
+            "it": s["it"] + 1,
+            "lo": jnp.where(ok, kth, lo),
+            "hi": jnp.where(ok, kth + 1, hi),
+            "c_lo": jnp.where(ok, c_hi + _count_rows(patterns >= kth[:, None]), c_lo),
+            "c_hi": jnp.where(ok, c_hi + _count_rows(patterns > kth[:, None]), c_hi),
+            "bisect": jnp.zeros_like(s["bisect"]),
+            "listed": s["listed"] + 1,
+        }
 
-        def counting(read, thr):
-            c = count_at_least_many(read, thr)  # (K, T), non-increasing in cand
-            up = c >= k
-            new_lo = jnp.max(jnp.where(up, cand, lo), axis=0)
-            new_hi = jnp.min(jnp.where(up, hi, cand), axis=0)
-            # The counted point nearest the new bracket outside it (not the ends 0, _TOP).
-            pts = jnp.concatenate([lo[None], cand, hi[None]])
-            cnt = jnp.concatenate([c_lo[None], c, c_hi[None]])
-            below = (pts < new_lo) & (pts > 0)
-            top = jnp.uint32(_TOP)
-            above = (pts > new_hi) & (pts < top)
-            b_pt = jnp.max(jnp.where(below, pts, 0), axis=0)
-            b_cnt = jnp.min(jnp.where(below, cnt, n), axis=0)
-            a_pt = jnp.min(jnp.where(above, pts, top), axis=0)
-            a_cnt = jnp.max(jnp.where(above, cnt, 0), axis=0)
-            new_c_lo = jnp.min(jnp.where(up, c, c_lo), axis=0)
-            new_c_hi = jnp.max(jnp.where(up, c_hi, c), axis=0)
-            use_b = (b_pt > 0) & ((a_pt == top) | (b_cnt - new_c_lo <= new_c_hi - a_cnt))
-            out = jnp.where(use_b, b_pt, jnp.where(a_pt < top, a_pt, 0))
-            return {
-                "out": jnp.where(live, out, s["out"]),
-                "c_out": jnp.where(live, jnp.where(use_b, b_cnt, a_cnt), s["c_out"]),
-                "it": s["it"] + 1,
-                "lo": jnp.where(live, new_lo, lo),
-                "hi": jnp.where(live, new_hi, hi),
-                "c_lo": jnp.where(live, new_c_lo, c_lo),
-                "c_hi": jnp.where(live, new_c_hi, c_hi),
-                "bisect": (s["it"] >= 1) & (new_hi - new_lo > width // 2),
-                "listed": s["listed"],
-            }
+    def after_counting(self, s: dict, step: dict, c: jax.Array) -> dict:
+        k, n, cand, live = self.k, self.n, step["cand"], step["live"]
+        lo, hi, c_lo, c_hi = s["lo"], s["hi"], s["c_lo"], s["c_hi"]
+        width = hi - lo
+        up = c >= k  # c: (K, T), non-increasing in cand
+        new_lo = jnp.max(jnp.where(up, cand, lo), axis=0)
+        new_hi = jnp.min(jnp.where(up, hi, cand), axis=0)
+        # The counted point nearest the new bracket outside it (not the ends 0, _TOP).
+        pts = jnp.concatenate([lo[None], cand, hi[None]])
+        cnt = jnp.concatenate([c_lo[None], c, c_hi[None]])
+        below = (pts < new_lo) & (pts > 0)
+        top = jnp.uint32(_TOP)
+        above = (pts > new_hi) & (pts < top)
+        b_pt = jnp.max(jnp.where(below, pts, 0), axis=0)
+        b_cnt = jnp.min(jnp.where(below, cnt, n), axis=0)
+        a_pt = jnp.min(jnp.where(above, pts, top), axis=0)
+        a_cnt = jnp.max(jnp.where(above, cnt, 0), axis=0)
+        new_c_lo = jnp.min(jnp.where(up, c, c_lo), axis=0)
+        new_c_hi = jnp.max(jnp.where(up, c_hi, c), axis=0)
+        use_b = (b_pt > 0) & ((a_pt == top) | (b_cnt - new_c_lo <= new_c_hi - a_cnt))
+        out = jnp.where(use_b, b_pt, jnp.where(a_pt < top, a_pt, 0))
+        return {
+            "out": jnp.where(live, out, s["out"]),
+            "c_out": jnp.where(live, jnp.where(use_b, b_cnt, a_cnt), s["c_out"]),
+            "it": s["it"] + 1,
+            "lo": jnp.where(live, new_lo, lo),
+            "hi": jnp.where(live, new_hi, hi),
+            "c_lo": jnp.where(live, new_c_lo, c_lo),
+            "c_hi": jnp.where(live, new_c_hi, c_hi),
+            "bisect": (s["it"] >= 1) & (new_hi - new_lo > width // 2),
+            "listed": s["listed"],
+        }
 
-        return lax.cond(extract, listing, counting, read, thr)
 
-    state = {
-        "it": jnp.int32(0),
-        "lo": jnp.zeros((num_tasks,), jnp.uint32),
-        "hi": jnp.full((num_tasks,), _TOP, jnp.uint32),
-        "c_lo": jnp.full((num_tasks,), n, jnp.uint32),
-        "c_hi": jnp.zeros((num_tasks,), jnp.uint32),
-        "bisect": jnp.zeros((num_tasks,), bool),
-        "listed": jnp.int32(0),
-        "out": jnp.zeros((num_tasks,), jnp.uint32),
-        "c_out": jnp.zeros((num_tasks,), jnp.uint32),
-    }
-    final = lax.while_loop(cond, body, state)
-    # Compares flush subnormals to zero on CPUs and accelerators: below the smallest normal
-    # float32 the k-th magnitude is reported as 0 (a threshold that keeps everything).
-    lo = jnp.where(final["lo"] < _MIN_NORMAL, jnp.uint32(0), final["lo"])
-    return (lo, final["it"]) if return_passes else lo
+# ------------------------------------------------------------------ the search from Python
+#
+# Inside one computation the search reads every leaf in a while loop, so the program holds
+# counting and listing code for each leaf, and XLA:CPU compiles each leaf's fusions
+# separately: the compile time grows with the number of leaves. Called outside a trace,
+# the same steps run from Python instead: each read of the leaves is a call of a small
+# program per leaf, compiled once per leaf shape and shared by the leaves of that shape (a
+# transformer repeats a few shapes many times), and the bookkeeping between passes is one
+# small program. One host synchronisation a pass decides the next.
+
+
+@functools.partial(jax.jit, static_argnames=("share",))
+def _sample_leaf(leaf: Any, *, share: int) -> jax.Array:
+    return _sample(leaf, share)
+
+
+@jax.jit
+def _count_leaf(leaf: Any, thresholds: jax.Array) -> jax.Array:
+    return count_at_least_many([leaf], thresholds)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _list_leaf(leaf: Any, lo: jax.Array, hi: jax.Array, *, size: int):
+    return bracket_entries([leaf], lo, hi, size)
+
+
+@jax.jit
+def _add_counts(counts: tuple) -> jax.Array:
+    return functools.reduce(jnp.add, counts)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _merge_lists(patterns: tuple, found: tuple, *, size: int):
+    """Per-leaf listings as one: the ``size`` largest patterns of all, the total found. A
+    leaf that found more than ``size`` entries lost some from its list, and then the total
+    exceeds ``size``, which no bracket that was listed holds: the check against the
+    bracket's count rejects the listing."""
+    merged = jnp.sort(jnp.concatenate(patterns, axis=1), axis=1)[:, ::-1][:, :size]
+    return merged, functools.reduce(jnp.add, found)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _start(sample: jax.Array, k: jax.Array, *, n: int):
+    return _first_candidates(sample, k, n), _initial_state(sample.shape[0], n)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "limit"))
+def _propose(s, k, first_cands, *, n, limit):
+    step = _Search(k, n, limit, first_cands).propose(s)
+    return step, jnp.stack([_go_on(s), step["extract"]])
+
+
+@functools.partial(jax.jit, static_argnames=("n", "limit"))
+def _after_counting(s, step, c, k, first_cands, *, n, limit):
+    return _Search(k, n, limit, first_cands).after_counting(s, step, c)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "limit"))
+def _after_listing(s, step, patterns, found, k, first_cands, *, n, limit):
+    return _Search(k, n, limit, first_cands).after_listing(s, step, patterns, found)
+
+
+@functools.partial(jax.jit, static_argnames=("num_tasks",))
+def _sorted_kth(leaves, k, *, num_tasks):
+    return _kth_by_sort(leaves, k, num_tasks)
+
+
+def kth_largest_bits_driven(
+    leaves: Sequence[Any], k: int | jax.Array, *, num_tasks: int | None = None
+) -> jax.Array:
+    """:func:`kth_largest_bits` (``method=None``) run from Python, for concrete leaves.
+
+    The same passes and the same result, each read of the leaves a call of a program
+    compiled once per leaf shape; for models that repeat a few shapes, far less to compile
+    than the one computation of :func:`kth_largest_bits` (whose code grows with the number
+    of leaves). Not for use under a trace (it reads the loop's condition on the host).
+    """
+    leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
+    first = leaves[0]
+    num_tasks = num_tasks or (len(first) if isinstance(first, tuple) else first.shape[0])
+    sizes = [(x[0].size if isinstance(x, tuple) else x[0].size) for x in leaves]
+    n = sum(sizes)
+    if n >= 1 << 32:
+        raise ValueError(
+            f"kth_largest_bits: {n=} entries per task; the exact counts need n < 2**32"
+        )
+    k = jnp.asarray(k, jnp.uint32)
+    if n <= _SORT_MAX:
+        return _sorted_kth(leaves, k, num_tasks=num_tasks)
+    limit = _listing_size(n)
+    sample = jnp.concatenate(
+        [
+            _sample_leaf(x, share=max(1, _SAMPLE * s // n))
+            for x, s in zip(leaves, sizes, strict=True)
+        ],
+        axis=1,
+    )
+    first_cands, s = _start(sample, k, n=n)
+    static = {"n": n, "limit": limit}
+    while True:
+        step, flags = _propose(s, k, first_cands, **static)
+        go, extract = (bool(x) for x in jax.device_get(flags))
+        if not go:
+            break
+        if extract:
+            lists = [_list_leaf(x, s["lo"], s["hi"], size=limit) for x in leaves]
+            patterns, found = _merge_lists(
+                tuple(p for p, _ in lists), tuple(f for _, f in lists), size=limit
+            )
+            s = _after_listing(s, step, patterns, found, k, first_cands, **static)
+        else:
+            thr = _as_float(step["cand"])
+            c = _add_counts(tuple(_count_leaf(x, thr) for x in leaves))
+            s = _after_counting(s, step, c, k, first_cands, **static)
+    return _finish(s)

@@ -52,6 +52,11 @@ def ties(
        convention, use λ ≈ 1, grid 0.8–2.5) or their sum (``merge="sum"``; the
        AdaMerging/FusionBench convention, use λ ≈ 0.3).
 
+    Called on concrete arrays, the passes over the leaves run from Python as small programs
+    compiled once per leaf shape (far less to compile for models that repeat a few shapes);
+    under ``jax.jit`` the merge is one computation with code for every leaf. λ and the
+    density are data of the compiled programs: a sweep over them compiles once.
+
     Args:
       pretrained: θ_0, any pytree of arrays.
       task_vectors: T task vectors, a list of trees or one stacked tree (leading axis T).
@@ -123,20 +128,77 @@ def ties(
         for i in idx:
             out[i] = merged[i]
         return finish(jax.tree.unflatten(treedef, out))
-    # The ranks are data (uint32), so a new density does not recompile. Called outside a
-    # trace, the rare second round (see _ties_core) is compiled and run only when needed.
-    in_graph = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((pre, ts.leaves, scale)))
-    static = {"mask": mask, "num_tasks": ts.num_tasks, "merge": merge}
+    # The ranks are data (uint32), so a new density does not recompile.
     ks = np.asarray(ks, np.uint32)
-    given = None
-    if scope == "leaf" and not in_graph:
-        given = _eager_leaf_thresholds(ts, [i for i, m in enumerate(mask) if m], ks)
-    out, finite, thresholds = _ties_core(
-        pre, ts.leaves, scale, ks, given, scope=scope, in_graph=in_graph, **static
-    )
-    if not in_graph and not bool(finite):
-        out = _second_round(pre, ts.leaves, scale, thresholds, **static)
+    in_graph = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((pre, ts.leaves, scale)))
+    if not in_graph:
+        out = _merge_from_python(pre, ts, scale, ks, mask=mask, scope=scope, merge=merge)
+        return finish(jax.tree.unflatten(treedef, out))
+    static = {"mask": mask, "num_tasks": ts.num_tasks, "merge": merge}
+    out = _ties_core(pre, ts.leaves, scale, ks, scope=scope, **static)
     return finish(jax.tree.unflatten(treedef, out))
+
+
+def _merge_from_python(pre, ts, scale, ks, *, mask, scope, merge):
+    """TIES on concrete inputs, leaf by leaf: programs compiled once per leaf shape.
+
+    Inside one computation (:func:`_ties_core`, used under a trace) XLA compiles every
+    leaf's search and merge separately. Here the global threshold comes from
+    :func:`_kth.kth_largest_bits_driven` and the per-leaf thresholds from one compiled
+    search per leaf shape; each leaf is then merged by a program compiled once per shape,
+    with exact cancellations marked by a NaN. A non-finite partial sum of any merged leaf
+    (a mark, or a NaN/Inf of the inputs) makes the rare second round count the majority
+    sign over all leaves and merge again without marks, as :func:`_ties_core` does.
+    """
+    idx = [i for i, m in enumerate(mask) if m]
+    num_tasks = ts.num_tasks
+    if scope == "global":
+        thr = _kth.kth_largest_bits_driven([ts.leaves[i] for i in idx], ks[0], num_tasks=num_tasks)
+        thresholds = dict.fromkeys(idx, thr)
+    else:
+        thresholds = _eager_leaf_thresholds(ts, idx, ks)
+    static = {"num_tasks": num_tasks, "merge": merge}
+    out = list(pre)
+    sums = []
+    for i in idx:
+        out[i], total = _merge_leaf(
+            pre[i], ts.leaves[i], thresholds[i], scale, jnp.float32(1.0), jnp.bool_(True), **static
+        )
+        sums.append(total)
+    if np.isfinite(np.asarray(jax.device_get(sums), np.float32)).all():
+        return out
+    votes = _add_votes(
+        tuple(_leaf_votes(ts.leaves[i], thresholds[i], num_tasks=num_tasks) for i in idx)
+    )
+    majority = jnp.sign(votes).astype(jnp.float32)
+    for i in idx:
+        out[i], _ = _merge_leaf(
+            pre[i], ts.leaves[i], thresholds[i], scale, majority, jnp.bool_(False), **static
+        )
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("num_tasks", "merge"))
+def _merge_leaf(p, leaf, threshold, scale, majority, mark, *, num_tasks, merge):
+    """One leaf of :func:`_disjoint_merge` and the float32 sum of its output (finite unless
+    a mark or a NaN/Inf is in it)."""
+    static = {"mask": (True,), "num_tasks": num_tasks, "merge": merge}
+    out = _disjoint_merge([p], [leaf], {0: threshold}, scale, majority, mark, **static)[0]
+    out = lax.optimization_barrier(out)  # summed as written, not recomputed in the sum
+    return out, jnp.sum(out, dtype=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("num_tasks",))
+def _leaf_votes(leaf, threshold, *, num_tasks):
+    """Σ sign(Σ_t τ̂_t) over one leaf's entries (int32), for the majority sign."""
+    ts = _common.TaskSet([leaf], num_tasks)
+    total = _common.sum_slices(_trimmed(ts.slices(0), threshold))
+    return jnp.sum(total > 0, dtype=jnp.int32) - jnp.sum(total < 0, dtype=jnp.int32)
+
+
+@jax.jit
+def _add_votes(votes):
+    return functools.reduce(jnp.add, votes)
 
 
 def _trimmed(xs, thr):
@@ -210,7 +272,7 @@ def _eager_leaf_thresholds(ts, idx, ks):
     Inside ``_ties_core`` every leaf carries its own search, compiled separately (a ViT-B/32
     holds 152 leaves of 10 shapes); here the leaves of one shape share one compiled search.
     The trade: far less to compile, while each call pays the search's fixed dispatch cost,
-    which a single graph would partly overlap across leaves.
+    which a single computation would partly overlap across leaves.
     """
     return {
         i: _leaf_threshold(ts.leaves[i], ks[j], num_tasks=ts.num_tasks) for j, i in enumerate(idx)
@@ -229,27 +291,22 @@ def _leaf_threshold(leaf, k, *, num_tasks):
     return jnp.where(k == 0, jnp.uint32(_KEEP_NONE), bits)
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "scope", "merge", "in_graph"))
-def _ties_core(pre, tv_leaves, scale, ks, given, *, mask, num_tasks, scope, merge, in_graph):
-    """Thresholds (unless ``given``, per merged leaf) and the marked merge;
-    ``(out, finite, thresholds)``.
+@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "scope", "merge"))
+def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge):
+    """TIES inside one computation (under a trace): thresholds, the marked merge, and the
+    second round in a while loop run 0 or 1 times.
 
     Exact cancellations are rare: merge once with them marked by a NaN. A plain sum of the
     output (a fast reduction) is finite only where no entry is NaN (or Inf): then the result
     stands. Otherwise (a tie, a NaN/Inf in the inputs, an overflowing sum) the second round
     counts the majority and merges again without marks: an input can cost that second
-    merge, never a wrong value. With ``in_graph`` the second round sits in a while loop run
-    0 or 1 times (``finite`` is then True); otherwise the caller runs it when ``finite`` is
-    False. Compiling the second round takes about as long as everything else (a second
-    merge of every leaf, in a loop), which is why it is compiled only on demand.
+    merge, never a wrong value.
     """
     idx = [i for i, m in enumerate(mask) if m]
     static = {"mask": mask, "num_tasks": num_tasks}
 
     # 1. Trim: per-task thresholds, the k-th largest magnitude (exact, see _kth.py).
-    if given is not None:
-        thresholds = given
-    elif scope == "global":
+    if scope == "global":
         thr = _kth.kth_largest_bits([tv_leaves[i] for i in idx], ks[0], num_tasks=num_tasks)
         thresholds = dict.fromkeys(idx, thr)
     else:
@@ -261,13 +318,10 @@ def _ties_core(pre, tv_leaves, scale, ks, given, *, mask, num_tasks, scope, merg
     out = _disjoint_merge(pre, tv_leaves, thresholds, scale, one, True, merge=merge, **static)
     out = lax.optimization_barrier(out)  # summed as written, not recomputed in the sums
     finite = jnp.isfinite(sum(jnp.sum(out[i], dtype=jnp.float32) for i in idx))
-    if not in_graph:
-        return out, finite, thresholds
 
     def again(state):
         del state
         merged = _second_round(pre, tv_leaves, scale, thresholds, merge=merge, **static)
         return merged, jnp.bool_(True)
 
-    out = lax.while_loop(lambda state: ~state[1], again, (out, finite))[0]
-    return out, jnp.bool_(True), thresholds
+    return lax.while_loop(lambda state: ~state[1], again, (out, finite))[0]

@@ -15,6 +15,9 @@ jitted ``x + 1`` over the stacked task vectors).
   (``/proc/self/statm`` sampled every millisecond; peak minus the level before the call,
   output included), both relative to the inputs. The resident set under-reads where the
   allocator hands out pages that earlier rows freed: the plan is the bound to trust.
+* first call: the public merge called eagerly once before anything else is compiled
+  (compilation plus one run, what a user merging once waits), wall clock and the process's
+  CPU time (user + system; a busy machine inflates it less than the wall clock).
 
 Command:
   python -m experiments.benchmarks.merge_bench              # full size, ~4 GB of RAM, ~3 min
@@ -233,6 +236,26 @@ def run(cfg: Config) -> dict:
             in_bytes + p_bytes,
         ),
     }
+    # First calls of the public merges, eager, before anything below compiles: compilation
+    # plus one run, what a user merging once waits (wall clock and process CPU time).
+    first_calls = {
+        "task arithmetic (sum of slices)": lambda: merging.task_arithmetic(pre, tvs, 0.3),
+        "TIES (global, dis-mean)": lambda: merging.ties(pre, tvs, density=cfg.density),
+        "TIES (per leaf, dis-mean)": lambda: merging.ties(
+            pre, tvs, density=cfg.density, scope="leaf"
+        ),
+        f"DARE (p={cfg.drop_rate:.1f})": lambda: merging.dare(
+            tvs, drop_rate=cfg.drop_rate, key=key
+        ),
+    }
+    first = {}
+    for name, fn in first_calls.items():
+        cpu = time.process_time()
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        first[name] = (time.perf_counter() - start, time.process_time() - cpu)
+        if _common.is_primary():
+            print(f"first call of {name}: {first[name][0]:.2f} s, CPU {first[name][1]:.2f} s")
     rows = []
     times = {}
     executables = {}
@@ -265,6 +288,8 @@ def run(cfg: Config) -> dict:
                 else float("nan"),
                 "RSS peak / inputs": (arg_bytes + rss) / arg_bytes,
                 "compile (s)": compile_s,
+                "first call (s)": first.get(name, (float("nan"),))[0],
+                "first call CPU (s)": first.get(name, (float("nan"), float("nan")))[1],
             }
         )
         if _common.is_primary():  # partial results survive an interrupted run
@@ -301,6 +326,7 @@ def run(cfg: Config) -> dict:
         "rows": rows,
         "time_median_s": times,
         "interleaved": interleaved,
+        "load_average": os.getloadavg(),
     }
 
 
@@ -321,11 +347,14 @@ def main(argv=None) -> dict:
         "XLA temp+out / inputs",
         "RSS peak / inputs",
         "compile (s)",
+        "first call (s)",
+        "first call CPU (s)",
     ]
     if _common.is_primary():
         print(
             f"\n{res['num_params'] / 1e6:.1f}M parameters x {cfg.tasks} task vectors, "
-            f"inputs {res['input_bytes'] / 1e9:.2f} GB, {res['cpu_count']} CPU cores\n"
+            f"inputs {res['input_bytes'] / 1e9:.2f} GB, {res['cpu_count']} CPU cores, "
+            f"load average {res['load_average'][0]:.1f} at the end\n"
         )
         print(_common.format_table(res["rows"], cols, floatfmt=".2f"))
         il = res["interleaved"]

@@ -240,3 +240,22 @@ def test_listing_misses_fall_back_to_counting(rng):
         bits, passes = select(leaves, k)
         np.testing.assert_array_equal(_as_value(bits), _numpy_kth([[leaves[0][0]]], k))
         assert int(passes) > 4  # a listing that fell short, then more counting
+
+
+def test_driven_search_matches_sort(rng):
+    # The search run from Python (per-leaf programs, used by eager TIES) against numpy:
+    # leaves of many binades, two of one shape, a block of equal magnitudes, stacked leaves
+    # and lists of per-task arrays. (test_ties_through_the_counting_search compares the
+    # merges of both paths with the reference.)
+    num_tasks = 2
+    shapes = [(130, 70), (130, 70), (37,), (9, 11)]
+    leaves = [jnp.stack(x) for x in _leaves(rng, num_tasks, shapes)]
+    leaves[1] = leaves[1].at[:, :40].set(0.5)
+    per_task = [[leaf[t] for leaf in leaves] for t in range(num_tasks)]
+    n = sum(int(np.prod(s)) for s in shapes)
+    for k in (1, n // 5, n):
+        got = _as_value(_kth.kth_largest_bits_driven(leaves, k))
+        np.testing.assert_array_equal(got, _numpy_kth(per_task, k), err_msg=f"{k=}")
+    as_lists = [tuple(x) for x in leaves]
+    got = _as_value(_kth.kth_largest_bits_driven(as_lists, n // 2, num_tasks=num_tasks))
+    np.testing.assert_array_equal(got, _numpy_kth(per_task, n // 2))
