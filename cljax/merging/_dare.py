@@ -80,15 +80,12 @@ def dare(
     # The cutoff and the factor are data: a new drop rate reuses the compiled merge.
     cutoff = np.uint32(min(round(float(drop_rate) * 2.0**32), 2**32 - 1))
     factor = np.float64(1.0 / (1.0 - float(drop_rate)) if rescale else 1.0)
-    out = _dare_core(
-        ts.leaves,
-        key,
-        cutoff,
-        factor,
-        mask=mask,
-        hashes=hashes,
-        num_tasks=ts.num_tasks,
-    )
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((ts.leaves, key)))
+    static = {"mask": mask, "hashes": hashes, "num_tasks": ts.num_tasks}
+    if traced:
+        out = _dare_core(ts.leaves, key, cutoff, factor, **static)
+    else:
+        out = _dare_from_python(ts, key, cutoff, factor, **static)
     out = jax.tree.unflatten(treedef, out)
     if check_finite:
         _common.check_finite_trees("dare", result=out)
@@ -97,14 +94,36 @@ def dare(
 
 @functools.partial(jax.jit, static_argnames=("mask", "hashes", "num_tasks"))
 def _dare_core(tv_leaves, key, cutoff, factor, *, mask, hashes, num_tasks):
+    """DARE inside one computation (under a trace): code for every leaf."""
     ts = _common.TaskSet(tv_leaves, num_tasks)
     merged = [i for i, m in enumerate(mask) if m]
     out = [ts.stacked(i) for i in range(len(mask))]
     if not merged:
         return out
-    # The key words of every (merged leaf, task) mask in one vectorised draw: one PRNG
-    # computation in the program instead of one a leaf.
+    words = _key_words(key, jnp.asarray([hashes[i] for i in merged], jnp.uint32), num_tasks)
+    for j, i in enumerate(merged):
+        out[i] = _drop(out[i], words[j], cutoff, factor)
+    return out
+
+
+def _dare_from_python(ts, key, cutoff, factor, *, mask, hashes, num_tasks):
+    """DARE on concrete inputs: one program draws every mask's key words, and each leaf is
+    processed by a program compiled once per leaf shape (the same values as
+    :func:`_dare_core`, far less to compile for models that repeat a few shapes)."""
+    merged = [i for i, m in enumerate(mask) if m]
+    out = [ts.stacked(i) for i in range(len(mask))]
+    if not merged:
+        return out
     folds = jnp.asarray([hashes[i] for i in merged], jnp.uint32)
+    words = _key_words_jit(key, folds, num_tasks=num_tasks)
+    for j, i in enumerate(merged):
+        out[i] = _drop_leaf(out[i], words, jnp.int32(j), cutoff, factor)
+    return out
+
+
+def _key_words(key, folds, num_tasks):
+    """``(leaves, T, 2)`` uint32: the key words of every (leaf, task) mask, drawn from
+    ``fold_in(fold_in(key, t), hash)`` in one vectorised PRNG computation."""
     tasks = jnp.arange(num_tasks, dtype=jnp.uint32)
 
     def task_words(h):  # (T, 2)
@@ -114,14 +133,24 @@ def _dare_core(tv_leaves, key, cutoff, factor, *, mask, hashes, num_tasks):
             )
         )(tasks)
 
-    words = jax.vmap(task_words)(folds)  # (merged leaves, T, 2)
-    for j, i in enumerate(merged):
-        x = out[i]
-        bits = entry_bits(x.shape, words[j], batch_dims=1)
-        v = _common.accum(x)
-        v = v * factor.astype(v.dtype)
-        out[i] = jnp.where(bits >= cutoff, v, 0).astype(x.dtype)
-    return out
+    return jax.vmap(task_words)(folds)
+
+
+_key_words_jit = jax.jit(_key_words, static_argnames=("num_tasks",))
+
+
+def _drop(x, words, cutoff, factor):
+    """Drops the entries of a stacked leaf ``(T, ...)`` whose bits fall below ``cutoff``
+    and scales the rest by ``factor`` (float32 arithmetic, stored in ``x``'s dtype)."""
+    bits = entry_bits(x.shape, words, batch_dims=1)
+    v = _common.accum(x)
+    v = v * factor.astype(v.dtype)
+    return jnp.where(bits >= cutoff, v, 0).astype(x.dtype)
+
+
+@jax.jit
+def _drop_leaf(x, words, j, cutoff, factor):
+    return _drop(x, words[j], cutoff, factor)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax.merging import _dare, _task_vectors, _ties, dare, task_arithmetic, ties
+from cljax.merging import _dare, _kth, _task_vectors, _ties, dare, task_arithmetic, ties
 from cljax.merging._dare import entry_bits
 from tests.merging.test_ties import _t_trees, _vectorised_reference
 
@@ -18,12 +18,14 @@ from tests.merging.test_ties import _t_trees, _vectorised_reference
 _SHAPES = {"a": (23, 29), "b": (31,), "c": (7, 3)}
 
 
-def _sizes():
-    return (
-        _ties._ties_core._cache_size(),
-        _ties._leaf_threshold._cache_size(),
-        _ties._second_round._cache_size(),
-    )
+def _sizes(*modules):
+    """The cache size of every compiled function of ``modules`` (default: TIES')."""
+    return {
+        f"{mod.__name__}.{name}": fn._cache_size()
+        for mod in modules or (_ties, _kth)
+        for name, fn in vars(mod).items()
+        if hasattr(fn, "_cache_size")
+    }
 
 
 @pytest.mark.parametrize("scope", ["global", "leaf"])
@@ -38,6 +40,7 @@ def test_ties_sweep_compiles_once(rng, scope):
         for p, x in got.items():
             np.testing.assert_allclose(np.asarray(x), ref[p], rtol=1e-5, atol=1e-6, err_msg=p)
     assert _sizes() == before
+    assert sum(before.values()) > 0
 
 
 def test_task_arithmetic_sweep_compiles_once(rng):
@@ -68,7 +71,7 @@ def test_dare_sweep_compiles_once(rng):
             )
             bits[path, t] = np.asarray(entry_bits(shape, words))
     dare(taus, drop_rate=0.1, key=key)
-    before = _dare._dare_core._cache_size()
+    before = _sizes(_dare)
     for p in (0.5, 0.9, 0.0, 0.3):
         got = dare(taus, drop_rate=p, key=key)
         cutoff = np.uint32(min(round(p * 2.0**32), 2**32 - 1))
@@ -77,4 +80,5 @@ def test_dare_sweep_compiles_once(rng):
                 v = np.asarray(taus[t][path], np.float32)
                 want = np.where(bits[path, t] >= cutoff, v * np.float32(1 / (1 - p)), 0)
                 np.testing.assert_array_equal(np.asarray(x[t]), want, err_msg=f"{path} {t}")
-    assert _dare._dare_core._cache_size() == before
+    assert _sizes(_dare) == before
+    assert sum(before.values()) > 0  # the eager path's programs are in the count
