@@ -1,6 +1,7 @@
 """The ZSCL experiment: its table on a hand-computed matrix, the shared CLIP training loop on
-a toy encoder (iterations, teachers, reference sources, WiSE-FT), bad settings, and tiny
-end-to-end runs of the MiniCLIP and digit presets."""
+a toy encoder (iterations, teachers, reference sources, WiSE-FT), bad settings, and a tiny
+end-to-end run of the digit preset (MiniCLIP's compiles cost more than the suite's budget:
+``python -m experiments.zscl --preset tiny`` is the end-to-end check of the default preset)."""
 
 import json
 import types
@@ -227,19 +228,3 @@ def test_nonfinite_training_stops_naming_method_and_task(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteError, match=r"finetune: non-finite .* task 0 \('rotated'\)"):
         zscl.main(argv)
     assert not list((tmp_path / "ckpt" / "finetune").glob("step_*"))
-
-
-@pytest.mark.slow
-def test_tiny_preset_miniclip_end_to_end(tmp_path, monkeypatch):
-    """The default preset's code path (MiniCLIP, text-tower heads, corpus reference) at toy size."""
-    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
-    argv = ["--preset", "tiny", "--out", str(tmp_path), "--methods", "zscl"]
-    argv += ["--tasks", "textures", "digits", "--steps_per_task", "1"]
-    res = zscl.main(argv)
-    assert res["tasks"] == ["textures", "digits"]
-    (run,) = res["runs"]["zscl"]
-    acc = np.asarray(run["accuracy"])
-    assert acc.shape == (2, 2) and np.all((acc >= 0) & (acc <= 100))
-    assert len(res["zero_shot"]) == 2 and res["reference"]["pairs"] == 24
-    assert res["targets"] == []  # they compare zscl with finetune
-    assert (tmp_path / "results.json").is_file() and (tmp_path / "metrics.png").is_file()
