@@ -106,6 +106,13 @@ def task_saliency(
       Wang, Li & Xu, "Rep-MTL: Unleashing the Power of Representation-level Task Saliency
       for Multi-Task Learning", ICCV 2025 (arXiv 2507.21049).
     """
+    losses, saliency, aux = _saliency(head_losses, z, has_aux)
+    return (losses, saliency, aux) if has_aux else (losses, saliency)
+
+
+def _saliency(
+    head_losses: Callable[[jax.Array], Any], z: ArrayLike, has_aux: bool
+) -> tuple[jax.Array, jax.Array, Any]:
     z = jnp.asarray(z)
     if z.ndim < 2:
         raise ValueError(f"task_saliency: z must be [B, *features]; got shape {z.shape}")
@@ -121,7 +128,7 @@ def task_saliency(
         )
     t = losses.shape[0]
     (saliency,) = jax.vmap(vjp_fn)(jnp.eye(t, dtype=losses.dtype))
-    return (losses, saliency, aux) if has_aux else (losses, saliency)
+    return losses, saliency, aux
 
 
 def saliency_entropy(
@@ -357,7 +364,7 @@ def rep_mtl_loss_fn(
     def loss_fn(params, batch, *args):
         out = features_fn(params, batch, *args)
         z, aux = out if has_aux else (out, None)
-        losses, s = task_saliency(lambda z_: head_losses_fn(params, z_, batch, *args), z)
+        losses, s, _ = _saliency(lambda z_: head_losses_fn(params, z_, batch, *args), z, False)
         t = losses.shape[0]
         if t < 2:
             raise ValueError(f"{where}: needs T >= 2 tasks; head_losses_fn returned T={t}")

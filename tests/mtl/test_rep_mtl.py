@@ -247,7 +247,7 @@ def test_regularizer_is_the_weighted_sum(rng):
     assert float(terms0["tsr"]) == 0.0 and float(reg0) == pytest.approx(float(terms0["csa"]))
 
 
-def test_loss_fn_value_and_gradient_match_numpy_oracle():
+def test_per_task_gradients_match_numpy_oracle_and_feed_aggregators():
     kw = dict(tsr_weight=0.7, csa_weight=0.4, temperature=0.5)
     with jax.enable_x64(True):
         params, batch = make_problem(1, np.float64)
@@ -256,57 +256,39 @@ def test_loss_fn_value_and_gradient_match_numpy_oracle():
 
         @jax.jit
         def run(p):
-            value, grad = jax.value_and_grad(lambda p: loss_fn(p, batch).sum())(p)
-            return value, grad, jax.grad(lambda p: plain_fn(p, batch).sum())(p), plain_fn(p, batch)
+            stacked, info = mtl.task_grad_fn(loss_fn)(p, batch)
+            return stacked, info["losses"], jax.jacrev(plain_fn)(p, batch), plain_fn(p, batch)
 
-        value, grad, plain_grad, plain = run(params)
-        # zero weights: the plain task losses
-        np.testing.assert_allclose(plain, head_losses(params, features(params, batch), batch))
-        # the penalty's gradient reaches the trunk (through z) and every head
-        for name in params:
-            diff = np.abs(np.asarray(grad[name]["w"]) - np.asarray(plain_grad[name]["w"]))
-            assert diff.max() > 1e-6, name
-        assert value.dtype == jnp.float64
-        want = np_objective(params, batch, **kw)
-        np.testing.assert_allclose(value, want.sum(), rtol=1e-10)
-        # the second-order gradient of sum_t (L_t + R/T) along random directions, against
-        # central differences of the numpy objective
+        stacked, losses, plain_grad, plain = run(params)
+        assert losses.dtype == jnp.float64 and stacked["trunk"]["w"].dtype == jnp.float64
+        np.testing.assert_allclose(losses, np_objective(params, batch, **kw), rtol=1e-10)
+        # row t of the stacked gradients is the second-order gradient of L_t + R/T: along
+        # random directions, against central differences of the numpy objective
         r = np.random.default_rng(3)
         eps = 1e-5
         for _ in range(2):
             d = jax.tree.map(lambda a: r.normal(size=a.shape), params)
             plus = jax.tree.map(lambda a, v: np.asarray(a) + eps * v, params, d)
             minus = jax.tree.map(lambda a, v: np.asarray(a) - eps * v, params, d)
-            fd = np_objective(plus, batch, **kw).sum() - np_objective(minus, batch, **kw).sum()
-            dot = sum(
-                float(jnp.sum(g * v))
-                for g, v in zip(jax.tree.leaves(grad), jax.tree.leaves(d), strict=True)
+            fd = (np_objective(plus, batch, **kw) - np_objective(minus, batch, **kw)) / (2 * eps)
+            dots = sum(
+                np.asarray(g).reshape(T, -1) @ v.ravel()
+                for g, v in zip(jax.tree.leaves(stacked), jax.tree.leaves(d), strict=True)
             )
-            np.testing.assert_allclose(dot, fd / (2 * eps), rtol=1e-6)
-
-
-def test_every_aggregator_takes_it():
-    params, batch = make_problem(4)
-    loss_fn = mtl.rep_mtl_loss_fn(features, head_losses, tsr_weight=0.5, csa_weight=0.5)
-
-    @jax.jit
-    def run(p):
-        stacked, _ = mtl.task_grad_fn(loss_fn)(p, batch)
-        return stacked, jax.grad(lambda p: loss_fn(p, batch).sum())(p)
-
-    stacked, sum_grad = run(params)
-    # row t is grad (L_t + R/T): the rows sum to the gradient of sum_t L_t + R
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a.sum(0), b, rtol=1e-5, atol=1e-6),
-        stacked,
-        sum_grad,
-    )
-    # EW (mean scale) gives the trunk mean_t grad (L_t + R/T); each head the sum over
-    # tasks, grad (L_own + R)
-    ew = mtl.aggregate(mtl.linear, head_rules=mtl.HEAD_RULES)
-    out, _ = ew.update(stacked, ew.init(params), params)
-    np.testing.assert_allclose(out["trunk"]["w"], sum_grad["trunk"]["w"] / T, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(out["head_1"]["w"], sum_grad["head_1"]["w"], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(dots, fd, rtol=1e-6)
+        # zero weights: the plain task losses
+        np.testing.assert_allclose(plain, head_losses(params, features(params, batch), batch))
+        # the penalty's gradient reaches the trunk (through z) and every head
+        for name in params:
+            diff = np.abs(np.asarray(stacked[name]["w"]) - np.asarray(plain_grad[name]["w"]))
+            assert diff.max() > 1e-6, name
+        # EW (mean scale) gives the trunk mean_t grad (L_t + R/T); a head the sum over
+        # tasks of its rows, grad (L_own + R)
+        ew = mtl.aggregate(mtl.linear, head_rules=mtl.HEAD_RULES)
+        out, _ = ew.update(stacked, ew.init(params), params)
+        rows = jax.tree.map(lambda a: np.asarray(a), stacked)
+        np.testing.assert_allclose(out["trunk"]["w"], rows["trunk"]["w"].mean(0), rtol=1e-6)
+        np.testing.assert_allclose(out["head_1"]["w"], rows["head_1"]["w"].sum(0), rtol=1e-6)
 
 
 def test_has_aux_passes_the_trunk_state():
