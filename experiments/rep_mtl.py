@@ -23,11 +23,14 @@ Command::
     python -m experiments.rep_mtl                 # the embedded preset
     python -m experiments.rep_mtl --preset tiny   # smoke test (seconds)
 
-Expected runtime: about 10 minutes of CPU time for the preset (3 seeds × (6 multi-task
-variants + 2 single-task models) on Multi-MNIST); a re-run skips the runs already saved
-in ``--out``/runs.json (same configuration only).
+Expected runtime: about 5 minutes of CPU time for the preset (3 seeds × (6 multi-task
+variants + 2 single-task models) on Multi-MNIST; a Rep-MTL run costs about 1.5 times its
+plain counterpart); a re-run skips the runs already saved in ``--out``/runs.json (same
+configuration only).
 
-Expected result: ``docs/results/rep-mtl.md`` holds the tables and what they mean.
+Expected result (``docs/results/rep-mtl.md`` holds the tables): Δm% about −9 for EW, −7.6
+for EW + Rep-MTL (better on each of the 3 seeds), −7.6 for PCGrad, −6.9 for PCGrad +
+Rep-MTL, −8.2 for CAGrad, −6.7 for Nash-MTL; no variant reaches the single-task models.
 
 Outputs under ``--out`` (default ``runs/rep_mtl``): ``results.json``, ``runs.json`` (the
 finished runs), ``rep_mtl_<dataset>.png`` (Δm% per variant) and a printed markdown table.
