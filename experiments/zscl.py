@@ -73,7 +73,7 @@ import numpy as np
 import optax
 
 from cljax import continual, losses
-from cljax._checks import check_int
+from cljax._checks import check_int, check_scalar
 from cljax.averaging import (
     averaging_hook,
     interpolate,
@@ -128,6 +128,16 @@ class Config:
     out: str = "runs/zscl_digits"
 
 
+_DIGIT_REALS = (
+    "lr",
+    "label_smoothing",
+    "temperature",
+    "logit_scale",
+    "distill_weight",
+    "l2_weight",
+    "lwf_weight",
+    "wise_alpha",
+)
 DIGIT_PRESETS: dict[str, dict[str, Any]] = {
     "digits": {},
     "digits-tiny": {
@@ -471,6 +481,8 @@ def run(cfg: Config) -> dict[str, Any]:
     """
     for method in cfg.methods:
         _flags(method)  # fail before any work on an unknown method
+    for name in _DIGIT_REALS:  # finite settings, checked before any work
+        check_scalar(getattr(cfg, name), name=name, where=cfg.preset)
     out = Path(cfg.out)
     t_setup = time.perf_counter()
     env = _setup(cfg)

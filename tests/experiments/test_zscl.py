@@ -67,7 +67,7 @@ def test_unknown_method_and_preset():
     [("lr", "nan"), ("temperature", "inf"), ("l2_weight", "-inf"), ("wise_alpha", "nan")],
 )
 def test_nonfinite_settings_rejected_before_any_work(tmp_path, flag, value):
-    for preset in ("default", "mtil"):
+    for preset in ("default", "digits", "mtil"):
         argv = ["--preset", preset, "--out", str(tmp_path), f"--{flag}={value}"]
         with pytest.raises(ValueError, match=rf"{preset}: {flag}=.* must be finite"):
             zscl.main(argv)
