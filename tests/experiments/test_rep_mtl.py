@@ -6,6 +6,7 @@ import pytest
 from experiments import rep_mtl
 
 
+@pytest.mark.slow
 def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
     out = tmp_path / "rep_mtl"
