@@ -36,10 +36,13 @@ __all__ = [
 
 
 def is_primary() -> bool:
-    """Only process 0 writes files and prints tables in multi-host runs."""
-    import jax
+    """Only process 0 writes files and prints tables in multi-host runs.
 
-    return jax.process_index() == 0
+    :func:`cljax.sharding.is_primary`, imported on call so that ``--help`` stays free of JAX.
+    """
+    from cljax.sharding import is_primary as primary
+
+    return primary()
 
 
 def _field_comments(config_cls: type) -> dict[str, str]:
