@@ -31,6 +31,10 @@ class Row:
     message: str  # regex the message must match
 
 
+def _mixed_keys():
+    return {"enc": {0: jnp.ones(2), "b": jnp.ones(2)}}
+
+
 def _params():
     return {
         "enc": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
@@ -181,6 +185,15 @@ def _rows() -> list[Row]:
         ),
         Row(
             "tree", "an empty list of trees", lambda _: ct.as_stacked([]), ValueError, r"empty list"
+        ),
+        Row(
+            "tree",
+            "a dict whose keys mix int and str (JAX cannot sort them)",
+            lambda _: __import__("cljax.merging", fromlist=["x"]).task_arithmetic(
+                _mixed_keys(), [_mixed_keys()], 0.3
+            ),
+            TypeError,
+            r"pretrained: the dict at path 'enc' has keys of mixed types",
         ),
         Row(
             "tree",
