@@ -23,9 +23,9 @@ Presets (``--preset``):
 * ``default``: ``multi_mnist_gen`` with 10,000 training, 1,000 validation and 5,000
   test images; the LeNet of the F-MTL code (9×9 conv 10, pool, 5×5 conv 20, pool, dense
   50); one pass at batch 32, Adam 3e-3 with cosine decay; F-MTL with SAM ρ=0.05 (the
-  code's default) and joint normalisation; seeds 0-4. Sized for about 20 minutes on two
-  idle CPU cores, which is a short budget: single-task accuracy is well below the
-  papers' (see ``docs/results/mtl.md``).
+  code's default) and joint normalisation; seeds 0-4. Meant for about 20 minutes on two
+  idle CPU cores (not verified on an idle machine), a short budget: single-task accuracy is
+  far below the papers' (see ``docs/results/mtl.md``).
 * ``paper``: the budget of the F-MTL code's Multi-MNIST runs (``multi-mnist/run.sh`` of
   github.com/VietHoang1512/FS-MTL): 120,000 training images, 200 epochs of batch 256,
   Adam 1e-3, ASAM ρ=2; days of CPU, meant for an accelerator.
