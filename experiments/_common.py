@@ -94,12 +94,13 @@ def add_config_flags(
     config_cls: type,
     *,
     presets: Iterable[str] | None = None,
+    help: Mapping[str, str] | None = None,
 ) -> None:
     """Adds ``--field`` flags for the scalar and tuple fields of a config dataclass.
 
     Every flag's default is ``None`` (so :func:`config_from_flags` changes only what was
-    given) and its help shows the dataclass default. The help text comes from
-    ``dataclasses.field(metadata={"help": ...})``, else from the ``# comment`` on the
+    given) and its help shows the dataclass default. The help text comes from ``help``
+    (``{field: text}``), else from ``dataclasses.field(metadata={"help": ...})``, else from the ``# comment`` on the
     field's line (or the comment lines right above it), else from the field's name and type.
     The preset names (``presets``, default: the keys of ``PRESETS`` in the config's module)
     are listed in the ``--preset`` help and in the epilog, unless the parser has one.
@@ -110,7 +111,12 @@ def add_config_flags(
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        text = f.metadata.get("help") or comments.get(f.name) or f.name.replace("_", " ")
+        text = (
+            (help or {}).get(f.name)
+            or f.metadata.get("help")
+            or comments.get(f.name)
+            or f.name.replace("_", " ")
+        )
         if f.name == "preset" and names:
             text += f"; one of: {', '.join(names)}"
         text = f"{text} (default: {_fmt_default(default)})".replace("%", "%%")

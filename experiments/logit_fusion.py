@@ -292,16 +292,7 @@ def run(cfg: Config) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        default = f.default
-        doc = f"{HELP[f.name]} (default preset: {default})"
-        if f.name == "preset":
-            parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help=doc)
-        elif isinstance(default, tuple):
-            elem = type(default[0])
-            parser.add_argument(f"--{f.name}", type=elem, nargs="+", default=None, help=doc)
-        else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=None, help=doc)
+    C.add_config_flags(parser, Config, help=HELP)
     args = parser.parse_args(argv)
     cfg = C.config_from_flags(PRESETS[args.preset or "default"], args)
     t0, c0 = time.perf_counter(), time.process_time()
