@@ -873,6 +873,10 @@ def _targets(results: dict[str, Any]) -> list[dict]:
     return rows
 
 
+# Every preset of the three settings; ``--preset NAME --help`` lists that setting's flags.
+PRESET_NAMES = (*EMBEDDED_PRESETS, *DIGIT_PRESETS, "mtil", "mtil-tiny")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
@@ -885,10 +889,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if preset in DIGIT_PRESETS:
         return _main_digits(preset, argv)
     if preset not in EMBEDDED_PRESETS:
-        known_presets = sorted([*EMBEDDED_PRESETS, *DIGIT_PRESETS, "mtil", "mtil-tiny"])
-        raise ValueError(f"unknown preset {preset!r}; choose from {known_presets}")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_config_flags(parser, EmbeddedConfig)
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESET_NAMES)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=(
+            f"presets: {', '.join(EMBEDDED_PRESETS)} (MiniCLIP, the flags above); "
+            f"{', '.join(DIGIT_PRESETS)} (the MLP setting) and mtil, mtil-tiny (CLIP): "
+            "--preset NAME --help lists their flags"
+        ),
+    )
+    _common.add_config_flags(parser, EmbeddedConfig, presets=PRESET_NAMES)
     args = parser.parse_args(argv)
     base = dataclasses.replace(EmbeddedConfig(), preset=preset, **EMBEDDED_PRESETS[preset])
     if preset != "default" and args.out is None:

@@ -51,15 +51,24 @@ def test_help_lists_every_flag_and_preset(name, capsys, monkeypatch):
     source = inspect.getsource(module)
     assert 'if __name__ == "__main__":' in source, f"{name} has no __main__ guard"
     entry = getattr(module, "cli", None) or module.main
-    with pytest.raises(SystemExit) as exc:
-        entry(["--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert out.startswith("usage:"), out[:200]
+
+    def help_text(*args):
+        with pytest.raises(SystemExit) as exc:
+            entry([*args, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage:"), out[:200]
+        return out
+
+    out = help_text()
+    # A module of several settings (PRESET_NAMES) lists every preset in its --help, and each
+    # setting's flags in --preset NAME --help.
+    names = getattr(module, "PRESET_NAMES", ())
+    every = out + "".join(help_text("--preset", p) for p in names)
     for cls in _config_classes(module):
         for f in dataclasses.fields(cls):
-            assert f"--{f.name}" in out, f"{name}: --{f.name} missing from --help"
-    for preset in getattr(module, "PRESETS", {}):
+            assert f"--{f.name}" in every, f"{name}: --{f.name} missing from --help"
+    for preset in [*getattr(module, "PRESETS", {}), *names]:
         assert preset in out, f"{name}: preset {preset!r} missing from --help"
 
 
