@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -52,6 +51,7 @@ import numpy as np
 import optax
 
 from cljax import mtl
+from cljax.checkpoint import load_json, save_json
 from cljax.data import load_mnist_attributes, load_multi_mnist
 from cljax.train import TrainState
 from experiments import _common as C
@@ -213,10 +213,9 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.out)
     saved = out / "runs.json"
     done: dict = {}
-    if saved.exists():
-        prev = json.loads(saved.read_text())
-        if prev.get("config") == _fingerprint(cfg):
-            done = prev["runs"]
+    prev = load_json(saved)  # None if missing; a damaged record is moved aside and redone
+    if isinstance(prev, dict) and prev.get("config") == _fingerprint(cfg):
+        done = prev["runs"]
     summary = {}
     for ds in cfg.datasets:
         tasks = load(ds, cfg)
@@ -234,7 +233,7 @@ def run(cfg: Config) -> dict:
             res["cpu_seconds"] = time.process_time() - c0
             done[key] = res
             if C.is_primary():
-                C.write_json(saved, {"config": _fingerprint(cfg), "runs": done})
+                save_json(saved, {"config": _fingerprint(cfg), "runs": done})
         summary[ds] = summarize(cfg, ds, tasks, done)
     return {"config": dataclasses.asdict(cfg), "runs": done, "summary": summary}
 

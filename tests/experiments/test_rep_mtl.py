@@ -1,8 +1,7 @@
-import json
-
 import numpy as np
 import pytest
 
+from cljax.checkpoint import load_json
 from experiments import rep_mtl
 
 
@@ -15,12 +14,19 @@ def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch):
     assert row["method"] == "PCGrad + Rep-MTL" and "Δm%" not in row  # no single-task runs
     run = res["runs"]["multi_mnist/pcgrad+rep/0"]
     assert len(run["test"]) == 2 and all(0.0 <= a <= 100.0 for a in run["test"])
-    saved = json.loads((out / "runs.json").read_text())
+    saved = load_json(out / "runs.json")
     assert set(saved["runs"]) == {"multi_mnist/pcgrad+rep/0"}
     assert (out / "results.json").exists()
     # a second run finds the finished run and trains nothing
     res2 = rep_mtl.main(["--preset", "tiny", "--out", str(out)])
     assert res2["runs"] == res["runs"]
+    # a truncated record is moved aside and its runs are redone, to the same numbers
+    record = out / "runs.json"
+    record.write_bytes(record.read_bytes()[:40])
+    with pytest.warns(UserWarning, match="runs.json"):
+        res3 = rep_mtl.main(["--preset", "tiny", "--out", str(out)])
+    assert res3["runs"]["multi_mnist/pcgrad+rep/0"]["test"] == run["test"]
+    assert list(out.glob("runs.json.corrupt-*"))
 
 
 def test_summary_delta_m_against_single_task():
