@@ -48,8 +48,8 @@ CLIP's 1e-5.
 Metrics (ZSCL's, ``cljax.continual``): Transfer (mean over i >= 1 of the accuracy on task i
 before it is trained), Avg (mean of the whole matrix), Last (mean of the last row).
 
-Runtime and results: ``docs/results/zscl.md`` (the default preset is sized for 20 minutes on two
-idle cores, an estimate from its CPU time; ``--preset tiny`` in CPU seconds plus compiles).
+Runtime and results: ``docs/results/zscl.md`` (the default preset is about 1,400 s of CPU time,
+mostly on one core; ``--preset tiny`` in CPU seconds plus compiles).
 
 The ``digits`` preset is the earlier setting: a small MLP encoder pretrained on upright
 MNIST, frozen linear probes as "zero-shot" heads, five domain-shifted digit tasks
