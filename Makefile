@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test test-fast lint typecheck install install-check clean parity docs
+.PHONY: demo test test-long test-fast lint typecheck install install-check clean parity docs
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ typecheck: $(STAMP)
 # experiment subprocesses (many compile the same tiny models); a fresh clone starts empty.
 JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 test: lint docs
-	$(JAX_CACHE) $(PY) -m pytest -q -n 2 --durations=15
+	$(JAX_CACHE) $(PY) -m pytest -q -n 2 -m "not long" --durations=15
+
+# End-to-end runs of experiment presets whose code paths cheaper tests and the notebooks
+# cover (marked long): outside CI's 20-minute budget, run them before a release.
+test-long: $(STAMP)
+	$(JAX_CACHE) $(PY) -m pytest -q -n 2 -m long --durations=15
 
 # The edit-test loop: every test but those marked slow (CI still runs them through make test).
 test-fast: $(STAMP)

@@ -14,6 +14,7 @@ def pool_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("atlas") / "pool"
 
 
+@pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
 @pytest.mark.slow
 def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch, pool_dir):
     monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")

@@ -50,6 +50,7 @@ def test_trainable_labels_and_augment():
     assert v.shape == x.shape and not np.allclose(np.asarray(v), np.asarray(x))
 
 
+@pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
 @pytest.mark.slow
 def test_tiny_preset_runs_and_reuses_finished_runs(tmp_path):
     out = tmp_path / "ci"

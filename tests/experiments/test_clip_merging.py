@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 
+@pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
 @pytest.mark.slow
 def test_clip_tiny_preset_runs_end_to_end(tmp_path):
     from experiments import merging

@@ -19,6 +19,7 @@ def _tiny_encoder_params(directory):
     return clip.load_hf_safetensors(path, clip.CLIPImageEncoder(config))
 
 
+@pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
 @pytest.mark.slow
 def test_mtil_tiny_preset_runs_and_resumes(tmp_path):
     from experiments import zscl

@@ -7,6 +7,7 @@ import pytest
 from experiments import continual
 
 
+@pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
 @pytest.mark.slow
 def test_tiny_preset_runs_and_resumes(tmp_path):
     out = tmp_path / "cl"

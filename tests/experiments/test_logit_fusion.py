@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 
+@pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
 @pytest.mark.slow
 def test_tiny_preset_runs_and_reports_consistent_numbers(tmp_path):
     from experiments import logit_fusion

@@ -60,6 +60,7 @@ def test_main_tiny_then_resume(tmp_path, capsys, monkeypatch):
     assert second["control"] == first["control"]
 
 
+@pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
 @pytest.mark.slow
 def test_digits_tiny_then_resume(tmp_path, capsys, monkeypatch):
     """The former digit benchmark stays available as a preset."""

@@ -5,6 +5,7 @@ import pytest
 from experiments import mtl
 
 
+@pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
 @pytest.mark.slow
 def test_tiny_preset_runs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")

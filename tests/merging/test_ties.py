@@ -157,7 +157,7 @@ def test_ties_through_the_counting_search(rng, scope):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", ["list", "stacked"])
+@pytest.mark.parametrize("form", [pytest.param("list", marks=pytest.mark.long), "stacked"])
 def test_leaf_scope_called_eagerly_searches_once_a_shape(rng, monkeypatch, form):
     # Eager per-leaf TIES compiles one search for two same-shaped leaves (a shape no other
     # test uses, so no compiled search is cached yet); each leaf keeps its own threshold:

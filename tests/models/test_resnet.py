@@ -21,10 +21,11 @@ def test_parameter_count_matches_torchvision():
 def test_small_input_forward_and_batch_stats():
     model = ResNet18(None, width=4, small_input=True)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
-    v = model.init(jax.random.key(0), x)
-    feats = model.apply(v, x)
+    v = jax.jit(model.init)(jax.random.key(0), x)  # jitted: op by op, a conv net compiles slowly
+    feats = jax.jit(model.apply)(v, x)
     assert feats.shape == (2, 32)
-    out, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+    train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    out, new = train(v, x)
     assert out.shape == (2, 32)
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), v["batch_stats"], new["batch_stats"])
     assert all(jax.tree.leaves(moved))
