@@ -196,6 +196,7 @@ def test_wise_ft_alpha_zero_keeps_the_start_weights(tmp_path, monkeypatch):
     assert r["teachers"] == []
 
 
+@pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
 @pytest.mark.slow
 def test_digits_tiny_preset_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
