@@ -31,6 +31,7 @@ __all__ = [
     "mean_std",
     "median_time",
     "progress",
+    "run_from_flags",
     "write_json",
 ]
 
@@ -158,6 +159,31 @@ def config_from_flags(base: Any, args: argparse.Namespace) -> Any:
         if v is not None:
             changes[f.name] = tuple(v) if isinstance(getattr(base, f.name), tuple) else v
     return dataclasses.replace(base, **changes)
+
+
+def run_from_flags(
+    run: Callable[[Any], dict],
+    config_cls: type,
+    presets: Mapping[str, Any],
+    argv: Sequence[str] | None,
+    *,
+    description: str,
+    help: Mapping[str, str] | None = None,
+) -> tuple[Any, dict]:
+    """Parses ``--preset`` and the config flags, runs ``run(cfg)`` and times it.
+
+    Returns ``(cfg, results)`` with ``results["seconds"]`` (wall) and
+    ``results["cpu_seconds"]`` (this process's CPU time) added.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_config_flags(parser, config_cls, help=help)
+    args = parser.parse_args(argv)
+    cfg = config_from_flags(presets[args.preset or "default"], args)
+    t0, c0 = time.perf_counter(), time.process_time()
+    results = run(cfg)
+    results["seconds"] = time.perf_counter() - t0
+    results["cpu_seconds"] = time.process_time() - c0
+    return cfg, results
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -39,10 +39,8 @@ Outputs under ``--out`` (default ``runs/logit-swap``): ``results.json`` and a pr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import time
 from pathlib import Path
 
 import jax
@@ -263,14 +261,9 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    C.add_config_flags(parser, Config, help=HELP)
-    args = parser.parse_args(argv)
-    cfg = C.config_from_flags(PRESETS[args.preset or "default"], args)
-    t0, c0 = time.perf_counter(), time.process_time()
-    results = run(cfg)
-    results["seconds"] = time.perf_counter() - t0
-    results["cpu_seconds"] = time.process_time() - c0
+    cfg, results = C.run_from_flags(
+        run, Config, PRESETS, argv, description=__doc__.split("\n")[0], help=HELP
+    )
     if C.is_primary():
         cols = [c for c in results["rows"][0] if not c.startswith("_")]
         print(
