@@ -92,6 +92,9 @@ def _check_templates(templates: Sequence[str]) -> None:
             )
 
 
+_PROMPTS_PER_CALL = 256
+
+
 def zero_shot_head(
     encode_text: Callable[[list[str]], jax.Array],
     classnames: Sequence[str],
@@ -148,13 +151,24 @@ def zero_shot_head(
                 return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 quarantine_file(path, f"damaged head cache ({e}); building it again")
-    rows = []
-    for name in classnames:
-        emb = jnp.asarray(encode_text([t.format(name) for t in templates]), jnp.float32)
-        emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
-        mean = emb.mean(axis=0)
-        rows.append(mean / jnp.linalg.norm(mean))
-    kernel = logit_scale * jnp.stack(rows, axis=1)
+    # Every prompt of every class, encoded in chunks of whole classes of about
+    # `_PROMPTS_PER_CALL` prompts: one call per class would run (and, with a padding
+    # encoder, pad) a text-tower batch for each class.
+    per_call = max(1, _PROMPTS_PER_CALL // len(templates))
+    parts = []
+    for s in range(0, len(classnames), per_call):
+        prompts = [t.format(name) for name in classnames[s : s + per_call] for t in templates]
+        emb = jnp.asarray(encode_text(prompts), jnp.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(prompts):
+            raise ValueError(
+                f"encode_text returned shape {emb.shape} for {len(prompts)} prompts; "
+                "it must return one embedding row per prompt, [len(texts), D]"
+            )
+        parts.append(emb)
+    emb = jnp.concatenate(parts).reshape(len(classnames), len(templates), -1)
+    emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+    mean = emb.mean(axis=1)
+    kernel = logit_scale * (mean / jnp.linalg.norm(mean, axis=-1, keepdims=True)).T
     head = {"kernel": kernel, "bias": jnp.zeros((len(classnames),), jnp.float32)}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,29 @@ def test_head_matches_slow_reference(rng):
     np.testing.assert_allclose(clip.head_logits(head, jnp.asarray(feats)), want, rtol=1e-5)
 
 
+def test_head_encodes_whole_classes_in_few_calls(rng, monkeypatch):
+    """Prompts go to the encoder in chunks of whole classes, and the head is the same."""
+    from cljax.models import _heads
+
+    monkeypatch.setattr(_heads, "_PROMPTS_PER_CALL", 7)  # 2 classes of 3 templates a call
+    enc = _encoder(rng)
+    sizes = []
+
+    def counted(texts):
+        sizes.append(len(texts))
+        return enc(texts)
+
+    classes, templates = [f"c{i}" for i in range(5)], ["a {}.", "the {}.", "{}!"]
+    head = clip.zero_shot_head(counted, classes, templates)
+    assert sizes == [6, 6, 3]
+    for j, c in enumerate(classes):
+        rows = [enc.table[t.format(c)] / np.linalg.norm(enc.table[t.format(c)]) for t in templates]
+        m = np.mean(rows, axis=0)
+        np.testing.assert_allclose(head["kernel"][:, j], 100 * m / np.linalg.norm(m), rtol=1e-5)
+    with pytest.raises(ValueError, match="one embedding row per prompt"):
+        clip.zero_shot_head(lambda t: enc(t)[:1], classes, templates)
+
+
 def test_head_cache(rng, tmp_path):
     enc = _encoder(rng)
     calls = []
