@@ -13,7 +13,8 @@ from jax.typing import ArrayLike
 
 from cljax import kernels
 from cljax import tree as ct
-from cljax.merging import _common, _kth
+from cljax.kernels._ties_threshold import xla as _kth
+from cljax.merging import _common
 
 __all__ = ["ties"]
 

@@ -1,0 +1,1 @@
+"""The TIES threshold: the k-th largest magnitude of each task vector, over all its leaves."""
