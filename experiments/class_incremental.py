@@ -22,7 +22,8 @@ Command::
     python -m experiments.class_incremental --preset tiny   # smoke test, seconds
 
 A re-run with the same ``--out`` skips finished runs (``--summarize_only true`` only
-tabulates). ``docs/results/continual.md`` holds the measured table.
+tabulates); each finished run is a checksummed record under ``runs/``, and a damaged one is
+moved aside (``.corrupt-<n>``) with a warning and its run done again. ``docs/results/continual.md`` holds the measured table.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import optax  # noqa: E402
 
 from cljax import continual as cl  # noqa: E402
 from cljax import projection as pj  # noqa: E402
-from cljax.checkpoint import load_json, save_json  # noqa: E402
+from cljax.checkpoint import load_json, quarantine_file, save_json  # noqa: E402
 from cljax.data import Task, embedded_benchmark  # noqa: E402
 from cljax.models import clip  # noqa: E402
 from experiments import _common  # noqa: E402
@@ -238,9 +239,9 @@ def _method(name: str, cfg: Config, model: Net, params, features, project) -> cl
     if name == "naive":
         return cl.Naive()
     if name == "ewc":
-        return cl.EWC(cfg.ewc_strength)
+        return cl.EWC(weight=cfg.ewc_strength)
     if name == "lwf":
-        return cl.LwF(cfg.lwf_weight, temperature=cfg.lwf_temperature)
+        return cl.LwF(weight=cfg.lwf_weight, temperature=cfg.lwf_temperature)
     if name == "gpm":
         rec = jax.jit(lambda p, x: pj.record_layer_inputs(model, {"params": p}, x))
         # 1-D parameters are not trained here (frozen by the base optimiser) anyway
@@ -342,6 +343,23 @@ def run_one(cfg: Config, method: str, seed: int, tasks: list[Task]) -> dict:
     }
 
 
+def _is_record(r, method: str, seed: int) -> bool:
+    """Whether ``r`` is what :func:`run_one` returns for ``method`` and ``seed``.
+
+    A record with a good checksum can still be another run's (a file copied under the wrong
+    name) or another layout's; it is redone rather than tabulated or failing later.
+    """
+    return (
+        isinstance(r, dict)
+        and r.get("method") == method
+        and r.get("seed") == seed
+        and isinstance(r.get("accuracy"), list)
+        and isinstance(r.get("metrics"), dict)
+        and isinstance(r["metrics"].get("acc"), float)
+        and isinstance(r.get("seconds"), int | float)
+    )
+
+
 def summarize_runs(cfg: Config, runs: list[dict], out: Path) -> list[dict]:
     rows, mats = [], {}
     for method in cfg.methods:
@@ -383,7 +401,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tasks = None
         for method in cfg.methods:
             done = out / "runs" / f"{method}-s{seed}.json"
-            r = load_json(done)
+            r = load_json(done)  # None if missing; a damaged record is moved aside, redone
+            if r is not None and not _is_record(r, method, seed):
+                quarantine_file(done, f"not a run record of {method} seed {seed}")
+                r = None
             if r is not None:
                 runs.append(r)
                 continue

@@ -62,3 +62,108 @@ def test_tiny_preset_runs_and_reuses_finished_runs(tmp_path):
         assert a.shape == (2, 2) and ((0 <= a) & (a <= 1)).all()
     assert (out / "heatmap_class_incremental.png").stat().st_size > 0
     assert ci.main(["--preset", "tiny", "--out", str(out)]) == rows
+
+
+# ------------------------------------------------------------------ damaged run records
+
+
+@pytest.fixture
+def jax_cache_settings():
+    """main() points JAX's compilation cache into --out; put the settings back after."""
+    before = {
+        k: getattr(jax.config, k)
+        for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    }
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+
+
+def _stand_in(calls):
+    """A cheap stand-in for run_one: a record of the same layout, a function of (method,
+    seed) only, so a recomputed run must reproduce the lost one exactly; its ``seconds``
+    differ from call to call, as a real run's do."""
+
+    def run_one(cfg, method, seed, tasks):
+        del tasks
+        calls.append((method, seed))
+        rng = np.random.default_rng([seed, ci.METHODS.index(method)])
+        acc = np.tril(rng.uniform(size=(cfg.stages, cfg.stages)))
+        bwt = np.mean([acc[-1, i] - acc[i, i] for i in range(cfg.stages - 1)])
+        return {
+            "method": method,
+            "seed": seed,
+            "accuracy": acc.tolist(),
+            "metrics": {"acc": float(acc[-1].mean()), "bwt": float(bwt)},
+            "seconds": 0.5 + len(calls),
+        }
+
+    return run_one
+
+
+def _outcome(runs):
+    """Runs or table rows without their timings (a recomputed run takes another time)."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "s/run")} for r in runs]
+
+
+def test_damaged_run_records_are_moved_aside_and_recomputed(
+    tmp_path, monkeypatch, jax_cache_settings
+):
+    """Each kind of damage to runs/*.json, in a finished run and in one stopped part-way:
+    the damaged records are kept aside, exactly their runs are redone, and the table and
+    results.json come out identical. Training is a stand-in (a real run of the tiny preset
+    takes minutes of CPU): what is tested is main()'s record keeping."""
+    from tests.experiments.test_continual_experiment import RUN_FILE_DAMAGE
+
+    calls = []
+    monkeypatch.setattr(ci, "stage_tasks", lambda cfg, seed: [])
+    monkeypatch.setattr(ci, "run_one", _stand_in(calls))
+    monkeypatch.setattr(ci, "heatmaps", lambda path, title, mats: None)
+    out = tmp_path / "ci"
+    args = ["--preset", "tiny", "--seeds", "0", "1", "--out", str(out)]
+    everything = [("naive", 0), ("ncm", 0), ("naive", 1), ("ncm", 1)]
+
+    def rerun(*extra):
+        calls.clear()
+        rows = _outcome(ci.main(args + list(extra)))
+        return rows, _outcome(json.loads((out / "results.json").read_text())["runs"])
+
+    want = rerun()
+    assert calls == everything
+    records = [out / "runs" / f"{m}-s{s}.json" for m, s in everything]
+    # a finished run: every record damaged
+    for name, damage in RUN_FILE_DAMAGE.items():
+        for path in records:
+            damage(path)
+        if name == "delete":
+            assert rerun() == want, name
+        else:
+            with pytest.warns(UserWarning, match="moved it aside") as warned:
+                assert rerun() == want, name
+            assert len(warned) == 4, name  # each record named
+        assert calls == everything, name
+        assert all(path.is_file() for path in records), name  # written again
+    assert len(list((out / "runs").glob("*.json.corrupt-*"))) == 3 * 4  # all kept
+    # a run stopped part-way: the first record kept, the second damaged, the third lost in
+    # a crash during its write (a half-written .part beside it), the fourth never begun
+    part = records[2].with_name(records[2].name + ".part")
+    part.write_bytes(records[2].read_bytes()[:50])
+    records[2].unlink()
+    records[3].unlink()
+    records[1].write_bytes(records[1].read_bytes()[:-30])
+    with pytest.warns(UserWarning, match=r"ncm-s0\.json: damaged run record"):
+        assert rerun() == want
+    assert calls == everything[1:]
+    assert not part.exists()
+    # a record whose checksum is good but which is another run's (copied under this name)
+    records[3].write_bytes(records[0].read_bytes())
+    with pytest.warns(UserWarning, match=r"ncm-s1\.json: not a run record of ncm seed 1"):
+        assert rerun() == want
+    assert calls == [("ncm", 1)]
+    # --summarize_only: a damaged record is moved aside and left out, nothing is trained
+    records[0].write_bytes(b"{")
+    with pytest.warns(UserWarning, match=r"naive-s0\.json"):
+        rows, _ = rerun("--summarize_only", "true")
+    assert calls == [] and [r["seeds"] for r in rows] == [1, 2]
+    assert rerun() == want and calls == [("naive", 0)]
+    assert rerun() == want and calls == []  # and now every record is read back
