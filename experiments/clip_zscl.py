@@ -433,7 +433,7 @@ def run_method(
     """
     encoder = env["encoder"]
     flags = method_flags(method)
-    we = weight_ensemble(cfg.avg_freq)
+    we = weight_ensemble(every=cfg.avg_freq)
     ls = cfg.label_smoothing
 
     def loss_fn(params, batch, rng):
@@ -477,7 +477,7 @@ def run_method(
     def new_state(params, task: str, seed: int) -> TrainState:
         lr = cfg.fast_lr if task in cfg.fast_lr_tasks else cfg.lr
         methods = {"we": we.init(params)} if flags["we"] else {}
-        state = TrainState.create(params, tx, rng=seed, methods=methods)
+        state = TrainState.create(params, tx, key=seed, methods=methods)
         adam, sched, scale = state.opt_state
         scale = scale._replace(hyperparams={"step_size": jnp.asarray(-lr, jnp.float32)})
         return state.replace(opt_state=(adam, sched, scale))

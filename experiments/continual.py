@@ -128,9 +128,9 @@ def _method(name: str, cfg: Config, model: MLP, scenario: str, num_tasks: int):
     if name == "naive":
         return cl.Naive()
     if name == "ewc":
-        return cl.EWC(cfg.ewc_strength)
+        return cl.EWC(weight=cfg.ewc_strength)
     if name == "lwf":
-        return cl.LwF(cfg.lwf_weight, temperature=cfg.lwf_temperature)
+        return cl.LwF(weight=cfg.lwf_weight, temperature=cfg.lwf_temperature)
     if name == "gpm":
         rec = jax.jit(lambda p, x: pj.record_layer_inputs(model, {"params": p}, x))
         targets = all_layers if scenario == "domain" else body

@@ -234,7 +234,7 @@ def selftest_problem(mesh: Any, mode: str = "fsdp", num_tasks: int = 8) -> tuple
     )  # fmt: skip
 
     def init(params):
-        return TrainState.create(params, optax.adam(1e-2), rng=jax.random.key(0))
+        return TrainState.create(params, optax.adam(1e-2), key=jax.random.key(0))
 
     def loss_fn(params, batch, rng):
         h = jnp.tanh(batch["x"] @ params["hidden"]["kernel"] + params["hidden"]["bias"])

@@ -334,7 +334,7 @@ def train_one(
     x0 = jnp.asarray(sub[0].x_train[:2])
     params = model.init(jax.random.key(seed), x0)["params"]
     tx = optax.adam(cfg.learning_rate) if tx is None else tx
-    state = TrainState.create(params, tx, rng=seed, methods={"model_state": {}})
+    state = TrainState.create(params, tx, key=seed, methods={"model_state": {}})
     state = state.replace(opt_state=_reseed(state.opt_state, seed))
     spe = sub[0].steps_per_epoch(cfg.batch_size)
     best_val, best_test = -1.0, None

@@ -341,7 +341,7 @@ def run(cfg: Config, log=print) -> dict:
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(schedule, weight_decay=cfg.weight_decay),
     )
-    state = TrainState.create(params, tx, rng=jax.random.fold_in(key, 1))
+    state = TrainState.create(params, tx, key=jax.random.fold_in(key, 1))
     step_fn = make_step(
         lambda p, b, rng: contrastive_loss(model, p, b),
         has_aux=True,

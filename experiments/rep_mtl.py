@@ -182,7 +182,7 @@ def train_one(cfg: Config, tasks, task_ids, method: str, seed: int) -> dict:
             mtl.aggregate(agg, key=seed, head_rules=mtl.HEAD_RULES),
             optax.adam(cfg.learning_rate),
         )
-    state = TrainState.create(params, tx, rng=seed)
+    state = TrainState.create(params, tx, key=seed)
     step = mtl.make_mtl_step(grad_fn)
     predict = jax.jit(lambda p, x: model.apply({"params": p}, x))
     ids = np.asarray(task_ids)

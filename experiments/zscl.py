@@ -343,7 +343,7 @@ def _engine(method: str, cfg: Config, env: dict[str, Any]):
     heads, anchors = env["heads"], env["anchors"]
     pool_x, pool_teacher = env["pool_x"], env["pool_teacher"]
     tx = _optimizer(cfg)
-    we = weight_ensemble(cfg.avg_freq)
+    we = weight_ensemble(every=cfg.avg_freq)
     n_tasks = heads["bias"].shape[0]
 
     def logits_all(params, x):  # [B, T, Cmax], every task's frozen head
@@ -392,7 +392,7 @@ def _engine(method: str, cfg: Config, env: dict[str, Any]):
         methods = {"start": _copy(params)}
         if flags["we"]:
             methods["we"] = we.init(params)
-        return TrainState.create(_copy(params), tx, rng=0, methods=methods)
+        return TrainState.create(_copy(params), tx, key=0, methods=methods)
 
     def train_task(state, x, y, idx, ref, task):
         def body(st, inp):

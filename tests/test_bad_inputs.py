@@ -667,14 +667,14 @@ def _method_rows() -> list[Row]:
         Row(
             "averaging",
             "an EMA decay outside [0, 1)",
-            lambda _: averaging.ema(1.0),
+            lambda _: averaging.ema(decay=1.0),
             ValueError,
             r"decay=1.0",
         ),
         Row(
             "averaging",
             "an EMA decay that is an array",
-            lambda _: averaging.ema(jnp.full(2, 0.5)),
+            lambda _: averaging.ema(decay=jnp.full(2, 0.5)),
             ValueError,
             r"ema: decay=.* must be a scalar; got shape \(2,\)",
         ),
@@ -687,10 +687,10 @@ def _method_rows() -> list[Row]:
         ),
         Row(
             "averaging",
-            "a weight-ensemble avg_freq < 1",
-            lambda _: averaging.weight_ensemble(0),
+            "a weight-ensemble every < 1",
+            lambda _: averaging.weight_ensemble(every=0),
             ValueError,
-            r"avg_freq=0",
+            r"every=0",
         ),
         Row(
             "clip",

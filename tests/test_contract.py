@@ -233,14 +233,14 @@ def _case_atlas_step(rng, dtype):
 def _averaging_step(averagers: dict, rng, dtype) -> Case:
     params = _params(rng, dtype)
     state = TrainState.create(
-        params, optax.sgd(0.1), rng=0, methods=averaging.init_averages(averagers, params)
+        params, optax.sgd(0.1), key=0, methods=averaging.init_averages(averagers, params)
     )
     step = make_step(_ce, post_update=averaging.averaging_hook(averagers), jit=False)
     return Case(step, (state, _batch(rng)), ("state", "batch"), like=lambda a, o: (a[0], o[0]))
 
 
 def _case_ema(rng, dtype):
-    return _averaging_step({"ema": averaging.ema(0.9, debias=True)}, rng, dtype)
+    return _averaging_step({"ema": averaging.ema(decay=0.9, debias=True)}, rng, dtype)
 
 
 def _case_swa(rng, dtype):
@@ -248,7 +248,7 @@ def _case_swa(rng, dtype):
 
 
 def _case_weight_ensemble(rng, dtype):
-    return _averaging_step({"we": averaging.weight_ensemble(avg_freq=1)}, rng, dtype)
+    return _averaging_step({"we": averaging.weight_ensemble(every=1)}, rng, dtype)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -264,10 +264,10 @@ def _case_entropy_loss(rng, dtype):
 
 
 def _case_kd_loss(rng, dtype):
-    t, s = (jnp.asarray(rng.normal(size=(16, 8)), dtype) for _ in range(2))
+    s, t = (jnp.asarray(rng.normal(size=(16, 8)), dtype) for _ in range(2))
     return Case(
         losses.kd_loss,
-        (t, s),
+        (s, t),
         ("batch", "batch"),
         like=lambda a, o: (jnp.zeros((), jnp.float32), o),
     )
@@ -292,7 +292,7 @@ _TARGETS = [(r"dense/kernel", True)]
 def _projection_step(tx: optax.GradientTransformation, hook, rng, dtype, canon=None) -> Case:
     """A train step whose optimizer ends in a projection with a non-empty memory."""
     params = _params(rng, dtype)
-    state = TrainState.create(params, tx, rng=0)
+    state = TrainState.create(params, tx, key=0)
     state = state.replace(opt_state=hook(state.opt_state, params, rng))
     step = make_step(_ce, jit=False)
     return Case(
@@ -362,7 +362,7 @@ def _case_ewc_penalty(rng, dtype):
     fisher = jax.tree.map(lambda x: jnp.abs(x).astype(jnp.float32), _params(rng, dtype))
     ewc = losses.ewc_update(None, _params(rng, dtype), fisher)
     return Case(
-        lambda p, s: losses.ewc_penalty(p, s, strength=10.0),
+        lambda p, s: losses.ewc_penalty(p, s, weight=10.0),
         (params, ewc),
         ("params", "params"),
         like=lambda a, o: (jnp.zeros((), jnp.float32), o),

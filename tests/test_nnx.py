@@ -205,7 +205,7 @@ def test_gpm_with_nnx_optimizer_protects_old_inputs():
 
 def test_ema_of_nnx_params():
     model, graphdef, theta0, taus = _setup()
-    avg = av.ema(0.5)
+    avg = av.ema(decay=0.5)
     state = avg.init(nnx.state(model, nnx.Param))
     ref = avg.init(_pure(theta0))
     for t in taus:  # the live module after each "step"

@@ -122,7 +122,7 @@ def test_rules_shard_optimizer_state_like_params(rng):
     assert mu["dense"]["kernel"] == specs.params["dense"]["kernel"] == P(None, "data")
     assert specs.opt_state[0].nu["head"]["kernel"] == P("data", None)
     assert specs.params["dense"]["bias"] == P()  # no rule: replicated default
-    assert specs.step == P() and specs.rng == P()
+    assert specs.step == P() and specs.key == P()
 
 
 @pytest.mark.parametrize(
@@ -195,7 +195,7 @@ def test_shard_batch_and_errors(rng):
 def test_sharded_training_equals_unsharded(rng, default):
     params = _params(rng)
     batches = [_batch(rng) for _ in range(2)]
-    init = lambda p: TrainState.create(p, optax.adam(1e-2), rng=0)
+    init = lambda p: TrainState.create(p, optax.adam(1e-2), key=0)
 
     ref = init(params)
     ref_step = make_step(_loss, donate=False)
@@ -225,7 +225,7 @@ def test_sharded_step_keeps_the_nonfinite_policy(rng):
     from cljax.train import NonFiniteError
 
     mesh = cs.make_mesh({"data": 8}, DEVICES)
-    init = lambda p: TrainState.create(p, optax.adam(1e-2), rng=0)
+    init = lambda p: TrainState.create(p, optax.adam(1e-2), key=0)
     bad = _batch(rng)
     bad["x"][3, 5] = np.nan
     for policy in ("raise", "skip"):
@@ -247,7 +247,7 @@ def test_sharded_step_keeps_the_nonfinite_policy(rng):
 
 def test_dp_step_all_reduces_gradients_and_gathers_nothing(rng):
     mesh = cs.make_mesh({"data": 8}, DEVICES)
-    init = lambda p: TrainState.create(p, optax.sgd(1e-2), rng=0)
+    init = lambda p: TrainState.create(p, optax.sgd(1e-2), key=0)
     state, sh = cs.create_sharded_state(init, _params(rng), mesh=mesh)
     step = cs.sharded_step(make_step(_loss, jit=False), sh, cs.batch_sharding(mesh))
     colls = cs.hlo_collectives(step.lower(state, cs.shard_batch(_batch(rng), mesh)).compile())
@@ -293,7 +293,7 @@ def test_hlo_collectives_parser_hand_case():
 @pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(rng, tmp_path):
     params = _params(rng)
-    init = lambda p: TrainState.create(p, optax.adam(1e-2), rng=jax.random.key(5))
+    init = lambda p: TrainState.create(p, optax.adam(1e-2), key=jax.random.key(5))
     mesh8 = cs.make_mesh({"data": 8}, DEVICES)
     state, sh8 = cs.create_sharded_state(init, params, mesh=mesh8, default=cs.FSDP)
     step = cs.sharded_step(make_step(_loss, jit=False), sh8, cs.batch_sharding(mesh8))
@@ -311,7 +311,7 @@ def test_checkpoint_restores_onto_another_mesh(rng, tmp_path):
         chex.assert_trees_all_equal(jax.device_get(got.params), expected.params)
         chex.assert_trees_all_equal(jax.device_get(got.opt_state), expected.opt_state)
         assert int(got.step) == 1
-        np.testing.assert_array_equal(jax.random.key_data(got.rng), jax.random.key_data(state.rng))
+        np.testing.assert_array_equal(jax.random.key_data(got.key), jax.random.key_data(state.key))
         leaf = got.params["dense"]["kernel"]
         assert leaf.sharding == sh.params["dense"]["kernel"]
         assert set(leaf.sharding.device_set) <= set(devices)

@@ -100,7 +100,7 @@ def init_averages(averagers: Mapping[str, Averager], params: Params) -> dict[str
     """``{name: averager.init(params)}``, to pass as ``TrainState.create(..., methods=...)``.
 
     Example:
-      >>> avgs = {"ema": ema(0.99), "we": weight_ensemble(100)}  # doctest: +SKIP
+      >>> avgs = {"ema": ema(decay=0.99), "we": weight_ensemble(every=100)}  # doctest: +SKIP
       >>> state = TrainState.create(params, tx, methods=init_averages(avgs, params))  # doctest: +SKIP
     """
     return {name: av.init(params) for name, av in averagers.items()}
@@ -126,7 +126,7 @@ def averaging_hook(
       ValueError: (at trace time) if ``state.methods`` lacks one of the names.
 
     Example:
-      >>> avgs = {"ema": ema(0.999)}  # doctest: +SKIP
+      >>> avgs = {"ema": ema(decay=0.999)}  # doctest: +SKIP
       >>> step = make_step(loss_fn, post_update=averaging_hook(avgs))  # doctest: +SKIP
     """
     averagers = dict(averagers)

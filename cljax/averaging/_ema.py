@@ -27,7 +27,7 @@ class EmaState(NamedTuple):
     count: jax.Array
 
 
-def ema(decay: float, *, debias: bool = False) -> Averager:
+def ema(*, decay: float, debias: bool = False) -> Averager:
     """An exponential moving average of the parameters, updated after every step.
 
     Without bias correction the average starts at the initial parameters and moves
@@ -50,7 +50,7 @@ def ema(decay: float, *, debias: bool = False) -> Averager:
         included).
 
     Example:
-      >>> avg = ema(0.999, debias=True)
+      >>> avg = ema(decay=0.999, debias=True)
       >>> s = avg.init({"w": jnp.zeros(3)})
       >>> s = avg.update(s, {"w": jnp.ones(3)}, 1)
       >>> s.mean["w"]

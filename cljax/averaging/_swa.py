@@ -26,7 +26,7 @@ class SwaState(NamedTuple):
     count: jax.Array
 
 
-def swa(start: int = 0, every: int = 1) -> Averager:
+def swa(*, start: int = 0, every: int = 1) -> Averager:
     """Stochastic weight averaging: the uniform mean of the parameters after update ``s``
     for every ``s >= start`` with ``(s - start) % every == 0``.
 

@@ -1,4 +1,4 @@
-"""ZSCL's weight ensemble: a running mean every ``avg_freq`` iterations of a task."""
+"""ZSCL's weight ensemble: a running mean of snapshots taken every k iterations of a task."""
 
 from __future__ import annotations
 
@@ -29,14 +29,14 @@ class WeightEnsembleState(NamedTuple):
     iteration: jax.Array
 
 
-def weight_ensemble(avg_freq: int = 100) -> Averager:
+def weight_ensemble(*, every: int = 100) -> Averager:
     """ZSCL's weight ensemble (WE), faithful to the reference's bookkeeping.
 
     ``init(params)`` takes the start-of-task weights as the first member of the mean.
     After the optimizer update of task iteration ``i`` (0-based, counted by the state),
-    if ``i % avg_freq == 0`` the new parameters join the mean:
+    if ``i % every == 0`` the new parameters join the mean:
     ``n <- n + 1; mean <- (n * mean + params) / (n + 1)`` with ``n`` the snapshots taken so
-    far. Iteration 0 is included, so after ``1000 + 1`` iterations with ``avg_freq=100`` the
+    far. Iteration 0 is included, so after ``1000 + 1`` iterations with ``every=100`` the
     mean is the uniform average of ``{theta_start, theta_0, theta_100, ..., theta_1000}``
     (12 trees). The averaged model is what the next task starts from: use
     :func:`~cljax.averaging.next_task_from_average` between tasks.
@@ -46,17 +46,17 @@ def weight_ensemble(avg_freq: int = 100) -> Averager:
     ``update`` is ignored.
 
     Args:
-      avg_freq: snapshot period in iterations (``>= 1``); 100 in ZSCL's MTIL scripts, 10
-        in its class-incremental configs.
+      every: snapshot period in iterations (``>= 1``; the reference's ``avg_freq``); 100
+        in ZSCL's MTIL scripts, 10 in its class-incremental configs.
 
     Returns:
       An :class:`Averager` whose state is :class:`WeightEnsembleState`.
 
     Raises:
-      ValueError: if ``avg_freq < 1``.
+      ValueError: if ``every < 1``.
 
     Example:
-      >>> we = weight_ensemble(avg_freq=2)
+      >>> we = weight_ensemble(every=2)
       >>> s = we.init({"w": jnp.zeros(())})            # theta_start = 0
       >>> for i, w in enumerate([3.0, 5.0, 6.0]):      # iterations 0, 1, 2
       ...     s = we.update(s, {"w": jnp.asarray(w)}, i + 1)
@@ -67,7 +67,7 @@ def weight_ensemble(avg_freq: int = 100) -> Averager:
       Zheng et al., "Preventing Zero-Shot Transfer Degradation in Continual Learning of
       Vision-Language Models", ICCV 2023 (``merge_we`` in ``mtil/src/models/helpers.py``).
     """
-    avg_freq = check_int(avg_freq, name="avg_freq", where="weight_ensemble", low=1)
+    every = check_int(every, name="every", where="weight_ensemble", low=1)
 
     def init(params: Params) -> WeightEnsembleState:
         return WeightEnsembleState(
@@ -86,7 +86,7 @@ def weight_ensemble(avg_freq: int = 100) -> Averager:
             weight = 1.0 / count.astype(jnp.float32)
             return s._replace(mean=_move_toward(s.mean, params, weight), count=count)
 
-        new = jax.lax.cond(state.iteration % avg_freq == 0, snapshot, lambda s: s, state)
+        new = jax.lax.cond(state.iteration % every == 0, snapshot, lambda s: s, state)
         return new._replace(iteration=state.iteration + 1)
 
     return Averager(init, update)

@@ -45,7 +45,7 @@ class EWC(Method):
     """Online EWC with a diagonal empirical Fisher (Kirkpatrick et al. 2017; Schwarz et al. 2018).
 
     Args:
-      strength: lambda of the penalty ``lambda/2 sum F (theta - theta*)^2``.
+      weight: lambda of the penalty ``lambda/2 sum F (theta - theta*)^2``.
       gamma: decay of the accumulated Fisher (1 = sum over tasks).
       fisher_samples: training examples of the task used for the Fisher.
       name: state key.
@@ -53,17 +53,17 @@ class EWC(Method):
 
     def __init__(
         self,
-        strength: float,
         *,
+        weight: float,
         gamma: float = 1.0,
         fisher_samples: int = 200,
         name: str = "ewc",
     ):
-        check_scalar(strength, name="strength", where="EWC", low=0.0)
+        check_scalar(weight, name="weight", where="EWC", low=0.0)
         check_scalar(gamma, name="gamma", where="EWC", low=0.0, high=1.0)
         check_int(fisher_samples, name="fisher_samples", where="EWC", low=1)
-        self.strength, self.gamma, self.fisher_samples, self.name = (
-            strength,
+        self.weight, self.gamma, self.fisher_samples, self.name = (
+            weight,
             gamma,
             fisher_samples,
             name,
@@ -74,7 +74,7 @@ class EWC(Method):
         return cl_losses.EWCState(anchor=_copy(params), fisher=zeros)
 
     def loss(self, params, batch, logits, mstate, apply_fn):
-        pen = cl_losses.ewc_penalty(params, mstate, strength=self.strength)
+        pen = cl_losses.ewc_penalty(params, mstate, weight=self.weight)
         return pen, {"penalty": pen}
 
     def _nll(self, apply_fn):
@@ -117,8 +117,8 @@ class LwF(Method):
 
     def __init__(
         self,
-        weight: float = 1.0,
         *,
+        weight: float = 1.0,
         temperature: float = 2.0,
         scale_by_t2: bool = False,
         name: str = "lwf",
@@ -163,7 +163,7 @@ class L2Anchor(Method):
     """
 
     def __init__(
-        self, weight: float, *, reduction: Literal["sum", "mean"] = "sum", name: str = "l2"
+        self, *, weight: float, reduction: Literal["sum", "mean"] = "sum", name: str = "l2"
     ):
         check_scalar(weight, name="weight", where="L2Anchor", low=0.0)
         if reduction not in ("sum", "mean"):
@@ -465,7 +465,7 @@ class PRD(Method):
         return jnp.asarray(rows) & old_mask[None]
 
     def loss(self, params, batch, logits, mstate, apply_fn):
-        k1, k2 = jax.random.split(batch["rng"])
+        k1, k2 = jax.random.split(batch["key"])
         x1, x2 = self.augment_fn(k1, batch["x"]), self.augment_fn(k2, batch["x"])
         y = batch["y"]
         f1, f2 = self.features_fn(params, x1), self.features_fn(params, x2)

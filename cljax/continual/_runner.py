@@ -210,7 +210,7 @@ class Method:
         """An extra loss term (traced inside the jitted step) and scalar metrics.
 
         ``batch`` holds ``x``, the global labels ``y``, ``mask``, ``old_mask``, ``task``
-        and ``rng``, a PRNG key of its own for this method and step (e.g. augmentation).
+        and ``key``, a PRNG key of its own for this method and step (e.g. augmentation).
         """
         return jnp.zeros((), jnp.float32), {}
 
@@ -486,7 +486,7 @@ def run_sequence(
     # The step donates the state: work on a copy so the caller's arrays stay alive.
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
     state = TrainState.create(
-        params, tx, rng=seed, methods={m.name: m.init(params) for m in methods}
+        params, tx, key=seed, methods={m.name: m.init(params) for m in methods}
     )
     n_tasks = len(tasks)
     acc = np.zeros((n_tasks, n_tasks), np.float64)
@@ -570,20 +570,20 @@ def run_sequence(
             "losses": padded,
         }
 
-    def loss_fn(p, batch, rng, mstates):
+    def loss_fn(p, batch, key, mstates):
         logits = apply_fn(p, batch["x"])
         loss = task_loss(logits, batch)
         aux = {"task_loss": loss}
-        keys = jax.random.split(rng, max(len(methods), 1))
-        for m, key in zip(methods, keys, strict=False):
-            mb = {**batch, "rng": key}
+        keys = jax.random.split(key, max(len(methods), 1))
+        for m, k in zip(methods, keys, strict=False):
+            mb = {**batch, "key": k}
             extra, a = m.loss(p, mb, logits, mstates[m.name], apply_fn)
             loss = loss + extra
             aux.update({f"{m.name}/{k}": v for k, v in a.items()})
         return loss, aux
 
     def step(st: TrainState, batch: dict, bad_at: jax.Array, at: jax.Array):
-        rng, sub = jax.random.split(st.rng)
+        key, sub = jax.random.split(st.key)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             st.params, batch, sub, st.methods
         )
@@ -601,7 +601,7 @@ def run_sequence(
             opt_state=pick(new.opt_state, st.opt_state),
             methods=pick(new.methods, st.methods),
             skipped=st.skipped + (~ok).astype(st.skipped.dtype),
-            rng=rng,
+            key=key,
         )
         bad_at = jnp.where((bad_at < 0) & ~ok, at, bad_at)
         return new, bad_at, {"loss": loss, "finite": ok, **aux}

@@ -107,28 +107,28 @@ def ewc_update(
     return EWCState(anchor=anchor, fisher=fisher)
 
 
-def ewc_penalty(params: ct.Params, state: EWCState, *, strength: float = 1.0) -> jax.Array:
-    """``strength / 2 * sum_k F_k (theta_k - theta*_k)^2``.
+def ewc_penalty(params: ct.Params, state: EWCState, *, weight: float = 1.0) -> jax.Array:
+    """``weight / 2 * sum_k F_k (theta_k - theta*_k)^2``.
 
     Args:
       params: current parameters.
       state: anchor and Fisher (:func:`ewc_update`).
-      strength: lambda, >= 0.
+      weight: the penalty's coefficient lambda, >= 0.
 
     Returns:
       A float32 scalar; no gradient flows into the state.
 
     Raises:
-      ValueError: on a negative strength.
+      ValueError: on a negative weight.
 
     Example::
 
-      loss = ce + ewc_penalty(params, ewc_state, strength=100.0)
+      loss = ce + ewc_penalty(params, ewc_state, weight=100.0)
 
     References:
       Kirkpatrick et al., PNAS 2017; Schwarz et al., ICML 2018.
     """
-    check_scalar(strength, name="strength", where="ewc_penalty", low=0.0)
+    check_scalar(weight, name="weight", where="ewc_penalty", low=0.0)
     terms = jax.tree.map(
         lambda p, a, f: jnp.sum(
             jax.lax.stop_gradient(f) * (p.astype(jnp.float32) - jax.lax.stop_gradient(a)) ** 2
@@ -137,4 +137,4 @@ def ewc_penalty(params: ct.Params, state: EWCState, *, strength: float = 1.0) ->
         state.anchor,
         state.fisher,
     )
-    return 0.5 * strength * sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
+    return 0.5 * weight * sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))

@@ -19,7 +19,7 @@ __all__ = [
 
 
 def kd_loss(
-    teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 2.0
+    student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 2.0
 ) -> jax.Array:
     """Knowledge distillation: ``mean_rows CE(softmax(t / T), s / T) * T**2``.
 
@@ -27,8 +27,8 @@ def kd_loss(
     softmax, over the last axis, averaged over the rows. The teacher is not differentiated.
 
     Args:
-      teacher_logits: ``[..., K]``.
-      student_logits: ``[..., K]``, same shape.
+      student_logits: ``[..., K]``.
+      teacher_logits: ``[..., K]``, same shape.
       temperature: ``T > 0``.
 
     Returns:
@@ -48,7 +48,7 @@ def kd_loss(
     """
     check_scalar(temperature, name="temperature", where="kd_loss", low=0.0, low_open=True)
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"kd_loss: {teacher_logits.shape=} differs from {student_logits.shape=}")
+        raise ValueError(f"kd_loss: {student_logits.shape=} differs from {teacher_logits.shape=}")
     if teacher_logits.ndim < 1 or teacher_logits.shape[-1] == 0 or teacher_logits.size == 0:
         raise ValueError(f"kd_loss: empty logits {teacher_logits.shape=}")
     t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
@@ -182,7 +182,7 @@ def zscl_distillation(
     t = _normalize(jax.lax.stop_gradient(teacher_features))
     logits_s = logit_scale * s @ g.T
     logits_t = logit_scale * t @ g.T
-    kd_image = kd_loss(logits_t, logits_s, temperature)
-    kd_transposed = kd_loss(logits_t.T, logits_s.T, temperature)
+    kd_image = kd_loss(logits_s, logits_t, temperature=temperature)
+    kd_transposed = kd_loss(logits_s.T, logits_t.T, temperature=temperature)
     loss = image_weight * kd_image + transposed_weight * kd_transposed
     return loss, {"kd_image": kd_image, "kd_transposed": kd_transposed}

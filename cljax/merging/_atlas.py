@@ -744,14 +744,14 @@ def supervised_objective(logits_fn: LogitsFn) -> LossFn:
         the batch dict may carry more than ``"x"``, e.g. the head's parameters).
 
     Returns:
-      ``loss_fn(params, batch, rng) -> (loss, {"accuracy"})`` for :func:`fit`.
+      ``loss_fn(params, batch, key) -> (loss, {"accuracy"})`` for :func:`fit`.
 
     References:
       aTLAS (NeurIPS 2024), few-shot learning (``src/learn_few_shots.py``).
     """
 
-    def loss_fn(params, batch, rng):
-        del rng
+    def loss_fn(params, batch, key):
+        del key
         logits = logits_fn(params, batch)
         return _ce(logits, batch["y"]), {"accuracy": _acc(logits, batch["y"])}
 
@@ -766,7 +766,7 @@ def task_addition_objective(apply_fns: Sequence[LogitsFn]) -> LossFn:
         the same function may serve every task when the sub-batch carries its head.
 
     Returns:
-      ``loss_fn(params, batches, rng)`` where ``batches`` is a sequence of ``{"x", "y"}``,
+      ``loss_fn(params, batches, key)`` where ``batches`` is a sequence of ``{"x", "y"}``,
       one per task, in the order of ``apply_fns``; aux holds ``ce_<t>`` per task.
 
     Raises:
@@ -779,8 +779,8 @@ def task_addition_objective(apply_fns: Sequence[LogitsFn]) -> LossFn:
     if not apply_fns:
         raise ValueError("apply_fns is empty: task addition needs at least one task")
 
-    def loss_fn(params, batches, rng):
-        del rng
+    def loss_fn(params, batches, key):
+        del key
         if len(batches) != len(apply_fns):
             raise ValueError(f"got {len(batches)} sub-batches for {len(apply_fns)} tasks")
         ces = [_ce(f(params, b), b["y"]) for f, b in zip(apply_fns, batches, strict=True)]
@@ -797,14 +797,14 @@ def task_negation_objective(target_fn: LogitsFn, control_fn: LogitsFn) -> LossFn
       control_fn: ``logits_fn(params, batch)`` of the control task.
 
     Returns:
-      ``loss_fn(params, {"target": batch, "control": batch}, rng)``.
+      ``loss_fn(params, {"target": batch, "control": batch}, key)``.
 
     References:
       aTLAS (NeurIPS 2024), task negation (``src/learn_task_negation.py``).
     """
 
-    def loss_fn(params, batch, rng):
-        del rng
+    def loss_fn(params, batch, key):
+        del key
         ce_t = _ce(target_fn(params, batch["target"]), batch["target"]["y"])
         ce_c = _ce(control_fn(params, batch["control"]), batch["control"]["y"])
         return -ce_t + ce_c, {"ce_target": ce_t, "ce_control": ce_c}
@@ -819,8 +819,8 @@ def entropy_objective(logits_fn: LogitsFn) -> LossFn:
       Wang et al., Tent, ICLR 2021; aTLAS (NeurIPS 2024), test-time adaptation.
     """
 
-    def loss_fn(params, batch, rng):
-        del rng
+    def loss_fn(params, batch, key):
+        del key
         return entropy_loss(logits_fn(params, batch))
 
     return loss_fn
@@ -847,8 +847,8 @@ def pseudo_label_objective(
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"{threshold=} must be in [0, 1)")
 
-    def loss_fn(params, batch, rng):
-        del rng
+    def loss_fn(params, batch, key):
+        del key
         weak = logits_fn(params, {**batch, "x": batch["weak"]})
         strong = logits_fn(params, {**batch, "x": batch["strong"]})
         loss = pseudo_label_loss(weak, strong, threshold=threshold, hard=hard, normalize=normalize)
@@ -931,9 +931,9 @@ def _train_step(loss_fn: LossFn, spec: Blocks, has_aux: bool):
     as their shapes do not.
     """
 
-    def objective(c, packed, rng):
+    def objective(c, packed, key):
         batch, theta0, taus, ms = packed
-        return loss_fn(compose(theta0, taus, c, spec, masks=ms), batch, rng)
+        return loss_fn(compose(theta0, taus, c, spec, masks=ms), batch, key)
 
     return make_step(objective, has_aux=has_aux)
 
@@ -951,20 +951,20 @@ def _split_train_step(loss_fn: LossFn, spec: Blocks, has_aux: bool):
     compose_fn = jax.jit(lambda theta0, taus, c, ms: compose(theta0, taus, c, spec, masks=ms))
     model_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=has_aux))
 
-    def update(state, theta0, taus, ms, g, out, rng):
+    def update(state, theta0, taus, ms, g, out, key):
         _, vjp = jax.vjp(lambda c: compose(theta0, taus, c, spec, masks=ms), state.params)
         (grads,) = vjp(g)
-        return apply_step(state, rng, out, grads, has_aux=has_aux)
+        return apply_step(state, key, out, grads, has_aux=has_aux)
 
     update = jax.jit(update, donate_argnums=(0,))
 
     def step(state: TrainState, packed):
         batch, theta0, taus, ms = packed
-        rng, sub = jax.random.split(state.rng)
+        key, sub = jax.random.split(state.key)
         theta = compose_fn(theta0, taus, state.params, ms)
         out, g = model_grad(theta, batch, sub)
         del theta  # not needed by the update: free it before the τ pass
-        return update(state, theta0, taus, ms, g, out, rng)
+        return update(state, theta0, taus, ms, g, out, key)
 
     return raise_on_nonfinite(step)  # as make_step's default: a non-finite step raises
 
@@ -1023,7 +1023,7 @@ def fit(
     ends training early (task negation stops once control accuracy falls below its floor).
 
     Args:
-      loss_fn: ``loss_fn(params, batch, rng) -> loss`` or ``(loss, aux_dict)``.
+      loss_fn: ``loss_fn(params, batch, key) -> loss`` or ``(loss, aux_dict)``.
       pretrained: θ0.
       task_vectors: T task vectors (stacked or a list).
       batch_at: ``batch_at(step) -> batch`` (random access, e.g. ``Task.batch_at``).
@@ -1035,7 +1035,7 @@ def fit(
       evaluate: ``evaluate(params) -> {metric: value}``; without it the last epoch is kept.
       score: a metric name or ``score(metrics) -> float | None``.
       stop: ``stop(metrics) -> bool`` checked after each evaluation.
-      seed: rng seed passed (split per step) to ``loss_fn``.
+      seed: integer seed of the PRNG key passed (split per step) to ``loss_fn``.
       progress: optional wrapper of the step iterator (a progress bar).
       checkpoint_dir: if given, the whole fit (coefficients, optimiser state, PRNG key,
         step, best-so-far coefficients, epoch and score, history) is saved there after
@@ -1106,7 +1106,7 @@ def fit(
         split_step = jax.default_backend() == "cpu"
     make = _split_train_step if split_step else _train_step
     step = make(loss_fn, spec, isinstance(probe, tuple))
-    state = TrainState.create(jax.tree.map(jnp.array, coefs), tx, rng=seed)
+    state = TrainState.create(jax.tree.map(jnp.array, coefs), tx, key=seed)
 
     def run_eval(c):
         if evaluate is None:

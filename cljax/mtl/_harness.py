@@ -102,7 +102,7 @@ def make_mtl_step(
       is ``optax.chain(cljax.mtl.aggregate(aggregator, ...), optimizer)``, which holds
       the aggregator's key;
     * a gradient function that aggregates itself (:func:`cljax.mtl.mtl_grad_fn`,
-      :func:`cljax.mtl.fmtl`): it gets a key split from ``state.rng`` each step.
+      :func:`cljax.mtl.fmtl`): it gets a key split from ``state.key`` each step.
 
     If ``state.methods`` holds ``"model_state"`` (e.g. ``{"batch_stats": ...}``, or
     ``{}``), it is passed to ``grad_fn`` after the batch (a loss ``loss_fn(params, batch,
@@ -147,7 +147,7 @@ def make_mtl_step(
     takes_key = _takes_key(grad_fn)
 
     def step(state: TrainState, batch: Any):
-        rng, k_agg, k_w = jax.random.split(state.rng, 3)
+        key, k_agg, k_w = jax.random.split(state.key, 3)
         methods = dict(state.methods)
         args = (methods["model_state"],) if "model_state" in methods else ()
         w = None if weighting is None else weighting.weights(methods["weighting"], k_w)
@@ -158,7 +158,7 @@ def make_mtl_step(
             methods["model_state"] = info["aux"]
         if weighting is not None:
             methods["weighting"] = weighting.update(methods["weighting"], info["losses"])
-        new = new.replace(rng=rng, methods=methods)
+        new = new.replace(key=key, methods=methods)
         losses = info["losses"]
         gnorm = optax.tree.norm(grads)
         finite = jnp.all(jnp.isfinite(losses)) & jnp.isfinite(gnorm)

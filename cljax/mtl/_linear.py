@@ -14,7 +14,7 @@ __all__ = ["linear"]
 
 
 def linear(
-    task_grads: Any, weights: ArrayLike | None = None, *, key: jax.Array | None = None
+    task_grads: Any, *, weights: ArrayLike | None = None, key: jax.Array | None = None
 ) -> Any:
     """Linear scalarisation: ``sum_i weights[i] * g_i``; equal weighting (EW) by default.
 
@@ -27,7 +27,8 @@ def linear(
     Args:
       task_grads: stacked tree (leading axis T) or a sequence of T gradient trees.
       weights: ``[T]`` task weights, or ``None`` for ``1/T`` each.
-      key: ignored (uniform aggregator signature).
+      key: ignored (the aggregator signature ``aggregator(task_grads, *, key)`` that every
+        aggregator shares).
 
     Returns:
       One gradient tree.
@@ -38,7 +39,7 @@ def linear(
     Example::
 
       >>> g = cljax.mtl.linear(stacked_grads)             # mean
-      >>> g = cljax.mtl.linear(stacked_grads, [1.0, 0.5])  # fixed weights
+      >>> g = cljax.mtl.linear(stacked_grads, weights=[1.0, 0.5])  # fixed weights
 
     References:
       Caruana, "Multitask Learning", Machine Learning 28, 1997. Xin et al., "Do Current

@@ -47,7 +47,7 @@ class UWState(NamedTuple):
     opt_state: Any
 
 
-def uncertainty_weighting(num_tasks: int, learning_rate: float = 1e-3) -> LossWeighting:
+def uncertainty_weighting(num_tasks: int, *, learning_rate: float = 1e-3) -> LossWeighting:
     """Homoscedastic uncertainty weighting: ``sum_i L_i / (2 e^{s_i}) + s_i / 2``.
 
     The weights are ``1 / (2 e^{s_i})`` (LibMTL's ``UW``; 0.5 at the start). ``update``
@@ -109,7 +109,7 @@ class DWAState(NamedTuple):
     before_last: jax.Array
 
 
-def dwa(num_tasks: int, steps_per_epoch: int, temperature: float = 2.0) -> LossWeighting:
+def dwa(num_tasks: int, *, steps_per_epoch: int, temperature: float = 2.0) -> LossWeighting:
     """Dynamic weight averaging: ``w_i = T softmax(r / temperature)_i``, ``r_i = L_i(e-1) / L_i(e-2)``.
 
     ``L_i(e)`` is the mean training loss of task i over epoch e; the weights are 1 during

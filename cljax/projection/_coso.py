@@ -147,13 +147,26 @@ def _check_positive_int(name: str, v: int) -> None:
         raise ValueError(f"coso: {name}={v!r} must be a positive integer")
 
 
+def _key_data(key: jax.Array | int) -> jax.Array:
+    """The raw ``uint32`` words of a PRNG key given as a typed key, raw words or an int."""
+    if isinstance(key, bool) or not isinstance(key, int | np.integer | jax.Array | np.ndarray):
+        raise TypeError(f"coso: {key=} must be a JAX PRNG key or an integer seed")
+    if isinstance(key, int | np.integer):
+        return jax.random.key_data(jax.random.key(int(key)))
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    if key.dtype != jnp.uint32:
+        raise TypeError(f"coso: a key of {key.dtype=} is not a PRNG key")
+    return jax.random.key_data(jax.random.wrap_key_data(jnp.asarray(key)))
+
+
 def coso(
     learning_rate: optax.ScalarOrSchedule,
     targets: ct.Rules,
     *,
     proj_rank: int = 15,
     sketch_rank: int = 100,
-    update_gap: int = 1,
+    every: int = 1,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
@@ -161,7 +174,7 @@ def coso(
     svd: Literal["exact", "randomized"] = "exact",
     oversample: int = 8,
     power_iters: int = 2,
-    seed: int = 0,
+    key: jax.Array | int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """CoSO optimiser for the target kernels; other leaves pass through unchanged.
 
@@ -176,7 +189,8 @@ def coso(
       targets: ``(regex, bool)`` rules selecting 2-D ``[in, out]`` kernels.
       proj_rank: rank ``r`` of the per-step projector (capped at ``min(in, out)``).
       sketch_rank: rank ``l`` of the Frequent-Directions sketch (capped at ``out``).
-      update_gap: recompute the projector and update the sketch every this many steps.
+      every: recompute the projector and update the sketch every this many steps (the
+        reference's ``update_gap``).
       b1, b2, eps: Adam hyperparameters (the reference uses eps 1e-6). As in the reference
         (``coso/adamw.py``), eps is added to ``sqrt(v)`` of the raw moment and the bias
         corrections scale the step size, ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``;
@@ -185,7 +199,7 @@ def coso(
       decay: factor on the old sketch at each merge (``db_decay``).
       svd: ``"exact"`` (the reference: full SVD each step) or ``"randomized"``.
       oversample, power_iters: randomized-SVD parameters.
-      seed: seed of the randomized SVD.
+      key: PRNG key (or integer seed) of the randomized SVD.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`CoSOState`.
@@ -207,7 +221,7 @@ def coso(
     targets = list(targets)
     for name, v in (("proj_rank", proj_rank), ("sketch_rank", sketch_rank)):
         _check_positive_int(name, v)
-    _check_positive_int("update_gap", update_gap)
+    _check_positive_int("every", every)
     _check_positive_int("power_iters + 1", power_iters + 1)
     if svd not in ("exact", "randomized"):
         raise ValueError(f"coso: {svd=} must be 'exact' or 'randomized'")
@@ -220,6 +234,7 @@ def coso(
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"coso: {decay=} must be in [0, 1]")
     lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+    key_data = _key_data(key)
 
     def _dims(shape):
         n_in, n_out = shape
@@ -240,7 +255,7 @@ def coso(
             hr.append(jnp.zeros((), jnp.int32))
         return CoSOState(
             count=jnp.zeros((), jnp.int32),
-            key=jax.random.key_data(jax.random.key(seed)),
+            key=key_data,
             projector=tuple(proj),
             mu=tuple(mu),
             nu=tuple(nu),
@@ -262,7 +277,7 @@ def coso(
         paths = select_targets(updates, targets, method="coso", allowed_ndim=(2,))
         index = {p: i for i, p in enumerate(paths)}
         count = state.count + 1
-        refresh = (state.count % update_gap) == 0
+        refresh = (state.count % every) == 0
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
         keys = jax.random.split(sub, len(paths))
         lr = cast(jax.Array, lr_fn(state.count))  # a float or a scalar array

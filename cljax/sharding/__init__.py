@@ -11,7 +11,7 @@ and only when no devices are given.
 A train step runs on a mesh in three moves (after big_vision's ``train.py``)::
 
     mesh = make_mesh({"data": -1})
-    init = lambda rng: TrainState.create(model.init(rng, x0), optax.adam(1e-3), rng)
+    init = lambda key: TrainState.create(model.init(key, x0), optax.adam(1e-3), key)
     state, state_sh = create_sharded_state(init, jax.random.key(0), mesh=mesh, default=FSDP)
     step = sharded_step(make_step(loss_fn, jit=False), state_sh, batch_sharding(mesh))
     for batch in batches:

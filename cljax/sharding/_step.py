@@ -80,7 +80,7 @@ def create_sharded_state(
       ValueError: as :func:`partition_specs`.
 
     Example:
-      >>> init = lambda rng: TrainState.create(model.init(rng, x), optax.adam(1e-3), rng)
+      >>> init = lambda key: TrainState.create(model.init(key, x), optax.adam(1e-3), key)
       >>> state, sh = create_sharded_state(init, jax.random.key(0), mesh=mesh, default=FSDP)
     """
     abstract = jax.eval_shape(init_fn, *args)

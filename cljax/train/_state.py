@@ -50,7 +50,7 @@ class TrainState(struct.PyTreeNode):
       step: int32 scalar, number of optimizer updates applied.
       params: any pytree of arrays.
       opt_state: the optax state of ``tx``.
-      rng: a PRNG key, split once per step.
+      key: a PRNG key, split once per step.
       methods: dict of method states.
       tx: the optax transformation (static, not a pytree node).
       skipped: int32 scalar, steps skipped for non-finite gradients.
@@ -59,7 +59,7 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
-    rng: jax.Array
+    key: jax.Array
     methods: dict[str, Any] = struct.field(default_factory=dict)
     skipped: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
     tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
@@ -69,7 +69,7 @@ class TrainState(struct.PyTreeNode):
         cls,
         params: Any,
         tx: optax.GradientTransformation,
-        rng: jax.Array | int = 0,
+        key: jax.Array | int = 0,
         methods: dict[str, Any] | None = None,
         *,
         copy: bool = True,
@@ -78,7 +78,7 @@ class TrainState(struct.PyTreeNode):
 
         A step built by :func:`~cljax.train.make_step` donates the state it is given, which
         deletes its arrays. So that the caller's arrays survive (the pretrained weights
-        ``params`` came from, an anchor in ``methods``, the key ``rng``), the state owns
+        ``params`` came from, an anchor in ``methods``, ``key``), the state owns
         copies of them: one device-to-device copy, on the arrays' own shardings; arrays that
         ``tx.init`` hands back from ``params`` (lookahead's slow weights, say) are copied
         too, so no buffer is donated twice. Inside ``jit`` or ``eval_shape`` nothing is
@@ -87,7 +87,7 @@ class TrainState(struct.PyTreeNode):
         Args:
           params: the parameters to train.
           tx: an optax transformation.
-          rng: a PRNG key or an integer seed.
+          key: a PRNG key or an integer seed.
           methods: initial method states.
           copy: copy the arrays given, as above. ``False`` saves the memory of one copy of
             them, and then the first donating step deletes the caller's arrays.
@@ -98,16 +98,16 @@ class TrainState(struct.PyTreeNode):
           state, metrics = make_step(loss_fn)(state, batch)
           theta0  # still readable; state.params is the trained copy
         """
-        if isinstance(rng, int):
-            rng = jax.random.key(rng)
+        if isinstance(key, int):
+            key = jax.random.key(key)
         methods = dict(methods or {})
         if copy:
-            params, rng, methods = _copy_arrays((params, rng, methods))
+            params, key, methods = _copy_arrays((params, key, methods))
         state = cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
-            rng=rng,
+            key=key,
             methods=methods,
             skipped=jnp.zeros((), jnp.int32),
             tx=tx,

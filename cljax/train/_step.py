@@ -100,8 +100,8 @@ def _donation_problem(state: Any) -> str | None:
     return None
 
 
-def _takes_rng(loss_fn: LossFn) -> bool:
-    """Whether ``loss_fn`` is ``loss_fn(params, batch, rng)`` rather than ``(params, batch)``.
+def _takes_key(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` is ``loss_fn(params, batch, key)`` rather than ``(params, batch)``.
 
     Decided by binding three, then two positional arguments to its signature; a callable
     without a signature is given the key (the form every loss had before).
@@ -120,7 +120,7 @@ def _takes_rng(loss_fn: LossFn) -> bool:
             continue
         return n == 3
     raise TypeError(
-        f"make_step: {loss_fn=} must take (params, batch) or (params, batch, rng); "
+        f"make_step: {loss_fn=} must take (params, batch) or (params, batch, key); "
         f"its signature is {sig}"
     )
 
@@ -154,7 +154,7 @@ def keep_finite(
 
 def apply_step(
     state: TrainState,
-    rng: jax.Array,
+    key: jax.Array,
     out: Any,
     grads: Any,
     *,
@@ -163,7 +163,7 @@ def apply_step(
     post_update: Callable[[TrainState], TrainState] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The second half of a :func:`make_step` step, for steps that compute their gradient
-    elsewhere: apply ``grads``, then ``post_update``, store ``rng`` (the state's next key),
+    elsewhere: apply ``grads``, then ``post_update``, store ``key`` (the state's next PRNG key),
     apply the non-finite policy and return ``(state, metrics)``.
 
     ``out`` is the loss, or ``(loss, aux)`` with ``has_aux``. Traceable; the ``"raise"``
@@ -177,7 +177,7 @@ def apply_step(
     new = state.apply_gradients(grads)
     if post_update is not None:
         new = post_update(new)
-    new = new.replace(rng=rng)
+    new = new.replace(key=key)
     if nonfinite != "apply":
         new, finite = keep_finite(state, new, finite)
     metrics = {"loss": loss, "grad_norm": gnorm, "finite": finite, **aux}
@@ -195,12 +195,12 @@ def make_step(
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``step(state, batch) -> (state, metrics)``.
 
-    The step splits ``state.rng``, computes ``loss_fn(params, batch, rng)`` (or
+    The step splits ``state.key``, computes ``loss_fn(params, batch, key)`` (or
     ``loss_fn(params, batch)``) and its gradient, applies ``state.tx`` and then
     ``post_update`` (e.g. an EMA update of a method state).
 
     Args:
-      loss_fn: ``loss_fn(params, batch, rng) -> loss`` or ``-> (loss, aux)`` with
+      loss_fn: ``loss_fn(params, batch, key) -> loss`` or ``-> (loss, aux)`` with
         ``has_aux=True``; ``aux`` must be a dict of scalars, merged into the metrics. A
         loss that needs no randomness may be ``loss_fn(params, batch)``: the signature
         decides (a third positional parameter, or ``*args``, gets the key).
@@ -231,19 +231,19 @@ def make_step(
       NonFiniteError: from the step, with ``nonfinite="raise"``, on a non-finite loss or
         gradient.
       TypeError: if ``loss_fn`` takes neither ``(params, batch)`` nor ``(params, batch,
-        rng)``.
+        key)``.
     """
     if nonfinite not in ("apply", "skip", "raise"):
         raise ValueError(f"{nonfinite=} must be one of 'apply', 'skip', 'raise'")
-    takes_rng = _takes_rng(loss_fn)
+    takes_key = _takes_key(loss_fn)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
     def step(state: TrainState, batch: Any):
-        rng, sub = jax.random.split(state.rng)
-        args = (sub,) if takes_rng else ()
+        key, sub = jax.random.split(state.key)
+        args = (sub,) if takes_key else ()
         out, grads = grad_fn(state.params, batch, *args)
         return apply_step(
-            state, rng, out, grads, has_aux=has_aux, nonfinite=nonfinite, post_update=post_update
+            state, key, out, grads, has_aux=has_aux, nonfinite=nonfinite, post_update=post_update
         )
 
     if jit:

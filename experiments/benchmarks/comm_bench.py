@@ -120,7 +120,7 @@ def _problems(n: int, t: int):
             out.append((method, mode, compiled, p_bytes, 0.0))
 
     step_problem("train", optax.sgd(0.1))
-    avgs = {"ema": averaging.ema(0.99)}
+    avgs = {"ema": averaging.ema(decay=0.99)}
     step_problem(
         "ema",
         optax.sgd(0.1),

@@ -74,7 +74,7 @@ def build(model_name: str, t: int):
 
 def time_step(grad_fn, params, model_state, batch, repeats: int) -> float:
     step = mtl.make_mtl_step(grad_fn)
-    box = [TrainState.create(params, optax.adam(1e-3), rng=0, methods={"model_state": model_state})]
+    box = [TrainState.create(params, optax.adam(1e-3), key=0, methods={"model_state": model_state})]
 
     def run():
         box[0], m = step(box[0], batch)

@@ -28,8 +28,8 @@ def _loss(p, batch, rng):
 @pytest.mark.slow
 def test_averages_in_a_jitted_donated_step_follow_the_trajectory(rng):
     params = {"w": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}
-    avgs = {"we": weight_ensemble(avg_freq=3), "ema": ema(0.8)}
-    state = TrainState.create(params, optax.sgd(0.1), rng=0, methods=init_averages(avgs, params))
+    avgs = {"we": weight_ensemble(every=3), "ema": ema(decay=0.8)}
+    state = TrainState.create(params, optax.sgd(0.1), key=0, methods=init_averages(avgs, params))
     step = make_step(_loss, post_update=averaging_hook(avgs))  # jitted and donated
     snapshots = [np.asarray(params["w"], np.float64)]
     ema_ref = np.asarray(params["w"], np.float64)
@@ -49,7 +49,7 @@ def test_averages_in_a_jitted_donated_step_follow_the_trajectory(rng):
 
 def test_skipped_step_leaves_the_ensemble_unchanged(rng):
     params = {"w": jnp.ones((4, 2))}
-    avgs = {"we": weight_ensemble(avg_freq=1)}
+    avgs = {"we": weight_ensemble(every=1)}
     state = TrainState.create(params, optax.sgd(0.1), methods=init_averages(avgs, params))
     step = make_step(_loss, post_update=averaging_hook(avgs), nonfinite="skip", donate=False)
     bad = {"x": np.full((2, 4), np.nan), "y": np.zeros((2, 2))}
@@ -60,7 +60,7 @@ def test_skipped_step_leaves_the_ensemble_unchanged(rng):
 @pytest.mark.slow
 def test_next_task_starts_from_the_ensemble(rng):
     params = {"w": jnp.asarray(rng.normal(size=(4, 2)), jnp.bfloat16)}
-    we = weight_ensemble(avg_freq=1)
+    we = weight_ensemble(every=1)
     tx = optax.adam(1e-2)
     state = TrainState.create(params, tx, methods={"we": we.init(params)})
     step = make_step(_loss, post_update=averaging_hook({"we": we}))
@@ -84,7 +84,7 @@ def test_next_task_starts_from_the_ensemble(rng):
 def test_hook_names_a_missing_state():
     params = {"w": jnp.ones(2)}
     state = TrainState.create(params, optax.sgd(0.1))
-    hook = averaging_hook({"we": weight_ensemble(1)})
+    hook = averaging_hook({"we": weight_ensemble(every=1)})
     with pytest.raises(ValueError, match="state.methods has no 'we'"):
         hook(state)
 
@@ -98,7 +98,9 @@ def test_wise_ft_is_the_merging_interpolation():
 
 
 @pytest.mark.parametrize(
-    "averager", [ema(0.9, debias=True), weight_ensemble(1), swa(start=0)], ids=["ema", "we", "swa"]
+    "averager",
+    [ema(decay=0.9, debias=True), weight_ensemble(every=1), swa(start=0)],
+    ids=["ema", "we", "swa"],
 )
 def test_averages_on_an_8_device_mesh_match_unsharded(rng, averager):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))

@@ -31,7 +31,7 @@ def _loop_ema(p0, traj, decay, debias):
 def test_matches_loop(rng, decay, debias):
     p0 = rng.normal(size=(3, 2)).astype(np.float32)
     traj = _trajectory(rng, 25)
-    avg = ema(decay, debias=debias)
+    avg = ema(decay=decay, debias=debias)
     update = jax.jit(avg.update)
     state = avg.init({"w": p0})
     for t, p in enumerate(traj, start=1):
@@ -42,18 +42,18 @@ def test_matches_loop(rng, decay, debias):
 
 def test_bias_correction_first_update_is_the_params_and_forgets_init(rng):
     p0, p1 = rng.normal(size=(2, 4)).astype(np.float32)
-    avg = ema(0.999, debias=True)
+    avg = ema(decay=0.999, debias=True)
     state = avg.update(avg.init({"w": p0}), {"w": p1}, 1)
     np.testing.assert_array_equal(state.mean["w"], p1)
     # without correction the initial weights dominate
-    plain = ema(0.999).update(ema(0.999).init({"w": p0}), {"w": p1}, 1)
+    plain = ema(decay=0.999).update(ema(decay=0.999).init({"w": p0}), {"w": p1}, 1)
     np.testing.assert_allclose(plain.mean["w"], 0.999 * p0 + 0.001 * p1, rtol=1e-5)
 
 
 def test_bias_correction_accurate_for_decay_near_one(rng):
     # 1 - d^t by cancellation loses ~3 digits at d = 0.9999 in float32; expm1 does not.
     traj = _trajectory(rng, 5, shape=(16,))
-    avg = ema(0.9999, debias=True)
+    avg = ema(decay=0.9999, debias=True)
     state = avg.init({"w": np.zeros(16, np.float32)})
     for t, p in enumerate(traj, start=1):
         state = avg.update(state, {"w": p}, t)
@@ -63,7 +63,7 @@ def test_bias_correction_accurate_for_decay_near_one(rng):
 
 def test_half_precision_accumulates_in_float32(rng):
     p = {"w": jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16), "n": jnp.arange(3)}
-    avg = ema(0.9)
+    avg = ema(decay=0.9)
     state = avg.init(p)
     assert state.mean["w"].dtype == jnp.float32
     assert state.mean["n"].dtype == p["n"].dtype
@@ -77,4 +77,4 @@ def test_half_precision_accumulates_in_float32(rng):
 @pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5])
 def test_bad_decay(decay):
     with pytest.raises(ValueError, match=r"decay=.* must be in \[0, 1\)"):
-        ema(decay)
+        ema(decay=decay)

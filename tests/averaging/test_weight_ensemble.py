@@ -9,8 +9,8 @@ from cljax.averaging import weight_ensemble
 
 
 def test_hand_case():
-    # theta_start = 1; iterations 0..4 give 2, 4, 8, 16, 32; avg_freq 2 takes iterations 0, 2, 4.
-    we = weight_ensemble(avg_freq=2)
+    # theta_start = 1; iterations 0..4 give 2, 4, 8, 16, 32; every=2 takes iterations 0, 2, 4.
+    we = weight_ensemble(every=2)
     state = we.init({"w": jnp.asarray(1.0)})
     for i, w in enumerate([2.0, 4.0, 8.0, 16.0, 32.0]):
         state = we.update(state, {"w": jnp.asarray(w)}, 1000 + i)  # step is ignored
@@ -19,8 +19,8 @@ def test_hand_case():
 
 
 def test_reference_schedule_has_twelve_members(rng):
-    # MTIL: 1000 + 1 iterations, avg_freq 100 -> {start, 0, 100, ..., 1000}.
-    we = weight_ensemble(avg_freq=100)
+    # MTIL: 1000 + 1 iterations, every=100 -> {start, 0, 100, ..., 1000}.
+    we = weight_ensemble(every=100)
     start = rng.normal(size=(3,)).astype(np.float32)
     traj = rng.normal(size=(1001, 3)).astype(np.float32)
     update = jax.jit(we.update)
@@ -32,7 +32,7 @@ def test_reference_schedule_has_twelve_members(rng):
     np.testing.assert_allclose(state.mean["w"], members.mean(0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("avg_freq", [0, -3, 1.5, True])
-def test_bad_avg_freq(avg_freq):
-    with pytest.raises(ValueError, match="avg_freq=.* must be an integer >= 1"):
-        weight_ensemble(avg_freq)
+@pytest.mark.parametrize("every", [0, -3, 1.5, True])
+def test_bad_every(every):
+    with pytest.raises(ValueError, match="every=.* must be an integer >= 1"):
+        weight_ensemble(every=every)

@@ -19,13 +19,13 @@ NAN, INF = float("nan"), float("inf")
 @pytest.mark.parametrize(
     "make, msg",
     [
-        (lambda: cl.EWC(NAN), r"EWC: strength=nan must be finite"),
-        (lambda: cl.EWC(INF), r"EWC: strength=inf must be finite"),
-        (lambda: cl.EWC(1.0, gamma=NAN), r"EWC: gamma=nan"),
-        (lambda: cl.EWC(1.0, fisher_samples=2.5), r"EWC: fisher_samples=2.5"),
-        (lambda: cl.LwF(INF), r"LwF: weight=inf must be finite"),
-        (lambda: cl.LwF(1.0, temperature=NAN), r"LwF: temperature=nan"),
-        (lambda: cl.L2Anchor(NAN), r"L2Anchor: weight=nan"),
+        (lambda: cl.EWC(weight=NAN), r"EWC: weight=nan must be finite"),
+        (lambda: cl.EWC(weight=INF), r"EWC: weight=inf must be finite"),
+        (lambda: cl.EWC(weight=1.0, gamma=NAN), r"EWC: gamma=nan"),
+        (lambda: cl.EWC(weight=1.0, fisher_samples=2.5), r"EWC: fisher_samples=2.5"),
+        (lambda: cl.LwF(weight=INF), r"LwF: weight=inf must be finite"),
+        (lambda: cl.LwF(weight=1.0, temperature=NAN), r"LwF: temperature=nan"),
+        (lambda: cl.L2Anchor(weight=NAN), r"L2Anchor: weight=nan"),
         (lambda: cl.OSFT([("k", True)], ratio=NAN), r"OSFT: ratio=nan"),
         (lambda: cl.OSFT([("k", True)], ratio=[0.5, INF]), r"OSFT: ratio\[1\]=inf"),
         (lambda: cl.OSFT([("k", True)], ratio="fixed"), r"OSFT: ratio='fixed'"),
@@ -35,7 +35,7 @@ NAN, INF = float("nan"), float("inf")
         (lambda: cl.GPM([("k", True)], None, num_samples=[3, 0]), r"num_samples\[1\]=0"),
         (lambda: cl.CoSO(NAN, [("k", True)]), r"coso: learning_rate=nan"),
         (lambda: cl.CoSO(1e-3, [("k", True)], threshold=INF), r"threshold=inf"),
-        (lambda: losses.ewc_penalty({}, None, strength=INF), r"ewc_penalty: strength=inf"),
+        (lambda: losses.ewc_penalty({}, None, weight=INF), r"ewc_penalty: weight=inf"),
         (
             lambda: losses.relation_distillation(
                 jnp.ones((2, 3)),
@@ -78,7 +78,7 @@ def test_gpm_per_layer_sample_counts_match_separate_recordings():
     counts = [4, 30, 12]
     method = cl.GPM(targets, rec, threshold=0.9, num_samples=counts)
     tx = method.wrap_optimizer(optax.sgd(0.1))
-    state = TrainState.create(params, tx, rng=0, methods={})
+    state = TrainState.create(params, tx, key=0, methods={})
     layout = cl.HeadLayout.build("class", [task])
     ctx = cl.TaskContext(0, (task,), layout, lambda p, xs: model.apply({"params": p}, xs), 0)
     got = pj.find_state(method.end_task(state, ctx).opt_state, pj.GPMState)[0]

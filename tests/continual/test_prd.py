@@ -66,7 +66,7 @@ def test_prd_loss_is_the_sum_of_its_three_terms():
     x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
     y = jnp.asarray([2, 3, 2, 3, 2, 3], jnp.int32)
     key = jax.random.key(3)
-    batch = {"x": x, "y": y, "old_mask": jnp.asarray([1, 1, 0, 0], bool), "rng": key}
+    batch = {"x": x, "y": y, "old_mask": jnp.asarray([1, 1, 0, 0], bool), "key": key}
     teacher = jax.tree.map(lambda a: a + 0.3, params)
     mstate = {"teacher": teacher, "active": jnp.ones(())}
     total, aux = prd.loss(params, batch, None, mstate, None)

@@ -154,7 +154,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     rec = jax.jit(lambda p, x: pj.record_layer_inputs(model, {"params": p}, x))
     make = lambda: [
         cl.GPM([("kernel", True)], rec, threshold=0.9, num_samples=32),
-        cl.EWC(1.0, fisher_samples=16),
+        cl.EWC(weight=1.0, fisher_samples=16),
     ]
     kw = dict(
         apply_fn=apply_fn,
@@ -195,7 +195,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"scenario='multi' must be one of"):
         cl.run_sequence(_tasks(1), **kw, scenario="multi")
     with pytest.raises(ValueError, match=r"method names must be unique"):
-        cl.run_sequence(_tasks(1), **kw, methods=[cl.EWC(1.0), cl.EWC(2.0)])
+        cl.run_sequence(_tasks(1), **kw, methods=[cl.EWC(weight=1.0), cl.EWC(weight=2.0)])
     with pytest.raises(ValueError, match=r"steps_per_task=0"):
         cl.run_sequence(_tasks(1), **{**kw, "steps_per_task": 0})
     cl.run_sequence(_tasks(2), **kw, checkpoint_dir=tmp_path / "c")

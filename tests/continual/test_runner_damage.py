@@ -50,7 +50,7 @@ def setup():
 def runs(setup, tmp_path_factory):
     """The reference fingerprint, a crashed folder (after global step 14), a finished one."""
     tasks, kw = setup
-    reference = _fingerprint(cl.run_sequence(tasks, **kw, methods=[cl.LwF(0.5)]))
+    reference = _fingerprint(cl.run_sequence(tasks, **kw, methods=[cl.LwF(weight=0.5)]))
     root = tmp_path_factory.mktemp("runs")
     with pytest.raises(_Crash):
         _run(setup, root / "crashed", crash=14)
@@ -64,7 +64,7 @@ def _run(setup, d, crash=None, seen=None):
     return cl.run_sequence(
         tasks,
         **kw,
-        methods=[cl.LwF(0.5)],
+        methods=[cl.LwF(weight=0.5)],
         checkpoint_dir=d,
         checkpoint_every=EVERY,
         progress=_crash_after(crash, [] if seen is None else seen),

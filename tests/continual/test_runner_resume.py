@@ -40,7 +40,7 @@ def _crash_after(step: int | None, seen: list):
 def _methods():
     return [
         cl.CoSO(1e-2, [("Dense_0/kernel", True)], proj_rank=2, sketch_rank=4),
-        cl.LwF(0.5),
+        cl.LwF(weight=0.5),
     ]
 
 
@@ -69,7 +69,7 @@ def _fingerprint(res):
         "state": tree_fingerprint(
             {"params": res.state.params, "opt": res.state.opt_state, "m": res.state.methods}
         ),
-        "rng": tree_fingerprint(res.state.rng),
+        "rng": tree_fingerprint(res.state.key),
         "step": int(res.state.step),
     }
 

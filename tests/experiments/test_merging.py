@@ -114,7 +114,7 @@ def test_train_resumes_after_a_crash_bitwise(tmp_path):
 
     step = make_step(loss_fn)
     tx = optax.adamw(1e-2)
-    fresh = lambda: TrainState.create({"w": jnp.zeros((2, 2))}, tx, rng=0)
+    fresh = lambda: TrainState.create({"w": jnp.zeros((2, 2))}, tx, key=0)
     batch_at = lambda s: {"x": data[s]}
 
     straight, trained = exp._train(

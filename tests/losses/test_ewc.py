@@ -54,10 +54,10 @@ def test_online_update_and_penalty(rng):
             for k in ("w", "b")
         )
     )
-    got = jax.jit(lambda t: losses.ewc_penalty(t, s2, strength=3.0))(theta)
+    got = jax.jit(lambda t: losses.ewc_penalty(t, s2, weight=3.0))(theta)
     assert float(got) == pytest.approx(want, rel=1e-5)
-    # gradient = strength * F * (theta - anchor); nothing flows into the state
-    g = jax.grad(lambda t: losses.ewc_penalty(t, s2, strength=3.0))(theta)
+    # gradient = weight * F * (theta - anchor); nothing flows into the state
+    g = jax.grad(lambda t: losses.ewc_penalty(t, s2, weight=3.0))(theta)
     np.testing.assert_allclose(g["w"], 3.0 * s2.fisher["w"] * (theta["w"] - moved["w"]), rtol=1e-5)
     assert float(losses.ewc_penalty(s2.anchor, s2)) == 0.0
 
@@ -65,8 +65,8 @@ def test_online_update_and_penalty(rng):
 def test_bad_inputs(rng):
     params, x, y = _model(rng)
     s = losses.ewc_update(None, params, params)
-    with pytest.raises(ValueError, match=r"strength=-1.0 must be >= 0"):
-        losses.ewc_penalty(params, s, strength=-1.0)
+    with pytest.raises(ValueError, match=r"weight=-1.0 must be >= 0"):
+        losses.ewc_penalty(params, s, weight=-1.0)
     with pytest.raises(ValueError, match=r"gamma=1.5 must be in \[0, 1\]"):
         losses.ewc_update(s, params, params, gamma=1.5)
     with pytest.raises(ValueError, match=r"no examples"):

@@ -58,10 +58,10 @@ def test_step_trains_and_weighting_state_moves(rng, fmtl):
         if fmtl
         else mtl.mtl_grad_fn(loss_fn, mtl.mgda, **kw)
     )
-    uw = mtl.uncertainty_weighting(2, 0.01)
+    uw = mtl.uncertainty_weighting(2, learning_rate=0.01)
     step = mtl.make_mtl_step(gf, weighting=uw)
     state = TrainState.create(
-        params, optax.adam(0.05), rng=0, methods={"model_state": {}, "weighting": uw.init()}
+        params, optax.adam(0.05), key=0, methods={"model_state": {}, "weighting": uw.init()}
     )
     losses = []
     for s in range(30):
@@ -88,7 +88,7 @@ def test_nan_in_one_task_stops_the_step_by_default():
     bad = {**good, "scale": jnp.float32(np.nan)}
     tx = optax.chain(mtl.aggregate(mtl.pcgrad, key=0), optax.adam(0.05))
     grad_fn = mtl.task_grad_fn(losses_fn)
-    state = TrainState.create({"w": jnp.ones(3)}, tx, rng=0)
+    state = TrainState.create({"w": jnp.ones(3)}, tx, key=0)
     step = mtl.make_mtl_step(grad_fn)  # nonfinite="raise"
     state, m = step(state, good)
     assert bool(m["finite"])

@@ -14,10 +14,10 @@ def test_default_is_the_mean(rng):
 
 def test_explicit_weights(rng):
     g = {"w": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)}
-    out = linear(g, jnp.array([1.0, -2.0]))
+    out = linear(g, weights=jnp.array([1.0, -2.0]))
     np.testing.assert_allclose(out["w"], flat(g)[0] - 2 * flat(g)[1], rtol=1e-6, atol=1e-6)
 
 
 def test_bad_weights():
     with pytest.raises(ValueError, match="linear: weights.shape"):
-        linear({"w": jnp.ones((2, 3))}, [1.0, 2.0, 3.0])
+        linear({"w": jnp.ones((2, 3))}, weights=[1.0, 2.0, 3.0])

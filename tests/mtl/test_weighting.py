@@ -48,6 +48,6 @@ def test_bad_hyperparameters():
     with pytest.raises(ValueError, match="num_tasks=0"):
         uncertainty_weighting(0)
     with pytest.raises(ValueError, match="steps_per_epoch=0"):
-        dwa(2, 0)
+        dwa(2, steps_per_epoch=0)
     with pytest.raises(ValueError, match="temperature=0"):
-        dwa(2, 1, temperature=0)
+        dwa(2, steps_per_epoch=1, temperature=0)

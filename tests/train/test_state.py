@@ -58,12 +58,12 @@ def test_linen_pretrained_params_survive_two_donated_steps(rng):
         return jnp.mean((model.apply({"params": p}, b["x"]) - b["y"]) ** 2)
 
     step = make_step(loss)  # jitted, donating
-    state = TrainState.create(theta0, optax.adam(1e-2), rng=0)
+    state = TrainState.create(theta0, optax.adam(1e-2), key=0)
     for b in batches:
         state, _ = step(state, b)
     _assert_alive_and_equal(theta0, before)  # the caller's weights, readable and unchanged
     # results as before the copy: the same step on a state that does not copy (the old path)
-    old = TrainState.create(jax.tree.map(jnp.array, before), optax.adam(1e-2), rng=0, copy=False)
+    old = TrainState.create(jax.tree.map(jnp.array, before), optax.adam(1e-2), key=0, copy=False)
     for b in batches:
         old, _ = step(old, b)
     chex.assert_trees_all_equal(state.params, old.params)
@@ -84,7 +84,7 @@ def test_nnx_model_arrays_survive_two_donated_steps(rng):
         del r
         return jnp.mean((nnx.merge(graphdef, p)(b["x"]) - b["y"]) ** 2)
 
-    state = TrainState.create(params, optax.adam(1e-2), rng=0)
+    state = TrainState.create(params, optax.adam(1e-2), key=0)
     step = make_step(loss)
     for b in batches:
         state, _ = step(state, b)
@@ -109,7 +109,7 @@ def test_without_copy_the_first_step_deletes_the_callers_arrays():
 def test_methods_and_key_are_copied_too():
     theta0 = {"w": jnp.arange(3.0)}
     key = jax.random.key(7)
-    state = TrainState.create(theta0, optax.sgd(0.1), rng=key, methods={"anchor": theta0})
+    state = TrainState.create(theta0, optax.sgd(0.1), key=key, methods={"anchor": theta0})
     step = make_step(lambda p, b, r: jnp.sum((p["w"] - 1.0) ** 2))
     state, _ = step(state, None)
     state, _ = step(state, None)

@@ -20,7 +20,7 @@ def test_step_matches_manual_sgd(rng):
         "x": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
         "y": jnp.asarray(rng.normal(size=(8,)), jnp.float32),
     }
-    state = TrainState.create({"w": w}, optax.sgd(0.1), rng=0)
+    state = TrainState.create({"w": w}, optax.sgd(0.1), key=0)
     step = make_step(_loss)
     g = jax.grad(lambda w: _loss({"w": w}, batch, None))(w)
     expected = w - 0.1 * g
@@ -164,7 +164,7 @@ def test_loss_without_rng_is_detected_by_its_signature(rng):
 
     out = {}
     for f in (no_rng, with_rng, var_args):
-        state = TrainState.create({"w": w}, optax.sgd(0.1), rng=0)
+        state = TrainState.create({"w": w}, optax.sgd(0.1), key=0)
         new, metrics = make_step(f, donate=False)(state, batch)
         out[f.__name__] = (new.params["w"], metrics["loss"])
     chex.assert_trees_all_close(out["no_rng"], out["with_rng"])
