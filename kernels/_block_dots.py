@@ -123,25 +123,37 @@ def _pallas(gs, taus, groups, num_groups, bs):
     return out
 
 
-def _xla(g, tau, groups, num_groups):
-    """Reference: slice by slice (XLA:CPU reduces a stacked leading axis slowly)."""
-    g = g.astype(jnp.float32)
-    rows = []
-    for t in range(tau.shape[0]):
-        prod = tau[t].astype(jnp.float32) * g
-        if groups is None:
-            rows.append(jnp.sum(prod))
-        else:
-            seg = groups.reshape(-1).astype(jnp.int32)
-            rows.append(jax.ops.segment_sum(prod.reshape(-1), seg, num_segments=num_groups))
-    return jnp.stack(rows)
+def _xla(g, tau, groups, num_groups, acc=jnp.float32):
+    """Reference: one fused multiply-reduce per leaf over the stacked τ, accumulated in ``acc``.
+
+    Unpartitioned: one broadcast-multiply-reduce over all T slices at once, which XLA fuses
+    into a single read of τ (per-task slices ``tau[t]`` are materialised as copies by
+    XLA:CPU). With groups: a loop over t (``lax.map``) with a segment sum per slice, so the
+    temporaries stay one leaf in size. A half-precision τ is widened inside the fused read.
+    """
+    g = g.astype(acc)
+    if groups is None:
+        return jnp.sum(tau.astype(acc) * g[None], axis=tuple(range(1, tau.ndim)))
+    seg = groups.reshape(-1).astype(jnp.int32)
+
+    def one(tau_t):
+        prod = (tau_t.astype(acc) * g).reshape(-1)
+        return jax.ops.segment_sum(prod, seg, num_segments=num_groups)
+
+    return lax.map(one, tau)
 
 
-def _forward(gs, taus, groups, num_groups, impl, bs):
-    """Every leaf's ``<g, τ_t>`` (``[T]``, or ``[T, K]`` with groups): lists in, list out."""
+def _forward(gs, taus, groups, num_groups, impl, bs, accs=None):
+    """Every leaf's ``<g, τ_t>`` (``[T]``, or ``[T, K]`` with groups): lists in, list out.
+
+    ``accs``: per leaf, the accumulation dtype of the XLA reference (default float32; the
+    weighted sum's backward passes float64 for float64 coefficients). The Pallas kernels
+    accumulate in float32.
+    """
     if impl == "pallas":
         return _pallas(gs, taus, groups, num_groups, bs)
-    return [_xla(*a) for a in zip(gs, taus, groups, num_groups, strict=True)]
+    accs = [jnp.float32] * len(gs) if accs is None else accs
+    return [_xla(*a) for a in zip(gs, taus, groups, num_groups, accs, strict=True)]
 
 
 @functools.cache

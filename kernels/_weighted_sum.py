@@ -9,6 +9,12 @@ selected in registers from the ``T·K`` scalars.
 Gradients: ``jax.custom_vjp``. The cotangent of the coefficients is ``<dL/dθ_b, τ_t,b>``,
 i.e. :func:`cljax.kernels.block_dots` through the same dispatcher; those of θ0 and of τ are
 computed only when they are differentiated (``symbolic_zeros``).
+
+This is the library's one weighted sum: :func:`cljax.merging.task_arithmetic` (one λ for
+every task), :func:`cljax.merging.apply` (one task vector) and
+:func:`cljax.merging.atlas.compose` (one coefficient per block, or per partition group) call
+it, and on the CPU they run its XLA reference (``_xla``), tuned for the aTLAS training step
+(see the barriers there and in the backward).
 """
 
 from __future__ import annotations
@@ -166,13 +172,23 @@ def _pallas(bases, taus, coeffs, groups, num_groups, out_dtypes, bs):
 
 
 def _xla(base, tau, coeffs, groups, out_dtype):
-    """Reference: slice by slice, one fused pass (no ``[T, ...]`` float32 temporary)."""
+    """Reference: slice by slice, one fused pass (no ``[T, ...]`` float32 temporary).
+
+    With half-precision τ the result is written once, behind an optimisation barrier: it
+    stops XLA from fusing the cast-and-accumulate over the T slices into the leaf's
+    consumers, where XLA:CPU can evaluate it more than once (a model's layers read a
+    composed weight several times). A float32 τ has no cast to repeat, and there the barrier
+    would only cost fusions, so it goes without one.
+    """
     acc = _accum(out_dtype, coeffs.dtype)
     c = coeffs.astype(acc)
     out = jnp.zeros(tau.shape[1:], acc) if base is None else base.astype(acc)
     for t in range(tau.shape[0]):
         out = out + per_entry(c[t], groups) * tau[t].astype(acc)
-    return out.astype(out_dtype)
+    out = out.astype(out_dtype)
+    if jnp.dtype(tau.dtype).itemsize < jnp.dtype(acc).itemsize:
+        out = jax.lax.optimization_barrier(out)
+    return out
 
 
 def _forward(bases, taus, coeffs, groups, num_groups, impl, bs, out_dtypes=None):
@@ -224,7 +240,17 @@ def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...], has_base:
         want = [j for j, p in enumerate(c_perturbed) if p]
         if want:  # dL/dc[t, k] = <g, τ_t> over the entries of group k: block_dots
             pick = lambda xs: [xs[j] for j in want]  # noqa: E731
-            dots = _block_dots._forward(pick(gs), pick(tv), pick(gv), pick(num_groups), impl, bs)
+            taus = pick(tv)
+            accs = None
+            if impl == "xla":
+                # The barrier stops XLA:CPU from sharing the forward pass's widening of a
+                # half-precision τ with this pass, which would hold a float32 copy of every
+                # task vector through the model's backward pass.
+                taus = [jax.lax.optimization_barrier(t) for t in taus]
+                accs = [_accum(gs[j].dtype, cv[j].dtype) for j in want]
+            dots = _block_dots._forward(
+                pick(gs), taus, pick(gv), pick(num_groups), impl, bs, accs=accs
+            )
             for j, d in zip(want, dots, strict=True):
                 dcs[j] = d.astype(cv[j].dtype)
         dbases = None

@@ -105,13 +105,11 @@ def apply(
     ct.check_same_structure(pretrained, task_vector, names=("pretrained", "task_vector"))
     if check_finite:
         _common.check_finite_trees("apply", pretrained=pretrained, task_vector=task_vector)
-    mask = _common.participating(pretrained, rules)
+    mask = tuple(_common.participating(pretrained, rules))
     pre, treedef = jax.tree.flatten(pretrained)
-    tau = jax.tree.leaves(task_vector)
-    out = [
-        (_common.accum(p) + scale * _common.accum(t)).astype(p.dtype) if m else p
-        for p, t, m in zip(pre, tau, mask, strict=True)
-    ]
+    tau = [(t,) for t in jax.tree.leaves(task_vector)]  # a set of one task vector
+    impl = kernels.resolve_implementation(None, where="apply")
+    out = _task_arithmetic_core(pre, tau, scale, mask=mask, num_tasks=1, implementation=impl)
     out = jax.tree.unflatten(treedef, out)
     if check_finite:
         _common.check_finite_trees("apply", result=out)
@@ -140,14 +138,15 @@ def task_arithmetic(
       rules: optional path rules ``[(regex, bool), ...]`` selecting the merged leaves;
         excluded and integer leaves keep the value of ``pretrained`` (e.g. ``[("head",
         False)]`` keeps the heads).
-      implementation: ``None`` (the Pallas kernel :func:`cljax.kernels.weighted_sum` on
-        GPU/TPU, this XLA code on the CPU), ``"xla"`` or ``"pallas"``.
+      implementation: which backend of :func:`cljax.kernels.weighted_sum` runs: ``None``
+        (the Pallas kernel on GPU/TPU, the XLA reference on the CPU), ``"xla"`` or
+        ``"pallas"``.
       check_finite: raise a ``ValueError`` if an input or the result holds NaN/Inf (needs
         concrete arrays: not under jit).
 
     Returns:
-      The merged tree, with the structure and dtypes of ``pretrained``; the sum is
-      accumulated in float32.
+      The merged tree, with the structure and dtypes of ``pretrained``: the weighted sum
+      θ_0 + Σ_t λ·τ_t of :func:`cljax.kernels.weighted_sum`, accumulated in float32.
 
     Raises:
       ValueError: on an empty list of task vectors, mismatched trees (first path named),
@@ -175,34 +174,35 @@ def task_arithmetic(
         return out
     mask = tuple(_common.participating(pretrained, rules))
     pre, treedef = jax.tree.flatten(pretrained)
-    if kernels.resolve_implementation(implementation, where="task_arithmetic") == "pallas":
-        c = jnp.full((ts.num_tasks,), scale, jnp.float32)
-        idx = [i for i, m in enumerate(mask) if m]
-        ys = kernels.weighted_sum_leaves(
-            [pre[i] for i in idx],
-            [ts.stacked(i) for i in idx],
-            [c] * len(idx),
-            implementation="pallas",
-        )
-        out = list(pre)
-        for i, y in zip(idx, ys, strict=True):
-            out[i] = y
-        return jax.tree.unflatten(treedef, out)
-    out = _task_arithmetic_core(pre, ts.leaves, scale, mask=mask, num_tasks=ts.num_tasks)
+    impl = kernels.resolve_implementation(implementation, where="task_arithmetic")
+    out = _task_arithmetic_core(
+        pre, ts.leaves, scale, mask=mask, num_tasks=ts.num_tasks, implementation=impl
+    )
     return jax.tree.unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "form"))
-def _task_arithmetic_core(pre, tv_leaves, scale, *, mask, num_tasks, form="slices"):
+@functools.partial(jax.jit, static_argnames=("mask", "num_tasks", "implementation"))
+def _task_arithmetic_core(pre, tv_leaves, scale, *, mask, num_tasks, implementation):
+    """θ0 + Σ_t λ·τ_t on the leaves in ``mask``, through :func:`cljax.kernels.weighted_sum`.
+
+    One compiled program per tree layout, λ a traced argument (a sweep does not recompile);
+    the other leaves pass through. ``tv_leaves`` holds, per leaf, a stacked ``[T, ...]``
+    array or a tuple of T arrays (stacked here, inside the program, where XLA reads the
+    slices in place).
+    """
     ts = _common.TaskSet(tv_leaves, num_tasks)
-    out = []
-    for i, (p, m) in enumerate(zip(pre, mask, strict=True)):
-        if not m:
-            out.append(p)
-            continue
-        if form == "slices":
-            total = _common.sum_slices(ts.slices(i))
-        else:  # "reduce": one reduction over the leading axis of the stacked leaf
-            total = jnp.sum(_common.accum(ts.stacked(i)), axis=0)
-        out.append((_common.accum(p) + scale * total).astype(p.dtype))
+    c = jnp.asarray(scale)
+    if not jnp.issubdtype(c.dtype, jnp.floating):
+        c = c.astype(jnp.float32)
+    c = jnp.broadcast_to(c, (num_tasks,))  # one λ for every task: task arithmetic
+    idx = [i for i, m in enumerate(mask) if m]
+    ys = kernels.weighted_sum_leaves(
+        [pre[i] for i in idx],
+        [ts.stacked(i) for i in idx],
+        [c] * len(idx),
+        implementation=implementation,
+    )
+    out = list(pre)
+    for i, y in zip(idx, ys, strict=True):
+        out[i] = y
     return out

@@ -178,3 +178,28 @@ def test_wired_into_task_arithmetic_and_atlas(rng):
 
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     chex.assert_trees_all_close(grad(coefs, "pallas"), grad(coefs, "xla"), rtol=1e-5, atol=1e-4)
+
+
+def test_task_arithmetic_and_atlas_are_calls_of_this_op(rng):
+    """One weighted sum: the merges give the op's bits, and the op gives numpy's values.
+
+    Compared jitted on both sides: an eager op runs its multiply and add as two programs,
+    and XLA may fuse them into one multiply-add inside a program.
+    """
+    from cljax.merging import atlas, task_arithmetic
+
+    small = {k: SHAPES[k] for k in ("a", "b")}
+    base = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in small.items()}
+    tvs = {k: jnp.asarray(rng.normal(size=(3, *s)), jnp.bfloat16) for k, s in small.items()}
+    op = jax.jit(kernels.weighted_sum)
+    lam = 0.3
+    merged = jax.jit(task_arithmetic)(base, tvs, lam)
+    chex.assert_trees_all_equal(merged, op(base, tvs, jnp.full(3, lam, jnp.float32)))
+    spec = atlas.blocks(base)
+    coefs = jax.tree.map(lambda c: jnp.asarray(rng.normal(size=c.shape), jnp.float32),
+                         atlas.init(base, tvs, spec))  # fmt: skip
+    chex.assert_trees_all_equal(
+        jax.jit(atlas.compose, static_argnums=3)(base, tvs, coefs, spec), op(base, tvs, coefs)
+    )
+    for k in small:  # and the op is θ0 + λ·Σ_t τ_t (float32 accumulation)
+        _close(merged[k], _np_weighted_sum(base[k], tvs[k], np.full(3, lam)), np.float32)
