@@ -45,7 +45,10 @@ Runs go seed by seed (all variants of seed 0, then seed 1, ...), and each finish
 saved under ``--out``: a re-run resumes, and a run stopped part-way leaves whole seeds,
 so the paired comparisons use every seed that finished. With ``--checkpoint_every N`` a
 run in progress is also saved every N steps and at each epoch end, and resumes from there
-(bit-identically).
+(bit-identically). ``--merge DIR ...`` adds the finished runs of other ``--out`` folders of
+the same configuration. A damaged record of finished runs, here or in a merged folder, is
+moved aside with a warning and the one before it read; the runs it alone held are trained
+again (a merged folder with no readable record is skipped, with a warning).
 
 Reported: test accuracy at the epoch of best mean validation accuracy; Δm% against the
 mean single-task accuracy (Maninis et al., CVPR 2019); for each aggregator the paired
@@ -70,6 +73,7 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import flax.linen as nn
@@ -403,11 +407,19 @@ def run(cfg: Config) -> dict:
         done = dict(restored[2].get("runs", {}))
     count = 0 if restored is None else restored[0]
     for other in cfg.merge:  # finished runs of the same configuration, from other folders
-        got = None
-        if (Path(other) / "ckpt").is_dir():
-            got = CheckpointManager(Path(other) / "ckpt", keep=2).restore_latest(
+        got, folder = None, Path(other) / "ckpt"
+        if folder.is_dir():
+            # a damaged record is moved aside there with a warning, and the one before it read
+            got = CheckpointManager(folder, keep=2).restore_latest(
                 {"count": np.zeros((), np.int32)}
             )
+        if got is None and folder.is_dir() and any(folder.glob(".corrupt-*")):
+            warnings.warn(
+                f"mtl: merge folder {other!r} has no readable run record, only damaged ones "
+                f"(moved aside in {folder}); its runs are not merged but trained here",
+                stacklevel=2,
+            )
+            continue
         if got is None or got[2].get("config") != fingerprint:
             raise ValueError(f"mtl: merge folder {other!r} holds no runs of this configuration")
         for k, v in got[2].get("runs", {}).items():

@@ -120,3 +120,91 @@ def test_merge_adds_the_finished_runs_of_other_folders(tmp_path):
     other = dataclasses.replace(cfg, epochs=2, merge=(str(tmp_path / "b"),))
     with pytest.raises(ValueError, match="holds no runs of this configuration"):
         mtl.run(other)
+
+
+def _flip_best_val_digit(root):
+    """One digit of a stored run changed inside the manifest's metadata: valid JSON still,
+    only the checksum can tell."""
+    path = root / "manifest.json"
+    text = path.read_bytes()
+    i = text.index(b'"best_val": ') + len(b'"best_val": 0.')
+    path.write_bytes(text[:i] + str((int(text[i : i + 1]) + 1) % 10).encode() + text[i + 1 :])
+
+
+def test_damaged_run_records_here_and_in_merged_folders(tmp_path, monkeypatch):
+    """The finished-run records (checkpoint metadata under ckpt/), damaged in this folder or
+    in a --merge folder: each damaged record is moved aside with a warning, the one before it
+    is read, exactly the runs it alone held are trained again, and the results equal those
+    of one undamaged run; a merged folder with no readable record left is skipped with a
+    warning, also on later runs, never an error. Training is a stand-in (a function of the
+    task ids and the seed): what is tested is run()'s record keeping."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+
+    from tests.test_checkpoint import DAMAGE
+
+    calls = []
+
+    def train_one(cfg, tasks, ids, step_fn, predict, model, seed, **kw):
+        calls.append((ids, seed))
+        rng = np.random.default_rng([seed, *ids])
+        test = rng.uniform(20, 90, len(ids)).tolist()
+        return {"test": test, "best_val": float(rng.uniform()), "skipped": 0}
+
+    monkeypatch.setattr(mtl, "train_one", train_one)
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    base = dataclasses.replace(mtl.PRESETS["tiny"], methods=("none",))
+
+    def run(out, seeds=(0, 1), merge=()):
+        calls.clear()
+        merge = tuple(str(tmp_path / m) for m in merge)
+        res = mtl.run(dataclasses.replace(base, seeds=seeds, out=str(tmp_path / out), merge=merge))
+        drop = ("seconds", "cpu_seconds")
+        runs = {k: {f: v for f, v in r.items() if f not in drop} for k, r in res["runs"].items()}
+        return runs, res["summary"]
+
+    want = run("all")
+    every = [((0,), 0), ((1,), 0), ((0,), 1), ((1,), 1)]
+    assert calls == every
+    run("b", seeds=(0,))  # records step_1 (stl0, seed 0), step_2 (+ stl1, seed 0)
+    run("c", seeds=(1,))
+    assert run("a", merge=("b", "c")) == want and calls == []
+    # the newest record of a merged folder damaged: the one before it is merged instead
+    kinds = {
+        "flip a stored digit": _flip_best_val_digit,
+        "truncate manifest": DAMAGE["truncate manifest"],
+        "delete manifest": DAMAGE["delete manifest"],
+        "flip array byte": DAMAGE["flip array byte"],
+    }
+    for i, (kind, damage) in enumerate(kinds.items()):
+        if i:
+            shutil.rmtree(tmp_path / "b")
+            run("b", seeds=(0,))
+        damage(tmp_path / "b" / "ckpt" / "step_2")
+        with pytest.warns(UserWarning, match=r"b/ckpt/step_2.*moved .* aside"):
+            assert run(f"a{i}", merge=("b", "c")) == want, kind
+        assert calls == [((1,), 0)], kind  # only the run the damaged record alone held
+        assert (tmp_path / "b" / "ckpt" / ".corrupt-2").is_dir()  # kept, not deleted
+    # every record of a merged folder damaged: skipped with a warning, its runs trained here
+    for step in (1, 2):
+        DAMAGE["flip array byte"](tmp_path / "c" / "ckpt" / f"step_{step}")
+    with pytest.warns(UserWarning, match=r"'.*c' has no readable run record"):
+        assert run("m", merge=("b", "c")) == want
+    assert calls == every[1:]  # b's step_1 still holds the first run
+    with pytest.warns(UserWarning, match=r"'.*c' has no readable run record"):
+        assert run("m", merge=("b", "c")) == want  # again: a warning, not an error
+    assert calls == []
+    # this folder's own newest record damaged: back to the one before, its run trained again
+    DAMAGE["truncate manifest"](tmp_path / "all" / "ckpt" / "step_4")
+    with pytest.warns(UserWarning, match=r"all/ckpt/step_4.*moved .* aside"):
+        assert run("all") == want
+    assert calls == every[3:]
+    for step in (3, 4):  # both records kept (keep=2) damaged: every run again
+        DAMAGE["flip manifest byte"](tmp_path / "all" / "ckpt" / f"step_{step}")
+    with pytest.warns(UserWarning, match=r"all/ckpt/step_3"):
+        assert run("all") == want
+    assert calls == every
+    with pytest.raises(ValueError, match="holds no runs of this configuration"):
+        run("x", merge=("missing",))  # a folder that never held runs is an error
