@@ -1,7 +1,8 @@
 """The ZSCL experiment: its table on a hand-computed matrix, the shared CLIP training loop on
-a toy encoder (iterations, teachers, reference sources, WiSE-FT), bad settings, and a tiny
-end-to-end run of the digit preset (MiniCLIP's compiles cost more than the suite's budget:
-``python -m experiments.zscl --preset tiny`` is the end-to-end check of the default preset)."""
+a toy encoder (iterations, teachers, reference sources, WiSE-FT, damaged checkpoints), bad
+settings, and a tiny end-to-end run of the digit preset (MiniCLIP's compiles cost more than
+the suite's budget: ``python -m experiments.zscl --preset tiny`` is the end-to-end check of
+the default preset)."""
 
 import json
 import types
@@ -97,21 +98,9 @@ class _Data:
         return {"x": x, "y": r.integers(0, self.classes, batch_size).astype(np.int32)}
 
 
-def _toy_run(tmp_path, method, steps=3, **overrides):
-    from experiments import clip_zscl
-
-    log, evaluated, teachers = [], [], []
+def _toy_env(log, features, evaluate):
+    """The ``env`` of :func:`experiments.clip_zscl.run_method` for a linear toy "CLIP"."""
     classes = {"a": 3, "b": 3}  # one shape of LwF texts: one compiled step
-    enc = _Encoder()
-    features = jax.jit(lambda p, x: enc.apply({"params": p}, x))
-
-    def spy_features(p, x):
-        teachers.append(jax.tree.map(np.asarray, p))
-        return features(p, x)
-
-    def evaluate(p):
-        evaluated.append(jax.tree.map(np.asarray, p))
-        return np.zeros(2)
 
     def head(c):
         return {
@@ -119,8 +108,8 @@ def _toy_run(tmp_path, method, steps=3, **overrides):
             "bias": jnp.pad(jnp.zeros(c), (0, 3 - c), constant_values=-1e9),
         }
 
-    env = {
-        "encoder": enc,
+    return {
+        "encoder": _Encoder(),
         "theta0": {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)},
         "train_tasks": {n: _Data("train:" + n, c, log) for n, c in classes.items()},
         "tasks": {n: _Data("plain:" + n, c, log) for n, c in classes.items()},
@@ -129,9 +118,12 @@ def _toy_run(tmp_path, method, steps=3, **overrides):
         "anchors": jnp.eye(4)[:3],
         "lwf_texts": {n: jnp.eye(4)[:c] for n, c in classes.items()},
         "scale": 10.0,
-        "features": spy_features,
+        "features": features,
         "evaluate": evaluate,
     }
+
+
+def _toy_cfg(method, steps, **overrides):
     cfg = dict(
         preset="toy",
         methods=(method,),
@@ -150,7 +142,25 @@ def _toy_run(tmp_path, method, steps=3, **overrides):
         l2_weight=1.0,
         wise_alpha=0.8,
     )
-    cfg = types.SimpleNamespace(**{**cfg, **overrides})
+    return types.SimpleNamespace(**{**cfg, **overrides})
+
+
+def _toy_run(tmp_path, method, steps=3, **overrides):
+    from experiments import clip_zscl
+
+    log, evaluated, teachers = [], [], []
+    features = jax.jit(lambda p, x: _Encoder().apply({"params": p}, x))
+
+    def spy_features(p, x):
+        teachers.append(jax.tree.map(np.asarray, p))
+        return features(p, x)
+
+    def evaluate(p):
+        evaluated.append(jax.tree.map(np.asarray, p))
+        return np.zeros(2)
+
+    env = _toy_env(log, spy_features, evaluate)
+    cfg = _toy_cfg(method, steps, **overrides)
     clip_zscl.check_recipe(cfg)
     ((acc, start),) = clip_zscl.run_method(
         method, cfg, env, tmp_path / method, {"toy": 1}, seeds=(7,)
@@ -229,3 +239,98 @@ def test_nonfinite_training_stops_naming_method_and_task(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteError, match=r"finetune: non-finite .* task 0 \('rotated'\)"):
         zscl.main(argv)
     assert not list((tmp_path / "ckpt" / "finetune").glob("step_*"))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_resume_to_identical_results(tmp_path, monkeypatch):
+    """The checkpoints of the CLIP presets' loop (``clip_zscl.run_method``, which the default
+    MiniCLIP preset runs), damaged at each stage -- a run stopped during its second task, a
+    finished run -- by each kind of damage of tests/test_checkpoint.py and by a crash during
+    the write: the re-run names the damaged checkpoint, keeps it aside, goes back to the last
+    good state (or starts over) and ends with the same accuracy matrix, and a further re-run
+    only loads. The loop, its data order, WiSE-FT's interpolation with the start-of-task
+    weights and the checkpoints are the experiment's; a linear toy encoder stands in for
+    MiniCLIP and a NumPy gradient step for the compiled one (which each call of run_method
+    compiles anew, seconds a re-run: more than the suite's budget)."""
+    import contextlib
+    import shutil
+
+    from experiments import clip_zscl
+    from tests.test_checkpoint import DAMAGE
+
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+
+    def make_step(loss_fn, **kw):  # least squares to the one-hot labels, plain SGD
+        def step(state, batch):
+            w, x = np.asarray(state.params["w"]), batch["x"]
+            err = x @ w - np.eye(4, dtype=np.float32)[batch["y"]]
+            w = w - np.float32(0.1) * x.T @ err / len(x)
+            return state.replace(params={"w": jnp.asarray(w)}), {}
+
+        return step
+
+    monkeypatch.setattr(clip_zscl, "make_step", make_step)
+
+    def evaluate(p):  # a fingerprint of the weights: equal only if they are bit-identical
+        w = np.asarray(p["w"], np.float64)
+        return np.array([w.sum(), (w * w).sum()])
+
+    env = _toy_env([], jax.jit(lambda p, x: _Encoder().apply({"params": p}, x)), evaluate)
+    stop = []
+
+    class _Stopping(_Data):  # task b's data: raises while `stop` is set, as a killed run
+        def batch_at(self, step, batch_size, *, seed=0):
+            if stop:
+                raise _Stop
+            return super().batch_at(step, batch_size, seed=seed)
+
+    env["train_tasks"]["b"] = _Stopping("train:b", 3, [])
+    cfg = _toy_cfg("wise_ft", steps=2)
+
+    def run(d):
+        ((acc, start),) = clip_zscl.run_method("wise_ft", cfg, env, d, {"toy": 1}, seeds=(7,))
+        return acc, start
+
+    want, start = run(tmp_path / "finished")
+    assert start == 0 and want.shape == (2, 2)
+    stop.append(True)
+    with pytest.raises(_Stop):
+        run(tmp_path / "stopped")
+    stop.clear()
+    assert [p.name for p in (tmp_path / "stopped" / "seed7").iterdir()] == ["step_1"]
+    # stage 1 (stopped after task 0) and stage 2 (finished): the damaged step_n
+    # each file of a checkpoint: the array data, orbax's metadata (damage the manifest
+    # cannot see), the manifest; and the temporary folder of a write cut short
+    kinds = ["flip array byte", "unseen: truncate metadata", "delete manifest"]
+    kinds += ["crash during the write"]
+    for stage, n in (("stopped", 1), ("finished", 2)):
+        for kind in kinds:
+            d = tmp_path / f"{stage}-{kind}"
+            shutil.copytree(tmp_path / stage / "seed7", d / "seed7")
+            step = d / "seed7" / f"step_{n}"
+            warns = pytest.warns(UserWarning, match=rf"step_{n}.*moved .* aside")
+            if kind == "crash during the write":  # killed before the rename: no step_n
+                if stage == "finished":  # then the step before it is still there
+                    shutil.copytree(
+                        tmp_path / "stopped" / "seed7" / "step_1", d / "seed7" / "step_1"
+                    )
+                step.rename(step.with_name(f".tmp-{n}-0"))
+                warns = contextlib.nullcontext()
+            else:
+                DAMAGE[kind](step)
+            with warns:
+                acc, start = run(d)
+            # keep=1: a damaged step_n was the only checkpoint; a crash during the write
+            # leaves the one before it
+            back = n - 1 if kind == "crash during the write" else 0
+            assert start == back and np.array_equal(acc, want), (stage, kind)
+            if kind != "crash during the write":
+                assert (d / "seed7" / f".corrupt-{n}").is_dir()  # kept, not deleted
+        assert run(d)[1] == 2, stage  # and now it only loads
+    # the undamaged stopped run resumes after task 0 to the same matrix
+    acc, start = run(tmp_path / "stopped")
+    assert start == 1 and np.array_equal(acc, want)
