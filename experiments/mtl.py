@@ -58,6 +58,9 @@ and 95 % t-interval over the seeds. Outputs under ``--out`` (default ``runs/mtl`
 ``mtl_<dataset>.png`` (Δm% per method, and the paired differences with their intervals)
 and printed markdown tables.
 
+The trunks and the training loop live in ``experiments/_mtl_train.py``, the tables and
+figure in ``experiments/_mtl_report.py``; this module holds the settings and the run.
+
 References:
   Phan et al., "Improving Multi-task Learning via Seeking Task-based Flat Regions",
   arXiv 2211.13723 (F-MTL; code github.com/VietHoang1512/FS-MTL). Sener & Koltun,
@@ -76,9 +79,7 @@ import time
 import warnings
 from pathlib import Path
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.stats
@@ -86,8 +87,17 @@ import scipy.stats
 from cljax import mtl
 from cljax.checkpoint import CheckpointManager
 from cljax.data import generate_multi_mnist, load_mnist_attributes, load_multi_mnist
-from cljax.train import TrainState
 from experiments import _common as C
+from experiments._mtl_report import figure, write_report  # noqa: F401 (figure re-exported)
+from experiments._mtl_train import (  # noqa: F401 (re-exported: tests and benchmarks use them)
+    TRUNKS,
+    LeNet,
+    MLPTrunk,
+    Trunk,
+    _reseed,
+    make_loss,
+    train_one,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,51 +194,6 @@ LABELS = {
 }
 
 
-class MLPTrunk(nn.Module):
-    """A two-layer perceptron on the flattened image (cheap on a CPU)."""
-
-    width: int = 8
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(16 * self.width)(x.reshape(x.shape[0], -1)))
-        return nn.relu(nn.Dense(8 * self.width)(x))
-
-
-class Trunk(nn.Module):
-    """A LeNet-like trunk: two 5×5 convolutions with max-pooling and a dense layer."""
-
-    width: int = 16
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.max_pool(nn.relu(nn.Conv(self.width, (5, 5), padding="VALID")(x)), (2, 2), (2, 2))
-        x = nn.max_pool(
-            nn.relu(nn.Conv(2 * self.width, (5, 5), padding="VALID")(x)), (2, 2), (2, 2)
-        )
-        return nn.relu(nn.Dense(4 * self.width)(x.reshape(x.shape[0], -1)))
-
-
-class LeNet(nn.Module):
-    """The Multi-MNIST LeNet of the F-MTL code (``multi-mnist/model_lenet.py`` of
-    github.com/VietHoang1512/FS-MTL): a 9×9 convolution (``width`` channels), 2×2
-    max-pooling, a 5×5 convolution (``2 * width``), 2×2 max-pooling and a dense layer of
-    ``5 * width`` units, ReLU after each; with ``width=10`` exactly its 10-20-50 trunk."""
-
-    width: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.max_pool(nn.relu(nn.Conv(self.width, (9, 9), padding="VALID")(x)), (2, 2), (2, 2))
-        x = nn.max_pool(
-            nn.relu(nn.Conv(2 * self.width, (5, 5), padding="VALID")(x)), (2, 2), (2, 2)
-        )
-        return nn.relu(nn.Dense(5 * self.width)(x.reshape(x.shape[0], -1)))
-
-
-TRUNKS = {"mlp": MLPTrunk, "conv": Trunk, "lenet": LeNet}
-
-
 def load(name: str, cfg: Config):
     if name == "multi_mnist":
         return load_multi_mnist(cfg.num_samples, seed=0)
@@ -283,107 +248,6 @@ def _methods(cfg: Config) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"mtl: unknown methods {bad}; known: {sorted(AGGREGATORS)} or 'none'")
     return cfg.methods
-
-
-def _reseed(opt_state, seed: int):
-    """``opt_state`` with the key of every :class:`cljax.mtl.AggregateState` in it set from
-    ``seed``: one optimiser (so one compiled step) serves every seed of a variant."""
-    return jax.tree.map(
-        lambda s: s._replace(key=jax.random.key(seed)) if isinstance(s, mtl.AggregateState) else s,
-        opt_state,
-        is_leaf=lambda s: isinstance(s, mtl.AggregateState),
-    )
-
-
-def make_loss(model: nn.Module, task_ids: tuple[int, ...]):
-    ids = jnp.asarray(task_ids)
-
-    def loss_fn(params, batch, model_state):
-        logits = model.apply({"params": params}, batch["x"])
-        return mtl.classification_losses(logits, batch["y"][:, ids]), model_state
-
-    return loss_fn
-
-
-def train_one(
-    cfg: Config,
-    tasks,
-    task_ids,
-    step_fn,
-    predict,
-    model,
-    seed: int,
-    *,
-    checkpoint_dir=None,
-    checkpoint_every: int | None = None,
-    tx=None,
-) -> dict:
-    """Trains one model; returns test accuracies at the epoch of best mean val accuracy.
-
-    With ``checkpoint_dir`` the whole run (train state with its PRNG key and method states,
-    the step, the best epoch's accuracies so far) is saved after every epoch, and with
-    ``checkpoint_every`` also every that many steps; a re-run with the same folder resumes
-    and returns what an uninterrupted run returns, bit for bit (on CPU). ``tx`` is the
-    optimiser (default Adam at ``cfg.learning_rate``), e.g. a chain starting with
-    ``mtl.aggregate``.
-    """
-    if checkpoint_every is not None:
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int | np.integer):
-            raise ValueError(f"train_one: {checkpoint_every=} must be a positive int or None")
-        if checkpoint_every < 1:
-            raise ValueError(f"train_one: {checkpoint_every=} must be a positive int or None")
-        if checkpoint_dir is None:
-            raise ValueError(f"train_one: {checkpoint_every=} needs a checkpoint_dir")
-    sub = [tasks[i] for i in task_ids]
-    x0 = jnp.asarray(sub[0].x_train[:2])
-    params = model.init(jax.random.key(seed), x0)["params"]
-    tx = optax.adam(cfg.learning_rate) if tx is None else tx
-    state = TrainState.create(params, tx, key=seed, methods={"model_state": {}})
-    state = state.replace(opt_state=_reseed(state.opt_state, seed))
-    spe = sub[0].steps_per_epoch(cfg.batch_size)
-    best_val, best_test = -1.0, None
-    start, ckpt = 0, None
-    if checkpoint_dir is not None:
-        ckpt = CheckpointManager(checkpoint_dir, keep=2)
-        restored = ckpt.restore_latest(state)
-        if restored is not None:
-            start, state, meta = restored
-            if meta.get("steps_per_epoch") != spe:
-                raise ValueError(
-                    f"train_one: checkpoint in {checkpoint_dir} has steps_per_epoch="
-                    f"{meta.get('steps_per_epoch')}; this run has {spe} (use another folder)"
-                )
-            best_val = meta["best_val"]
-            best_test = None if meta["best_test"] is None else np.asarray(meta["best_test"])
-
-    def save(done: int) -> None:
-        if ckpt.path(done).exists():  # one the restore skipped as corrupt: replace it
-            shutil.rmtree(ckpt.path(done))
-        test = None if best_test is None else [float(v) for v in best_test]
-        meta = {"steps_per_epoch": spe, "best_val": float(best_val), "best_test": test}
-        ckpt.save(done, state, metadata=meta)
-
-    for epoch in range(start // spe, cfg.epochs):
-        end = (epoch + 1) * spe
-        for s in range(max(epoch * spe, start), end):
-            b = mtl.multitask_batch(tasks, s, cfg.batch_size, seed=seed)
-            b = {"x": jnp.asarray(b["x"]), "y": jnp.asarray(b["y"])}
-            state, _ = step_fn(state, b)
-            if checkpoint_every is not None and s + 1 < end and (s + 1) % checkpoint_every == 0:
-                save(s + 1)
-        pr = lambda x, p=state.params: predict(p, x)
-        val = mtl.evaluate_accuracy(pr, sub, split="val", batch_size=len(sub[0].y_val))
-        if val.mean() > best_val:
-            n_test = len(sub[0].y_test)
-            best_val = val.mean()
-            best_test = mtl.evaluate_accuracy(pr, sub, split="test", batch_size=n_test)
-        if ckpt is not None:
-            save(end)
-    return {
-        "test": [float(v) for v in best_test],
-        "best_val": float(best_val),
-        "skipped": int(state.skipped),
-    }
 
 
 def _fingerprint(cfg: Config) -> dict:
@@ -587,56 +451,6 @@ def paired_differences(cfg: Config, ds: str, tasks, done: dict) -> list[dict]:
     return out
 
 
-def figure(path: Path, ds: str, rows: list[dict], paired: list[dict], cfg: Config) -> None:
-    """Left: Δm% per aggregator, base and F-MTL (mean ± std over seeds). Right: the paired
-    difference F − base in Δm points per aggregator, with its 95 % t-interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by = {r["method"]: r for r in rows}
-    shown = [p["method"] for p in paired if p["method"] in by and "F-" + p["method"] in by]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    x = np.arange(len(shown))
-    for i, (lab, pre) in enumerate((("base", ""), ("F-MTL", "F-"))):
-        vals = [by[pre + m]["_dm"] for m in shown]
-        errs = [by[pre + m]["_dm_std"] for m in shown]
-        a1.bar(x + (i - 0.5) * 0.4, vals, 0.4, yerr=errs, capsize=2, label=lab)
-    a1.axhline(0, color="k", lw=0.5)
-    a1.set_xticks(x, shown, rotation=30, ha="right")
-    a1.set_ylabel("Δm% vs single-task (higher is better)")
-    n = sorted({by[m]["seeds"] for m in shown} | {by["F-" + m]["seeds"] for m in shown})
-    a1.set_title(f"{ds}: mean ± std over {'/'.join(map(str, n))} seeds")
-    a1.legend(fontsize=8)
-    ps = [p for p in paired if p["method"] in shown]
-    mean = np.array([p["dm_diff"] for p in ps])
-    lo = np.array([p["dm_ci"][0] for p in ps])
-    hi = np.array([p["dm_ci"][1] for p in ps])
-    a2.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="o", capsize=4)
-    for i, p in enumerate(ps):
-        a2.scatter(np.full(len(p["dm_diffs"]), i + 0.15), p["dm_diffs"], s=8, c="gray")
-    a2.axhline(0, color="k", lw=0.5)
-    a2.set_xlim(-0.5, len(shown) - 0.5)
-    a2.set_xticks(x, shown, rotation=30, ha="right")
-    a2.set_ylabel("F-MTL − base, Δm points (same seed)")
-    a2.set_title("paired difference, mean and 95 % t-interval")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _paired_row(p: dict) -> dict:
-    return {
-        "method": p["method"],
-        "seeds": len(p["seeds"]),
-        "Δm diff": f"{p['dm_diff']:+.2f} [{p['dm_ci'][0]:+.2f}, {p['dm_ci'][1]:+.2f}]",
-        "mean-acc diff": f"{p['acc_diff']:+.2f} [{p['acc_ci'][0]:+.2f}, {p['acc_ci'][1]:+.2f}]",
-        "F better": f"{p['wins']}/{len(p['seeds'])}",
-    }
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     C.add_config_flags(parser, Config)
@@ -646,25 +460,8 @@ def main(argv=None) -> dict:
     results = run(cfg)
     results["seconds"] = time.perf_counter() - t0
     results["cpu_seconds"] = time.process_time() - c0
-    out = Path(cfg.out)
     if C.is_primary():
-        for ds, rows in results["summary"].items():
-            if not rows:
-                continue
-            cols = [c for c in rows[0] if not c.startswith("_") and c != "dataset"]
-            print(
-                f"\n### {ds} (test accuracy %, mean ± std over the finished seeds of {list(cfg.seeds)})\n"
-            )
-            print(C.format_table(rows, cols))
-            paired = results["paired"][ds]
-            if paired:
-                print(f"\n### {ds}: F-MTL minus base, same seed (mean [95 % t-interval])\n")
-                print(
-                    C.format_table([_paired_row(p) for p in paired], list(_paired_row(paired[0])))
-                )
-            figure(out / f"mtl_{ds}.png", ds, rows, paired, cfg)
-        C.write_json(out / "results.json", results)
-        print(f"\n{results['seconds']:.0f} s; results in {out}")
+        write_report(cfg, results, Path(cfg.out))
     return results
 
 
