@@ -102,6 +102,27 @@ def _checkpoint_wrong_target(tmp):
     return m.restore(1, {"w": jnp.ones(3), "extra": jnp.ones(2)})
 
 
+def _checkpoint_other_dtype(tmp):
+    from cljax.checkpoint import CheckpointManager
+
+    m = CheckpointManager(tmp / "ck3")
+    m.save(1, {"w": jnp.full(3, 1.5, jnp.float32)})
+    return m.restore(1, {"w": jnp.zeros(3, jnp.int32)})  # would truncate 1.5 to 1
+
+
+def _safetensors_with_header(tmp, header: dict, data: bytes = b"\0" * 8):
+    """A file with this JSON header (the 8-byte little-endian length, the header, the data)."""
+    import json
+    import struct
+
+    from cljax import safetensors as st
+
+    f = tmp / "bad.safetensors"
+    h = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return st.load(f)
+
+
 def _nonfinite_step(_):
     import optax
 
@@ -317,6 +338,13 @@ def _rows() -> list[Row]:
         ),
         Row(
             "checkpoint",
+            "a float32 checkpoint restored into an int32 target",
+            _checkpoint_other_dtype,
+            ValueError,
+            r"'w' is stored as float32, the target has int32; pass allow_cast=True",
+        ),
+        Row(
+            "checkpoint",
             "`keep` < 1",
             lambda tmp: __import__("cljax.checkpoint", fromlist=["x"]).CheckpointManager(
                 tmp / "k", keep=0
@@ -334,6 +362,34 @@ def _rows() -> list[Row]:
             r"bad\.safetensors.*truncated",
         )
     )
+    f32 = lambda shape, offsets: {"dtype": "F32", "shape": shape, "data_offsets": offsets}  # noqa: E731
+    rows += [
+        Row(
+            "safetensors",
+            'a safetensors shape given as a string (`"12"`)',
+            lambda tmp: _safetensors_with_header(tmp, {"w": f32("12", [0, 48])}, b"\0" * 48),
+            ValueError,
+            r"bad\.safetensors: tensor 'w': shape '12' must be a list of non-negative integers",
+        ),
+        Row(
+            "safetensors",
+            "a safetensors file with a gap between tensors",
+            lambda tmp: _safetensors_with_header(
+                tmp, {"a": f32([1], [0, 4]), "b": f32([1], [8, 12])}, b"\0" * 12
+            ),
+            ValueError,
+            r"bad\.safetensors: tensor 'b' has data_offsets \[8, 12\].*without g",
+        ),
+        Row(
+            "safetensors",
+            "safetensors metadata that is not a string",
+            lambda tmp: _safetensors_with_header(
+                tmp, {"__metadata__": {"k": 1}, "w": f32([2], [0, 8])}
+            ),
+            ValueError,
+            r"bad\.safetensors: __metadata__\['k'\] is 1, not a string",
+        ),
+    ]
     return rows + _method_rows()
 
 
