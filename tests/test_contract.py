@@ -321,7 +321,9 @@ def _case_gpm(rng, dtype):
     def hook(opt_state, params, rng):
         reps = [rng.normal(size=(12, 16)) @ np.diag([4.0] * 4 + [0.01] * 12)]
         return projection.map_state(
-            opt_state, projection.GPMState, lambda s: projection.gpm_update_memory(s, reps, 0.97)
+            opt_state,
+            projection.GPMState,
+            lambda s: projection.gpm_next_task(s, reps, threshold=0.97),
         )
 
     tx = optax.chain(optax.adam(1e-2), projection.gpm(_TARGETS, freeze_1d=True))
@@ -332,7 +334,9 @@ def _case_osft(rng, dtype):
     def hook(opt_state, params, rng):
         weights = projection.target_leaves(params, _TARGETS)
         return projection.map_state(
-            opt_state, projection.OSFTState, lambda s: projection.osft_begin_task(s, weights, 0.5)
+            opt_state,
+            projection.OSFTState,
+            lambda s: projection.osft_next_task(s, weights, ratios=0.5),
         )
 
     tx = optax.chain(optax.adam(1e-2), projection.osft(_TARGETS))
@@ -360,7 +364,7 @@ def _case_l2_anchor(rng, dtype):
 def _case_ewc_penalty(rng, dtype):
     params = _params(rng, dtype)
     fisher = jax.tree.map(lambda x: jnp.abs(x).astype(jnp.float32), _params(rng, dtype))
-    ewc = losses.ewc_update(None, _params(rng, dtype), fisher)
+    ewc = losses.ewc_next_task(None, _params(rng, dtype), fisher)
     return Case(
         lambda p, s: losses.ewc_penalty(p, s, weight=10.0),
         (params, ewc),

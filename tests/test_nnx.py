@@ -182,7 +182,7 @@ def test_gpm_with_nnx_optimizer_protects_old_inputs():
     )
     assert [r.shape for r in reps] == [(64, 8), (64, 4), (64, 8)]  # head, l1, l2
     new_state = pj.map_state(
-        as_pure(opt.opt_state), pj.GPMState, lambda s: pj.gpm_update_memory(s, reps, 1.0)
+        as_pure(opt.opt_state), pj.GPMState, lambda s: pj.gpm_next_task(s, reps, threshold=1.0)
     )
     nnx.update(opt.opt_state, nnx.state(new_state))
     (gs,) = pj.find_state(as_pure(opt.opt_state), pj.GPMState)

@@ -2,7 +2,7 @@
 
 Averages are method states in :class:`cljax.train.TrainState` ``methods``, created with
 :func:`init_averages` and updated inside the jitted step by :func:`averaging_hook`
-(``make_step(post_update=...)``). Between tasks, :func:`next_task_from_average` starts
+(``make_step(post_update=...)``). Between tasks, :func:`averaging_next_task` starts
 the next task from an average (ZSCL's hand-over). WiSE-FT is :func:`interpolate`,
 ``(1 - alpha) * a + alpha * b`` (re-exported from :mod:`cljax.merging`).
 """
@@ -11,8 +11,8 @@ from cljax.averaging._base import (
     Averager,
     average_params,
     averaging_hook,
+    averaging_next_task,
     init_averages,
-    next_task_from_average,
 )
 from cljax.averaging._ema import EmaState, ema
 from cljax.averaging._swa import SwaState, swa
@@ -29,7 +29,7 @@ __all__ = [
     "ema",
     "init_averages",
     "interpolate",
-    "next_task_from_average",
+    "averaging_next_task",
     "swa",
     "weight_ensemble",
 ]

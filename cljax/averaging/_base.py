@@ -18,7 +18,7 @@ __all__ = [
     "average_params",
     "averaging_hook",
     "init_averages",
-    "next_task_from_average",
+    "averaging_next_task",
 ]
 
 
@@ -145,7 +145,7 @@ def averaging_hook(
     return post_update
 
 
-def next_task_from_average(
+def averaging_next_task(
     state: TrainState,
     averager: Averager,
     *,
@@ -174,14 +174,14 @@ def next_task_from_average(
       ValueError: if ``state.methods`` has no ``name``.
 
     Example:
-      >>> state = next_task_from_average(state, we, name="we")  # doctest: +SKIP
+      >>> state = averaging_next_task(state, we, name="we")  # doctest: +SKIP
 
     References:
       Zheng et al., "Preventing Zero-Shot Transfer Degradation in Continual Learning of
       Vision-Language Models", ICCV 2023.
     """
     if name not in state.methods:
-        raise ValueError(f"next_task_from_average: state.methods has no {name!r}")
+        raise ValueError(f"averaging_next_task: state.methods has no {name!r}")
     params = average_params(state.methods[name], state.params)
     methods = {**state.methods, name: averager.init(params)}
     new = state.replace(params=params, methods=methods)

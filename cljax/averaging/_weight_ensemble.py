@@ -39,7 +39,7 @@ def weight_ensemble(*, every: int = 100) -> Averager:
     far. Iteration 0 is included, so after ``1000 + 1`` iterations with ``every=100`` the
     mean is the uniform average of ``{theta_start, theta_0, theta_100, ..., theta_1000}``
     (12 trees). The averaged model is what the next task starts from: use
-    :func:`~cljax.averaging.next_task_from_average` between tasks.
+    :func:`~cljax.averaging.averaging_next_task` between tasks.
 
     The iteration is counted by the state, not read from ``TrainState.step``, so the
     schedule restarts with every task whatever the global step; the ``step`` argument of

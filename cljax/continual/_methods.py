@@ -101,7 +101,7 @@ class EWC(Method):
         }
         fisher = cl_losses.diagonal_fisher(nll, state.params, examples, chunk_size=100)
         prev = state.methods[self.name] if ctx.index > 0 else None
-        new = cl_losses.ewc_update(prev, state.params, fisher, gamma=self.gamma)
+        new = cl_losses.ewc_next_task(prev, state.params, fisher, gamma=self.gamma)
         return state.replace(methods={**state.methods, self.name: new})
 
 
@@ -255,7 +255,9 @@ class GPM(Method):
     def end_task(self, state, ctx):
         reps = self._representations(state.params, ctx)
         t = self.threshold(ctx.index) if callable(self.threshold) else self.threshold
-        opt = pj.map_state(state.opt_state, pj.GPMState, lambda s: pj.gpm_update_memory(s, reps, t))
+        opt = pj.map_state(
+            state.opt_state, pj.GPMState, lambda s: pj.gpm_next_task(s, reps, threshold=t)
+        )
         return state.replace(opt_state=opt)
 
 
@@ -296,7 +298,7 @@ class CoSO(Method):
 
     def end_task(self, state, ctx):
         opt = pj.map_state(
-            state.opt_state, pj.CoSOState, lambda s: pj.coso_next_task(s, self.threshold)
+            state.opt_state, pj.CoSOState, lambda s: pj.coso_next_task(s, threshold=self.threshold)
         )
         return state.replace(opt_state=opt)
 
@@ -369,7 +371,7 @@ class OSFT(Method):
         ratios = self._ratios(state.params, ctx)
         weights = pj.target_leaves(state.params, self.targets)
         opt = pj.map_state(
-            state.opt_state, pj.OSFTState, lambda s: pj.osft_begin_task(s, weights, ratios)
+            state.opt_state, pj.OSFTState, lambda s: pj.osft_next_task(s, weights, ratios=ratios)
         )
         return state.replace(opt_state=opt)
 

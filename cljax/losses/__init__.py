@@ -3,7 +3,7 @@
 from cljax.losses._anchor import l2_anchor
 from cljax.losses._dann import dann_schedule, domain_adversarial_loss, grad_reverse
 from cljax.losses._entropy import entropy, entropy_loss, pseudo_label_loss
-from cljax.losses._ewc import EWCState, diagonal_fisher, ewc_penalty, ewc_update
+from cljax.losses._ewc import EWCState, diagonal_fisher, ewc_next_task, ewc_penalty
 from cljax.losses._logit_fusion import dynamic_logit_fusion, logit_arithmetic
 from cljax.losses._logit_swap import logit_swap_distillation, swap_top_logit
 from cljax.losses._lwf import lwf_distillation
@@ -23,7 +23,7 @@ __all__ = [
     "entropy",
     "entropy_loss",
     "ewc_penalty",
-    "ewc_update",
+    "ewc_next_task",
     "grad_reverse",
     "kd_loss",
     "l2_anchor",

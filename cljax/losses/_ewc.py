@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from cljax import tree as ct
 from cljax._checks import check_scalar
 
-__all__ = ["EWCState", "diagonal_fisher", "ewc_penalty", "ewc_update"]
+__all__ = ["EWCState", "diagonal_fisher", "ewc_penalty", "ewc_next_task"]
 
 
 class EWCState(NamedTuple):
@@ -77,7 +77,7 @@ def diagonal_fisher(
     return jax.tree.map(lambda f: f / n, total)
 
 
-def ewc_update(
+def ewc_next_task(
     state: EWCState | None, params: ct.Params, fisher: ct.Params, *, gamma: float = 1.0
 ) -> EWCState:
     """Between-task hook of online EWC: ``F <- gamma F + F_new``, anchor ``<- params``.
@@ -98,7 +98,7 @@ def ewc_update(
       Schwarz et al., "Progress & Compress: A scalable framework for continual learning",
       ICML 2018 (online EWC).
     """
-    check_scalar(gamma, name="gamma", where="ewc_update", low=0.0, high=1.0)
+    check_scalar(gamma, name="gamma", where="ewc_next_task", low=0.0, high=1.0)
     ct.check_same_structure(params, fisher, names=("params", "fisher"))
     fisher = jax.tree.map(lambda f: jnp.asarray(f, jnp.float32), fisher)
     if state is not None:
@@ -112,7 +112,7 @@ def ewc_penalty(params: ct.Params, state: EWCState, *, weight: float = 1.0) -> j
 
     Args:
       params: current parameters.
-      state: anchor and Fisher (:func:`ewc_update`).
+      state: anchor and Fisher (:func:`ewc_next_task`).
       weight: the penalty's coefficient lambda, >= 0.
 
     Returns:

@@ -212,7 +212,7 @@ def coso(
 
       tx = coso(3e-4, [(r"attn/out/kernel", True)], proj_rank=15, sketch_rank=100)
       ...  # train task 0
-      opt_state = map_state(opt_state, CoSOState, lambda s: coso_next_task(s, 0.98))
+      opt_state = map_state(opt_state, CoSOState, lambda s: coso_next_task(s, threshold=0.98))
 
     References:
       Cheng et al., "Continuous Subspace Optimization for Continual Learning", 2025
@@ -352,7 +352,7 @@ def _extend(history, hrank, sketch, threshold):
     return history + jnp.roll(new[:, :d], hrank, axis=1), hrank + r
 
 
-def coso_next_task(state: CoSOState, threshold: float = 0.98) -> CoSOState:
+def coso_next_task(state: CoSOState, *, threshold: float = 0.98) -> CoSOState:
     """Between-task hook: extend the history from the sketch, reset sketch, projector, Adam.
 
     ``r = #{i : sum_{j<=i} s_j^2 / sum s^2 < threshold}`` with ``s`` the sketch's singular

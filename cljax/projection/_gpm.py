@@ -34,7 +34,7 @@ __all__ = [
     "conv_patches",
     "gpm",
     "gpm_representations",
-    "gpm_update_memory",
+    "gpm_next_task",
     "record_layer_inputs",
 ]
 
@@ -73,7 +73,7 @@ def gpm(
     """Projects the updates of protected kernels orthogonally to their GPM memory.
 
     Put it last in the chain, after the optimiser: ``optax.chain(optax.adam(lr), gpm(...))``.
-    The memory grows between tasks through :func:`gpm_update_memory` (a pure hook on the
+    The memory grows between tasks through :func:`gpm_next_task` (a pure hook on the
     :class:`GPMState`, reached inside a chain with :func:`cljax.projection.map_state`).
 
     Args:
@@ -97,7 +97,7 @@ def gpm(
       state = tx.init(params)
       ...  # train task 0
       reps = gpm_representations(params, targets, record_layer_inputs(model, variables, x))
-      opt_state = map_state(opt_state, GPMState, lambda s: gpm_update_memory(s, reps, 0.97))
+      opt_state = map_state(opt_state, GPMState, lambda s: gpm_next_task(s, reps, threshold=0.97))
 
     References:
       Saha, Garg & Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021.
@@ -140,10 +140,10 @@ def _check_threshold(threshold: float | Sequence[float], n: int) -> list[float]:
     one = np.ndim(threshold) == 0
     ts: list[Any] = [threshold] * n if one else list(cast(Sequence[float], threshold))
     if len(ts) != n:
-        raise ValueError(f"gpm_update_memory: got {len(ts)} thresholds for {n} targets")
+        raise ValueError(f"gpm_next_task: got {len(ts)} thresholds for {n} targets")
     for t in ts:
         if not 0.0 < float(t) <= 1.0:
-            raise ValueError(f"gpm_update_memory: threshold={float(t)} must be in (0, 1]")
+            raise ValueError(f"gpm_next_task: threshold={float(t)} must be in (0, 1]")
     return [float(t) for t in ts]
 
 
@@ -189,9 +189,10 @@ def _grow(
     return memory + jnp.roll(new, rank, axis=1), rank + r
 
 
-def gpm_update_memory(
+def gpm_next_task(
     state: GPMState,
     representations: Sequence[jax.typing.ArrayLike],
+    *,
     threshold: float | Sequence[float],
 ) -> GPMState:
     """Between-task hook: grows each target's memory from the task's representations.
@@ -232,16 +233,16 @@ def gpm_update_memory(
     reps = list(representations)
     if len(reps) != len(state.memory):
         raise ValueError(
-            f"gpm_update_memory: got {len(reps)} representations for {len(state.memory)} targets"
+            f"gpm_next_task: got {len(reps)} representations for {len(state.memory)} targets"
         )
     ts = _check_threshold(threshold, len(reps))
     for i, (x, m) in enumerate(zip(reps, state.memory, strict=True)):
         if jnp.ndim(x) != 2 or jnp.shape(x)[1] != m.shape[0]:
             raise ValueError(
-                f"gpm_update_memory: representation {i} has shape {jnp.shape(x)}; "
+                f"gpm_next_task: representation {i} has shape {jnp.shape(x)}; "
                 f"expected [n, {m.shape[0]}]"
             )
-    check_finite_inputs(reps, where="gpm_update_memory", what="representation")
+    check_finite_inputs(reps, where="gpm_next_task", what="representation")
     first = state.task == 0
     mem, rank = [], []
     for x, m, k, t in zip(reps, state.memory, state.rank, ts, strict=True):

@@ -45,7 +45,7 @@ __all__ = [
     "adaptive_ratios",
     "io_cosine_similarity",
     "osft",
-    "osft_begin_task",
+    "osft_next_task",
     "osft_ranks",
     "rising_ratio",
     "target_leaves",
@@ -79,7 +79,7 @@ def osft(targets: ct.Rules, *, max_ratio: float = 1.0) -> optax.GradientTransfor
     """Projects target updates off the frozen top singular spaces (two-sided).
 
     Put it last in the chain, after the optimiser. Before each task, call
-    :func:`osft_begin_task` with the current weights and the rank ratios. Until the first
+    :func:`osft_next_task` with the current weights and the rank ratios. Until the first
     call nothing is frozen.
 
     The frozen bases are stored ``[in, m]`` and ``[out, m]`` with a static width
@@ -93,7 +93,7 @@ def osft(targets: ct.Rules, *, max_ratio: float = 1.0) -> optax.GradientTransfor
       targets: ``(regex, bool)`` rules selecting 2-D ``[in, out]`` kernels (attention and MLP
         projections in the reference; not embeddings, norms or heads).
       max_ratio: the largest fraction of ``min(in, out)`` that will ever be frozen, in
-        ``(0, 1]``; :func:`osft_begin_task` refuses a larger rank.
+        ``(0, 1]``; :func:`osft_next_task` refuses a larger rank.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with an :class:`OSFTState`.
@@ -106,7 +106,7 @@ def osft(targets: ct.Rules, *, max_ratio: float = 1.0) -> optax.GradientTransfor
 
       tx = optax.chain(optax.adamw(1e-5), osft([(r"(q|k|v|o|up|down)/kernel", True)]))
       opt_state = map_state(opt_state, OSFTState,
-                            lambda s: osft_begin_task(s, target_leaves(params, rules), 0.5))
+                            lambda s: osft_next_task(s, target_leaves(params, rules), ratios=0.5))
 
     References:
       Nayak et al., "Sculpting Subspaces: Constrained Full Fine-Tuning in LLMs for Continual
@@ -190,8 +190,8 @@ def osft_ranks(shapes: Sequence[tuple[int, ...]], ratios: float | Sequence[float
     return out
 
 
-def osft_begin_task(
-    state: OSFTState, weights: Sequence[jax.typing.ArrayLike], ratios: float | Sequence[float]
+def osft_next_task(
+    state: OSFTState, weights: Sequence[jax.typing.ArrayLike], *, ratios: float | Sequence[float]
 ) -> OSFTState:
     """Between-task hook: re-decompose the current weights and freeze their top-k triplets.
 
@@ -214,20 +214,20 @@ def osft_begin_task(
     weights = list(weights)
     if len(weights) != len(state.u_high):
         raise ValueError(
-            f"osft_begin_task: got {len(weights)} weights for {len(state.u_high)} targets"
+            f"osft_next_task: got {len(weights)} weights for {len(state.u_high)} targets"
         )
     for i, (w, a, b) in enumerate(zip(weights, state.u_high, state.v_high, strict=True)):
         if jnp.shape(w) != (a.shape[0], b.shape[0]):
             raise ValueError(
-                f"osft_begin_task: weight {i} has shape {jnp.shape(w)}; "
+                f"osft_next_task: weight {i} has shape {jnp.shape(w)}; "
                 f"expected {(a.shape[0], b.shape[0])}"
             )
-    check_finite_inputs(weights, where="osft_begin_task", what="weight")
+    check_finite_inputs(weights, where="osft_next_task", what="weight")
     ks = osft_ranks([jnp.shape(w) for w in weights], ratios)
     for i, (k, a) in enumerate(zip(ks, state.u_high, strict=True)):
         if k > a.shape[1]:
             raise ValueError(
-                f"osft_begin_task: target {i} would freeze rank {k}, above the {a.shape[1]} "
+                f"osft_next_task: target {i} would freeze rank {k}, above the {a.shape[1]} "
                 "columns its state holds; build the transform with a larger "
                 "osft(max_ratio=...)"
             )

@@ -67,7 +67,7 @@ def _fill(opt_state, params, rules, rng):
 
     def osft_fill(s):
         ws = pj.target_leaves(params, rules)
-        return pj.osft_begin_task(s, ws, 0.5)
+        return pj.osft_next_task(s, ws, ratios=0.5)
 
     def coso_fill(s):
         hist = tuple(_orthonormal(rng, h.shape[0], min(100, h.shape[0] // 2)) for h in s.history)

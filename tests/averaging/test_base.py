@@ -11,10 +11,10 @@ import cljax.merging
 from cljax.averaging import (
     average_params,
     averaging_hook,
+    averaging_next_task,
     ema,
     init_averages,
     interpolate,
-    next_task_from_average,
     swa,
     weight_ensemble,
 )
@@ -67,7 +67,7 @@ def test_next_task_starts_from_the_ensemble(rng):
     for _ in range(3):
         state, _ = step(state, {"x": rng.normal(size=(8, 4)), "y": rng.normal(size=(8, 2))})
     mean = state.methods["we"].mean
-    new = next_task_from_average(state, we, name="we")
+    new = averaging_next_task(state, we, name="we")
     assert new.params["w"].dtype == jnp.bfloat16
     chex.assert_trees_all_equal(new.params, average_params(state.methods["we"], state.params))
     np.testing.assert_allclose(

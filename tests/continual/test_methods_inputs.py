@@ -88,11 +88,11 @@ def test_gpm_per_layer_sample_counts_match_separate_recordings():
         pj.gpm_representations(params, targets, rec(params, jnp.asarray(x[:n])))[k]
         for k, n in enumerate(counts)
     ]
-    want = pj.gpm_update_memory(fresh, tuple(reps), 0.9)
+    want = pj.gpm_next_task(fresh, tuple(reps), threshold=0.9)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     # the counts matter: layer 1 from 4 examples instead of 30 gets another memory
-    alt = pj.gpm_update_memory(fresh, (reps[0], reps[1][:4], reps[2]), 0.9)
+    alt = pj.gpm_next_task(fresh, (reps[0], reps[1][:4], reps[2]), threshold=0.9)
     assert not np.allclose(np.asarray(alt.memory[1]), np.asarray(got.memory[1]), atol=1e-3)
     with pytest.raises(ValueError, match=r"GPM: got 2 num_samples for 3 targets"):
         cl.GPM(targets, rec, threshold=0.9, num_samples=[4, 5]).end_task(state, ctx)

@@ -40,9 +40,9 @@ def test_online_update_and_penalty(rng):
     params, _, _ = _model(rng)
     f1 = jax.tree.map(lambda x: jnp.asarray(rng.uniform(size=x.shape), jnp.float32), params)
     f2 = jax.tree.map(lambda x: jnp.asarray(rng.uniform(size=x.shape), jnp.float32), params)
-    s1 = losses.ewc_update(None, params, f1)
+    s1 = losses.ewc_next_task(None, params, f1)
     moved = jax.tree.map(lambda x: x + 0.5, params)
-    s2 = losses.ewc_update(s1, moved, f2, gamma=0.9)
+    s2 = losses.ewc_next_task(s1, moved, f2, gamma=0.9)
     np.testing.assert_allclose(s2.fisher["w"], 0.9 * f1["w"] + f2["w"], rtol=1e-6)
     np.testing.assert_array_equal(s2.anchor["w"], moved["w"])
     theta = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
@@ -64,12 +64,12 @@ def test_online_update_and_penalty(rng):
 
 def test_bad_inputs(rng):
     params, x, y = _model(rng)
-    s = losses.ewc_update(None, params, params)
+    s = losses.ewc_next_task(None, params, params)
     with pytest.raises(ValueError, match=r"weight=-1.0 must be >= 0"):
         losses.ewc_penalty(params, s, weight=-1.0)
     with pytest.raises(ValueError, match=r"gamma=1.5 must be in \[0, 1\]"):
-        losses.ewc_update(s, params, params, gamma=1.5)
+        losses.ewc_next_task(s, params, params, gamma=1.5)
     with pytest.raises(ValueError, match=r"no examples"):
         losses.diagonal_fisher(_nll, params, {"x": x[:0], "y": y[:0]})
     with pytest.raises(ValueError, match=r"no leaf at path 'b'"):
-        losses.ewc_update(None, params, {"w": params["w"]})
+        losses.ewc_next_task(None, params, {"w": params["w"]})

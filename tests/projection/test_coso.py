@@ -108,7 +108,7 @@ def test_history_is_orthogonal_and_updates_avoid_it(rng, svd):
             uk = u["a"]["kernel"]
             assert jnp.linalg.norm(uk @ h) <= 1e-5 * jnp.linalg.norm(uk)
             assert jnp.linalg.norm(u["b"]) > 0  # the masked Adam trains the rest
-        state = pj.map_state(state, pj.CoSOState, lambda s: pj.coso_next_task(s, 0.98))
+        state = pj.map_state(state, pj.CoSOState, lambda s: pj.coso_next_task(s, threshold=0.98))
         cs = pj.find_state(state, pj.CoSOState)[0]
         r = int(cs.hrank[0])
         assert 0 < r <= 8 and int(cs.task) == task + 1 and int(cs.count) == 0
@@ -127,8 +127,8 @@ def test_history_energy_threshold(rng):
     q, _ = np.linalg.qr(rng.normal(size=(out, 3)))
     sk = jnp.asarray(np.pad(q * np.sqrt([0.6, 0.3, 0.1]), ((0, 0), (0, 1))), jnp.float32)
     st = st._replace(sketch=(sk,))
-    assert int(pj.coso_next_task(st, 0.98).hrank[0]) == 2  # 0.6, 0.9 < 0.98
-    assert int(pj.coso_next_task(st, 0.9).hrank[0]) == 1  # strict: 0.9 is not < 0.9
+    assert int(pj.coso_next_task(st, threshold=0.98).hrank[0]) == 2  # 0.6, 0.9 < 0.98
+    assert int(pj.coso_next_task(st, threshold=0.9).hrank[0]) == 1  # strict: 0.9 is not < 0.9
 
 
 @pytest.mark.slow
@@ -152,7 +152,7 @@ def test_bad_inputs():
     st = tx.init({"w": jnp.zeros((3, 3))})
     for bad in (0.0, 1.01, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"threshold=.* must be in \(0, 1\]"):
-            pj.coso_next_task(st, bad)
+            pj.coso_next_task(st, threshold=bad)
     for kw, msg in (
         ({"eps": float("nan")}, r"coso: eps=nan must be finite"),
         ({"eps": float("inf")}, r"coso: eps=inf must be finite"),
@@ -171,4 +171,4 @@ def test_nonfinite_sketch_is_rejected_at_the_task_boundary():
     st = pj.coso(1e-3, [("w", True)]).init({"w": jnp.zeros((4, 3))})
     sketch = st.sketch[0].at[0, 0].set(jnp.nan)
     with pytest.raises(ValueError, match=r"coso_next_task: gradient sketch of target 0 .* 1 non"):
-        pj.coso_next_task(st._replace(sketch=(sketch,)), 0.98)
+        pj.coso_next_task(st._replace(sketch=(sketch,)), threshold=0.98)

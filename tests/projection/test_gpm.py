@@ -34,7 +34,7 @@ def test_update_after_adam_is_orthogonal_to_memory(rng):
     tx = optax.chain(optax.adam(1e-2), pj.gpm(TARGETS, freeze_1d=True))
     state = tx.init(params)
     reps = (jnp.asarray(rng.normal(size=(40, 18))), jnp.asarray(rng.normal(size=(5, 8))))
-    state = pj.map_state(state, pj.GPMState, lambda s: pj.gpm_update_memory(s, reps, 0.9))
+    state = pj.map_state(state, pj.GPMState, lambda s: pj.gpm_next_task(s, reps, threshold=0.9))
     gs = pj.find_state(state, pj.GPMState)[0]
     assert [int(r) for r in gs.rank] != [0, 0]
     update = jax.jit(tx.update)
@@ -77,10 +77,10 @@ def test_memory_grows_as_the_threshold_dictates(rng):
     energies = np.array([0.5, 0.3, 0.15, 0.05])
     x, v = _spectrum_rows(rng, np.sqrt(energies), d)
     # First task, strict "<": eps=0.95 keeps 2 (0.95 is not < 0.95); eps=0.96 keeps 3.
-    assert int(pj.gpm_update_memory(state, [x], 0.95).rank[0]) == 2
-    assert int(pj.gpm_update_memory(state, [x], 0.96).rank[0]) == 3
-    assert int(pj.gpm_update_memory(state, [x], 0.5).rank[0]) == 0
-    s1 = pj.gpm_update_memory(state, [x], 0.85)
+    assert int(pj.gpm_next_task(state, [x], threshold=0.95).rank[0]) == 2
+    assert int(pj.gpm_next_task(state, [x], threshold=0.96).rank[0]) == 3
+    assert int(pj.gpm_next_task(state, [x], threshold=0.5).rank[0]) == 0
+    s1 = pj.gpm_next_task(state, [x], threshold=0.85)
     assert int(s1.rank[0]) == 2
     m = np.asarray(s1.memory[0])
     # The stored basis spans the two dominant directions of the data.
@@ -88,12 +88,12 @@ def test_memory_grows_as_the_threshold_dictates(rng):
     np.testing.assert_array_equal(m[:, 2:], 0.0)
     # Later task on the same data: captured = 0.8 of the ORIGINAL energy; with eps = 0.97
     # the loop adds 0.15 (0.8 < 0.97) then 0.05 (0.95 < 0.97) -> 2 new vectors.
-    s2 = pj.gpm_update_memory(s1, [x], 0.97)
+    s2 = pj.gpm_next_task(s1, [x], threshold=0.97)
     assert int(s2.rank[0]) == 4 and int(s2.task) == 2
     # eps = 0.8: already captured (0.8 is not < 0.8) -> nothing added.
-    assert int(pj.gpm_update_memory(s1, [x], 0.8).rank[0]) == 2
+    assert int(pj.gpm_next_task(s1, [x], threshold=0.8).rank[0]) == 2
     # eps = 0.9: adds one (0.8 < 0.9 -> +0.15 = 0.95 >= 0.9).
-    assert int(pj.gpm_update_memory(s1, [x], 0.9).rank[0]) == 3
+    assert int(pj.gpm_next_task(s1, [x], threshold=0.9).rank[0]) == 3
     m2 = np.asarray(s2.memory[0][:, :4])
     np.testing.assert_allclose(m2.T @ m2, np.eye(4), atol=1e-5)
 
@@ -106,20 +106,20 @@ def test_threshold_one_keeps_every_direction_and_no_noise(rng):
     state = pj.gpm([("w", True)]).init({"w": jnp.zeros((d, 3))})
     for seed in range(5):
         x, v = _spectrum_rows(np.random.default_rng(seed), [3.0, 2.0, 1.0, 0.1], d, n=50)
-        s1 = pj.gpm_update_memory(state, [x], 1.0)
+        s1 = pj.gpm_next_task(state, [x], threshold=1.0)
         assert int(s1.rank[0]) == 4, seed
         m = np.asarray(s1.memory[0][:, :4])
         np.testing.assert_allclose(np.linalg.norm(m.T @ v, axis=0), 1.0, atol=1e-4)
-        assert int(pj.gpm_update_memory(s1, [x], 1.0).rank[0]) == 4, seed
+        assert int(pj.gpm_next_task(s1, [x], threshold=1.0).rank[0]) == 4, seed
     y, _ = _spectrum_rows(rng, [1.0, 1.0], d, n=30)
-    assert int(pj.gpm_update_memory(s1, [y], 1.0).rank[0]) == 6
+    assert int(pj.gpm_next_task(s1, [y], threshold=1.0).rank[0]) == 6
 
 
 def test_memory_is_capped_at_the_input_dimension(rng):
     d = 4
     state = pj.gpm([("w", True)]).init({"w": jnp.zeros((d, 2))})
     for _ in range(3):
-        state = pj.gpm_update_memory(state, [rng.normal(size=(20, d))], 1.0)
+        state = pj.gpm_next_task(state, [rng.normal(size=(20, d))], threshold=1.0)
     assert int(state.rank[0]) == d
     m = np.asarray(state.memory[0])
     np.testing.assert_allclose(m.T @ m, np.eye(d), atol=1e-5)
@@ -179,7 +179,7 @@ def test_outputs_on_protected_inputs_survive_training(rng):
     x_old, _ = _spectrum_rows(rng, [3.0, 2.0, 1.0, 0.5], d, n=50)
     tx = optax.chain(optax.adam(3e-2), pj.gpm([("w", True)]))
     state = tx.init(params)
-    state = pj.map_state(state, pj.GPMState, lambda s: pj.gpm_update_memory(s, [x_old], 1.0))
+    state = pj.map_state(state, pj.GPMState, lambda s: pj.gpm_next_task(s, [x_old], threshold=1.0))
     x_new = jnp.asarray(rng.normal(size=(64, d)), jnp.float32)
     y_new = jnp.asarray(rng.normal(size=(64, n_out)), jnp.float32)
     loss = lambda p: jnp.mean((x_new @ p["w"] - y_new) ** 2)
@@ -204,15 +204,15 @@ def test_bad_inputs(rng):
     reps = (rng.normal(size=(4, 18)), rng.normal(size=(4, 8)))
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"threshold=.* must be in \(0, 1\]"):
-            pj.gpm_update_memory(state, reps, bad)
+            pj.gpm_next_task(state, reps, threshold=bad)
     with pytest.raises(ValueError, match=r"select no parameter"):
         pj.gpm([("nothing_here", True)]).init(params)
     with pytest.raises(ValueError, match=r"Dense_0/bias.*only 2/4-D"):
         pj.gpm([(r"Dense_0", True)]).init(params)
     with pytest.raises(ValueError, match=r"representation 1 has shape \(4, 7\)"):
-        pj.gpm_update_memory(state, (reps[0], rng.normal(size=(4, 7))), 0.9)
+        pj.gpm_next_task(state, (reps[0], rng.normal(size=(4, 7))), threshold=0.9)
     with pytest.raises(ValueError, match=r"got 1 representations for 2 targets"):
-        pj.gpm_update_memory(state, reps[:1], 0.9)
+        pj.gpm_next_task(state, reps[:1], threshold=0.9)
     with pytest.raises(ValueError, match=r"no GPMState"):
         pj.map_state(optax.adam(1.0).init(params), pj.GPMState, lambda s: s)
 
@@ -224,7 +224,7 @@ def test_nonfinite_representations_are_rejected(rng):
         bad = rng.normal(size=(4, 18))
         bad[1, 2] = bad_value
         with pytest.raises(ValueError, match=r"representation 0 .* 1 non-finite value"):
-            pj.gpm_update_memory(state, (bad, good), 0.9)
+            pj.gpm_next_task(state, (bad, good), threshold=0.9)
 
 
 class _NNXNet(nnx.Module):
@@ -273,7 +273,7 @@ def test_record_layer_inputs_on_an_nnx_model(rng):
     chex.assert_trees_all_close(record(params, x), rec, rtol=1e-5, atol=1e-6)
     # The memory hook takes them as it takes linen representations.
     tx = pj.gpm(TARGETS)
-    state = pj.gpm_update_memory(tx.init(params), reps, 0.97)
+    state = pj.gpm_next_task(tx.init(params), reps, threshold=0.97)
     assert all(int(r) > 0 for r in state.rank)
 
 

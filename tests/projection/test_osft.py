@@ -17,7 +17,9 @@ def _setup(rng, shape=(10, 8), ratio=0.5):
     tx = optax.chain(optax.adam(3e-2), pj.osft(RULES))
     st = tx.init(params)
     st = pj.map_state(
-        st, pj.OSFTState, lambda s: pj.osft_begin_task(s, pj.target_leaves(params, RULES), ratio)
+        st,
+        pj.OSFTState,
+        lambda s: pj.osft_next_task(s, pj.target_leaves(params, RULES), ratios=ratio),
     )
     return params, tx, st
 
@@ -101,7 +103,7 @@ def test_narrow_bases_give_the_same_updates(rng):
         st = pj.map_state(
             tx.init(params),
             pj.OSFTState,
-            lambda s: pj.osft_begin_task(s, pj.target_leaves(params, RULES), 0.5),
+            lambda s: pj.osft_next_task(s, pj.target_leaves(params, RULES), ratios=0.5),
         )
         txs.append(tx)
         states.append(st)
@@ -117,7 +119,7 @@ def test_narrow_bases_give_the_same_updates(rng):
         np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
         assert jnp.linalg.norm(narrow.u_high[0].T @ outs[1]) <= 1e-5 * jnp.linalg.norm(outs[1])
     with pytest.raises(ValueError, match=r"rank 6, above the 4 columns its state holds"):
-        pj.osft_begin_task(narrow, [w0], 0.7)
+        pj.osft_next_task(narrow, [w0], ratios=0.7)
     with pytest.raises(ValueError, match=r"max_ratio=0 must be in \(0, 1\]"):
         pj.osft(RULES, max_ratio=0)
 
@@ -129,9 +131,9 @@ def test_bad_inputs(rng):
         pj.osft([(".*", True)]).init({"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)})
     st = pj.osft(RULES).init({"w": jnp.zeros((3, 4))})
     with pytest.raises(ValueError, match=r"ratio=1.5 must be in \[0, 1\]"):
-        pj.osft_begin_task(st, [jnp.zeros((3, 4))], 1.5)
+        pj.osft_next_task(st, [jnp.zeros((3, 4))], ratios=1.5)
     with pytest.raises(ValueError, match=r"weight 0 has shape \(4, 3\)"):
-        pj.osft_begin_task(st, [jnp.zeros((4, 3))], 0.5)
+        pj.osft_next_task(st, [jnp.zeros((4, 3))], ratios=0.5)
     with pytest.raises(ValueError, match=r"input \(2, 3\) and output \(2, 4\) differ"):
         pj.io_cosine_similarity(np.ones((2, 3)), np.ones((2, 4)))
     with pytest.raises(ValueError, match=r"min_ratio"):
@@ -142,5 +144,5 @@ def test_nonfinite_weights_are_rejected_at_the_task_boundary():
     st = pj.osft(RULES).init({"w": jnp.zeros((3, 4))})
     for bad in (jnp.nan, jnp.inf):
         w = jnp.ones((3, 4)).at[2, 1].set(bad)
-        with pytest.raises(ValueError, match=r"osft_begin_task: weight 0 .* 1 non-finite"):
-            pj.osft_begin_task(st, [w], 0.5)
+        with pytest.raises(ValueError, match=r"osft_next_task: weight 0 .* 1 non-finite"):
+            pj.osft_next_task(st, [w], ratios=0.5)
