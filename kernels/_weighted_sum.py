@@ -275,22 +275,36 @@ def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...], has_base:
 
 
 def _apply(bases, taus, coeffs, groups, implementation, block_sizes, where):
-    """Validates every leaf, then runs them all through one custom-VJP op."""
+    """Validates every leaf, then runs them through the custom-VJP op.
+
+    Pallas: all leaves through one op, so they share a few kernels (``leaves_per_call``).
+    XLA: one op per leaf. Autodiff then emits each leaf's backward where that leaf's
+    cotangent is complete, inside the model's backward pass, and XLA can free the cotangent
+    there; one op for all leaves would hold every leaf's cotangent until the last one is
+    ready (a leaf-sized float32 temporary more per partitioned leaf on XLA:CPU, where the
+    grouped coefficient gradient is a loop). A coefficient shared by several leaves (an
+    aTLAS group) sums their cotangents in the order autodiff sums separate uses.
+    """
     num_groups = tuple(
         _check_leaf(b, t, c, g, where)
         for b, t, c, g in zip(bases or [None] * len(taus), taus, coeffs, groups, strict=True)
     )
     impl = _dispatch.resolve(implementation, where=where)
     bs = _dispatch.block_sizes_or_default(block_sizes)
-    op = _op(impl, bs, num_groups, bases is not None)
-    return list(
-        op(
-            None if bases is None else tuple(bases),
-            tuple(taus),
-            tuple(coeffs),
-            tuple(groups),
+    if impl == "pallas":
+        chunks = [list(range(len(taus)))]
+    else:
+        chunks = [[j] for j in range(len(taus))]
+    out = []
+    for idx in chunks:
+        op = _op(impl, bs, tuple(num_groups[j] for j in idx), bases is not None)
+        out += op(
+            None if bases is None else tuple(bases[j] for j in idx),
+            tuple(taus[j] for j in idx),
+            tuple(coeffs[j] for j in idx),
+            tuple(groups[j] for j in idx),
         )
-    )
+    return out
 
 
 def _check_leaf(base, tau, coeffs, groups, where) -> int | None:
