@@ -37,12 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cljax import _loop
+from cljax._loop import nonfinite_leaf as _nonfinite_leaf
 from cljax.checkpoint import CheckpointManager
 from cljax.continual._metrics import summarize
 from cljax.data import Task
 from cljax.projection._common import find_state
 from cljax.train import NonFiniteError, TrainState
-from cljax.tree import path_str
 
 __all__ = [
     "ContinualResult",
@@ -274,19 +275,6 @@ def _carry_states(fresh: Any, old: Any, types: Sequence[type]) -> Any:
     return fresh
 
 
-def _nonfinite_leaf(tree: Any) -> str | None:
-    """The path of the first floating leaf of ``tree`` holding NaN or Inf, or ``None``."""
-    paths, checks = [], []
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.inexact):
-            paths.append(path_str(path))
-            checks.append(jnp.all(jnp.isfinite(x)))
-    for where, ok in zip(paths, jax.device_get(checks), strict=True):
-        if not ok:
-            return where
-    return None
-
-
 def _check_finite(tree: Any, what: str) -> None:
     where = _nonfinite_leaf(tree)
     if where is not None:
@@ -300,60 +288,6 @@ def _all_finite(tree: Any) -> jax.Array:
         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
     ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def _save(manager: CheckpointManager, step: int, tree: Any, metadata: dict) -> None:
-    # Never write a non-finite state: a resumed run would start from it as a good one.
-    _check_finite(tree, f"refusing to checkpoint step {step} in {manager.directory}")
-    # A folder already at this step is one the restore skipped (a damaged one is moved aside
-    # by the save itself; a good one here is ahead of the resumed run): moved aside, not lost.
-    if manager.path(step).exists():
-        try:
-            manager.verify(step)
-        except Exception:  # the save below moves it aside as damaged
-            pass
-        else:
-            manager.quarantine(step, f"checkpoint {step} is ahead of the resumed run")
-    manager.save(step, tree, metadata=metadata)
-
-
-def _restore_latest(
-    manager: CheckpointManager, target: Any, other_run: Callable[[dict], str | None]
-) -> tuple[int, Any, dict] | None:
-    """``manager.restore_latest(target)``, raising ``other_run(metadata)`` when it says so.
-
-    A checkpoint of another run does not fit ``target``; its metadata tells why better than
-    the tree does.
-    """
-    try:
-        restored = manager.restore_latest(target)
-    except ValueError as e:
-        for step in reversed(manager.steps()):
-            try:
-                problem = other_run(manager.verify(step).get("metadata", {}))
-            except Exception:  # a damaged one: restore_latest's error says what it can
-                continue
-            if problem is not None:
-                raise ValueError(problem) from e
-        raise
-    if restored is not None:
-        problem = other_run(restored[2])
-        if problem is not None:
-            raise ValueError(problem)
-    return restored
-
-
-def _check_checkpoint_every(checkpoint_every: Any, checkpoint_dir: Any) -> None:
-    if checkpoint_every is None:
-        return
-    if (
-        isinstance(checkpoint_every, bool)
-        or not isinstance(checkpoint_every, int | np.integer)
-        or checkpoint_every < 1
-    ):
-        raise ValueError(f"{checkpoint_every=} must be a positive int (steps) or None")
-    if checkpoint_dir is None:
-        raise ValueError(f"{checkpoint_every=} needs a checkpoint_dir to write to")
 
 
 def _accuracy_fn(apply_fn):
@@ -474,7 +408,7 @@ def run_sequence(
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique; got {names}")
-    _check_checkpoint_every(checkpoint_every, checkpoint_dir)
+    _loop.check_every(checkpoint_every, checkpoint_dir)
     if not isinstance(nonfinite, str) or nonfinite not in NONFINITE:
         raise ValueError(f"{nonfinite=} must be one of {NONFINITE}")
     progress = progress or (lambda it, desc, total: it)
@@ -540,15 +474,15 @@ def run_sequence(
                 f"this run has {mine} (use another folder)"
             )
 
-        restored = _restore_latest(ckpt, target, other_boundary)
+        restored = _loop.restore_latest(ckpt, target, other_boundary)
         if restored is not None:
             start, tree, meta = restored
         # A mid-task checkpoint is newer than the last boundary if it is in a later task.
-        in_task = None if mid is None else _restore_latest(mid, target, other_mid)
+        in_task = None if mid is None else _loop.restore_latest(mid, target, other_mid)
         if in_task is not None and in_task[2].get("task", -1) >= start:
             _, tree, meta = restored = in_task
             start, start_step = int(meta["task"]), int(meta["task_step"])
-            tail0 = [np.asarray(v, meta["tail_dtype"]) for v in meta["tail"]]
+            tail0 = _loop.floats_from_metadata(meta["tail"], meta["tail_dtype"])
         if restored is not None:
             _, tree, _ = restored
             state = tree["state"].replace(tx=tx)
@@ -643,20 +577,20 @@ def run_sequence(
             if s >= tail_from:
                 tail.append(jnp.where(metrics["finite"], metrics["loss"], jnp.nan))
             done = j * steps_per_task + s + 1  # optimiser steps of the run so far
-            if checkpoint_every is not None and mid is not None and s + 1 < steps_per_task:
-                if done % checkpoint_every == 0:
-                    check_steps(j)
-                    tail_host = [np.asarray(v) for v in jax.device_get(tail)]
-                    meta = {
-                        "num_tasks": n_tasks,
-                        "task": j,
-                        "task_step": s + 1,
-                        "tail": [float(v) for v in tail_host],
-                        "tail_dtype": str(tail_host[0].dtype) if tail_host else "float32",
-                        "scenario": scenario,
-                        **identity,
-                    }
-                    _save(mid, done, snapshot(), meta)
+            end = s + 1 == steps_per_task
+            if mid is not None and _loop.due(done, checkpoint_every, segment_end=end):
+                check_steps(j)
+                floats, dtype = _loop.floats_to_metadata(tail)
+                meta = {
+                    "num_tasks": n_tasks,
+                    "task": j,
+                    "task_step": s + 1,
+                    "tail": floats,
+                    "tail_dtype": dtype,
+                    "scenario": scenario,
+                    **identity,
+                }
+                _loop.save(mid, done, snapshot(), meta)
         check_steps(j)
         tail_host = np.asarray(jax.device_get(tail))
         finite_tail = tail_host[np.isfinite(tail_host)]
@@ -671,7 +605,7 @@ def run_sequence(
         acc[j] = [evaluate(state.params, i, j) for i in range(n_tasks)]
         if ckpt is not None:
             meta = {"num_tasks": n_tasks, "completed": j + 1, "scenario": scenario, **identity}
-            _save(ckpt, j + 1, snapshot(), meta)
+            _loop.save(ckpt, j + 1, snapshot(), meta)
             if mid is not None:  # the boundary supersedes this task's mid-task checkpoints
                 for old in mid.steps():
                     shutil.rmtree(mid.path(old), ignore_errors=True)

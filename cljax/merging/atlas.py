@@ -1,6 +1,10 @@
 """aTLAS: task vectors composed with learned anisotropic block-wise coefficients.
 
-Public namespace of :mod:`cljax.merging._atlas`::
+Public namespace of the aTLAS modules: the block layout (:mod:`cljax.merging._atlas_blocks`),
+the composition op (:mod:`cljax.merging._atlas_compose`, the weighted sum of
+:func:`cljax.kernels.weighted_sum`), the objectives and optimiser presets
+(:mod:`cljax.merging._atlas_objectives`) and the resumable trainer
+(:mod:`cljax.merging._atlas_fit`)::
 
     from cljax.merging import atlas
 
@@ -16,20 +20,20 @@ References:
   Anisotropic Scaling", NeurIPS 2024 (arXiv:2407.02880).
 """
 
-from cljax.merging._atlas import (
+from cljax.merging._atlas_blocks import (
     CLIP_QKV_GROUPS,
     VIT_QKV_GROUPS,
     Blocks,
-    FitResult,
     blocks,
-    compose,
+    partition_masks,
+)
+from cljax.merging._atlas_compose import compose, init
+from cljax.merging._atlas_fit import FitResult, fit
+from cljax.merging._atlas_objectives import (
     default_optimizer,
     entropy_objective,
     few_shot_optimizer,
-    fit,
-    init,
     negation_score,
-    partition_masks,
     pseudo_label_objective,
     supervised_objective,
     task_addition_objective,
