@@ -22,7 +22,7 @@ from cljax._checks import check_scalar
 from cljax.averaging import (
     averaging_hook,
     interpolate,
-    next_task_from_average,
+    averaging_next_task,
     weight_ensemble,
 )
 from cljax.checkpoint import CheckpointManager
@@ -300,7 +300,7 @@ def _engine(method: str, cfg: Config, env: dict[str, Any]):
 
     def end_task(state):
         if flags["we"]:  # the next task starts from the ensemble (and a fresh optimizer)
-            state = next_task_from_average(state, we, name="we")
+            state = averaging_next_task(state, we, name="we")
         if flags["wise"]:  # WiSE-FT toward the start-of-task model, alpha on the fine-tuned end
             params = interpolate(state.methods["start"], state.params, cfg.wise_alpha)
             state = state.replace(params=params)
