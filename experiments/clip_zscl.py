@@ -53,6 +53,9 @@ sequence (the reference uses ~15k Conceptual Captions).
 
 The ``mtil-tiny`` preset (``--preset mtil-tiny``) builds a tiny random CLIP, a toy tokenizer
 and mock TFDS data, for tests.
+
+The recipe's checks (shared with ``experiments.zscl``) live in
+``experiments/_clip_zscl_checks.py``, the table and figure in ``experiments/_clip_zscl_report.py``.
 """
 
 from __future__ import annotations
@@ -72,12 +75,18 @@ import numpy as np
 import optax
 
 from cljax import continual, losses
-from cljax._checks import check_int, check_scalar
 from cljax.averaging import averaging_hook, averaging_next_task, interpolate, weight_ensemble
 from cljax.checkpoint import CheckpointManager
 from cljax.models import clip
 from cljax.train import NonFiniteError, TrainState, make_step
 from experiments import _common
+from experiments._clip_zscl_checks import (  # noqa: F401 (re-exported)
+    METHODS,
+    _validate,
+    check_recipe,
+    method_flags,
+)
+from experiments._clip_zscl_report import _plot, summarize
 from experiments.clip_merging import cosine_lr
 
 #: MTIL order I (ZSCL; CIFAR10 is evaluated by the reference but left out of its metrics).
@@ -94,7 +103,6 @@ MTIL_ORDER_I = (
     "cars",
     "sun397",
 )
-METHODS = ("finetune", "lwf", "wise_ft", "we", "distill", "zscl")
 _NEG = -1e9  # bias of the padding classes of the zero-shot heads
 
 
@@ -149,18 +157,6 @@ PRESETS: dict[str, ClipZsclConfig] = {
 }
 
 
-def _validate(cfg: ClipZsclConfig) -> None:
-    from cljax.data import DATASETS
-
-    check_recipe(cfg)
-    if len(cfg.tasks) < 2 or len(set(cfg.tasks)) != len(cfg.tasks):
-        raise ValueError(f"tasks={cfg.tasks} must name at least two distinct datasets")
-    for t in (*cfg.tasks, cfg.reference_images):
-        if t not in DATASETS and not t.startswith("tfds:"):
-            raise ValueError(f"unknown dataset {t!r}; known: {sorted(DATASETS)} or 'tfds:<name>'")
-    check_int(cfg.eval_batch_size, name="eval_batch_size", where=cfg.preset, low=1)
-
-
 def _tiny_clip(workdir: Path, seed: int) -> tuple[str, clip.CLIPConfig]:
     """A random tiny CLIP saved as a Hugging Face checkpoint (the tests' stand-in)."""
     vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64)
@@ -190,55 +186,6 @@ def _pad_head(head: dict, width: int) -> dict:
         "kernel": jnp.pad(head["kernel"], ((0, 0), (0, width - c))),
         "bias": jnp.pad(head["bias"], (0, width - c), constant_values=_NEG),
     }
-
-
-def method_flags(method: str) -> dict[str, bool]:
-    """Which terms and hand-overs ``method`` uses (shared by every ZSCL preset).
-
-    Raises:
-      ValueError: for a method not in :data:`METHODS`.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    return {
-        "lwf": method == "lwf",
-        "wise": method == "wise_ft",
-        "we": method in ("we", "zscl"),
-        "distill": method in ("distill", "zscl"),
-        "l2": method == "zscl",
-    }
-
-
-#: The recipe's real-valued settings: finite, and within these bounds.
-_REAL = {
-    "lr": (0.0, None),
-    "fast_lr": (0.0, None),
-    "label_smoothing": (0.0, 1.0),
-    "temperature": (0.0, None),
-    "distill_weight": (0.0, None),
-    "l2_weight": (0.0, None),
-    "wise_alpha": (0.0, 1.0),
-}
-_COUNTS = ("steps_per_task", "batch_size", "ref_batch_size", "avg_freq")
-
-
-def check_recipe(cfg: Any) -> None:
-    """Rejects a bad recipe before any work: real settings must be finite and in range
-    (``lr=nan``, ``temperature=inf`` raise), counts positive integers, methods known.
-
-    Raises:
-      ValueError: naming the setting and its value.
-    """
-    for m in cfg.methods:
-        method_flags(m)
-    for name, (low, high) in _REAL.items():
-        if hasattr(cfg, name):
-            check_scalar(getattr(cfg, name), name=name, where=cfg.preset, low=low, high=high)
-    if not cfg.temperature > 0:
-        raise ValueError(f"{cfg.preset}: temperature={cfg.temperature!r} must be > 0")
-    for name in _COUNTS:
-        check_int(getattr(cfg, name), name=name, where=cfg.preset, low=1)
-    check_int(cfg.warmup, name="warmup", where=cfg.preset, low=0)
 
 
 def _copy(tree: Any) -> Any:
@@ -554,47 +501,6 @@ def _run_seed(method, cfg, env, flags, we, step, new_state, ckpt_dir, fingerprin
         acc[j] = env["evaluate"](params)
         ckpt.save(j + 1, {"params": params, "acc": acc}, metadata={"config": fingerprint})
     return acc, start
-
-
-def summarize(results: dict[str, Any]) -> str:
-    """The markdown table of Transfer / Avg / Last per method, zero-shot first."""
-    zs = np.asarray(results["zero_shot"])
-    zs_mat = np.tile(zs, (len(zs), 1))
-    rows = [
-        {
-            "method": "zero-shot",
-            "Transfer": continual.mtil_transfer(zs_mat),
-            "Avg": continual.mtil_avg(zs_mat),
-            "Last": continual.mtil_last(zs_mat),
-        }
-    ]
-    for method, r in results["runs"].items():
-        rows.append(
-            {"method": method, "Transfer": r["transfer"], "Avg": r["avg"], "Last": r["last"]}
-        )
-    return _common.format_table(rows, ["method", "Transfer", "Avg", "Last"])
-
-
-def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = results["runs"]
-    names = results["tasks"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.4 * len(runs), 3.2), squeeze=False)
-    for ax, (method, r) in zip(axes[0], runs.items(), strict=True):
-        ax.imshow(np.asarray(r["accuracy"]), vmin=0, vmax=100, cmap="viridis")
-        ax.set_title(f"{method}: Last {r['last']:.1f}", fontsize=9)
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(names)), names, fontsize=6)
-        ax.set_xlabel("evaluated on", fontsize=7)
-        ax.set_ylabel("after training on", fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
