@@ -21,8 +21,8 @@ from cljax import continual, losses
 from cljax._checks import check_scalar
 from cljax.averaging import (
     averaging_hook,
-    interpolate,
     averaging_next_task,
+    interpolate,
     weight_ensemble,
 )
 from cljax.checkpoint import CheckpointManager
