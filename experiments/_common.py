@@ -32,6 +32,7 @@ __all__ = [
     "median_time",
     "progress",
     "run_from_flags",
+    "tiny_clip",
     "write_json",
 ]
 
@@ -278,3 +279,49 @@ def bar_chart(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def tiny_clip(rng: Any, *, vision_layers: int) -> tuple[Any, dict]:
+    """A random tiny CLIP, ``(config, params)``: the stand-in checkpoint of the CLIP presets'
+    tests (``clip-tiny``, ``mtil-tiny``).
+
+    32-pixel images in 8-pixel patches, width 32, ``vision_layers`` image-tower layers, a
+    two-layer text tower over 99 tokens, projection 24; every parameter drawn from
+    ``rng.normal(scale=0.2)`` (a ``numpy.random.Generator``, which the caller may keep drawing
+    from).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cljax.models import clip
+
+    config = clip.CLIPConfig(
+        clip.CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=vision_layers,
+            num_heads=4,
+        ),
+        clip.CLIPTextConfig(
+            vocab_size=99,
+            max_position_embeddings=16,
+            hidden_size=32,
+            intermediate_size=48,
+            num_layers=2,
+            num_heads=4,
+        ),
+        projection_dim=24,
+    )
+    shapes = jax.eval_shape(
+        clip.CLIP(config).init,
+        jax.random.key(0),
+        jnp.zeros((1, 32, 32, 3)),
+        jnp.zeros((1, 16), jnp.int32),
+    )
+    params = jax.tree.map(
+        lambda s: np.asarray(rng.normal(scale=0.2, size=s.shape), s.dtype), shapes["params"]
+    )
+    return config, params

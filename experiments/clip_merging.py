@@ -104,35 +104,8 @@ PRESETS = {
 
 
 def _tiny_checkpoints(cfg: ClipConfig, workdir: Path) -> tuple[str, list[str], clip.CLIPConfig]:
-    config = clip.CLIPConfig(
-        clip.CLIPVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_layers=2,
-            num_heads=4,
-        ),
-        clip.CLIPTextConfig(
-            vocab_size=99,
-            max_position_embeddings=16,
-            hidden_size=32,
-            intermediate_size=48,
-            num_layers=2,
-            num_heads=4,
-        ),
-        projection_dim=24,
-    )
-    shapes = jax.eval_shape(
-        clip.CLIP(config).init,
-        jax.random.key(0),
-        jnp.zeros((1, 32, 32, 3)),
-        jnp.zeros((1, 16), jnp.int32),
-    )
     rng = np.random.default_rng(cfg.seed)
-    base = jax.tree.map(
-        lambda s: np.asarray(rng.normal(scale=0.2, size=s.shape), s.dtype), shapes["params"]
-    )
+    config, base = _common.tiny_clip(rng, vision_layers=2)
     clip.save_hf_pretrained(base, config, workdir / "pretrained")
     fts = []
     for t in cfg.tasks:

@@ -159,23 +159,7 @@ PRESETS: dict[str, ClipZsclConfig] = {
 
 def _tiny_clip(workdir: Path, seed: int) -> tuple[str, clip.CLIPConfig]:
     """A random tiny CLIP saved as a Hugging Face checkpoint (the tests' stand-in)."""
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64)
-    text = dict(vocab_size=99, max_position_embeddings=16, hidden_size=32, intermediate_size=48)
-    config = clip.CLIPConfig(
-        clip.CLIPVisionConfig(**vision, num_layers=1, num_heads=4),
-        clip.CLIPTextConfig(**text, num_layers=2, num_heads=4),
-        projection_dim=24,
-    )
-    shapes = jax.eval_shape(
-        clip.CLIP(config).init,
-        jax.random.key(0),
-        jnp.zeros((1, 32, 32, 3)),
-        jnp.zeros((1, 16), jnp.int32),
-    )
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(
-        lambda s: np.asarray(rng.normal(scale=0.2, size=s.shape), s.dtype), shapes["params"]
-    )
+    config, params = _common.tiny_clip(np.random.default_rng(seed), vision_layers=1)
     clip.save_hf_pretrained(params, config, workdir / "clip")
     return str(workdir / "clip"), config
 
