@@ -60,6 +60,7 @@ import dataclasses
 import functools
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -438,6 +439,19 @@ def _check(cfg: Config) -> None:
             raise ValueError(f"{field}={getattr(cfg, field)} must be >= 1")
 
 
+def _git_head() -> str:
+    """The checkout's commit, ``+`` if its tracked files differ from it (the code timed)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -451,6 +465,7 @@ def run(cfg: Config) -> dict:
         "jax": jax.__version__,
         "cpu_count": os.cpu_count(),
         "load_average_start": os.getloadavg(),
+        "git_head": _git_head(),
     }
     for name in cfg.models:
         m = load_model(name, cfg)
