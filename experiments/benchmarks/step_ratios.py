@@ -3,8 +3,8 @@
 Command::
 
     python -m experiments.benchmarks.step_ratios                      # both models
-    python -m experiments.benchmarks.step_ratios --models miniclip    # MiniCLIP only, ~1 min
-    python -m experiments.benchmarks.step_ratios --preset tiny        # smoke test, seconds
+    python -m experiments.benchmarks.step_ratios --models miniclip    # MiniCLIP only
+    python -m experiments.benchmarks.step_ratios --preset tiny        # smoke test
 
 Two models, each a CLIP image tower (:class:`cljax.models.clip.CLIPImageEncoder`) with a
 zero-shot head (L2-normalised features times the class embeddings, frozen, carried in the
@@ -46,11 +46,12 @@ ratios of the medians. Peak memory is XLA's static estimate of the compiled step
 largest program plus the composed parameters), what the device must hold.
 
 Expected: aTLAS about 1.1-1.3× fine-tuning at ViT-B/32 shapes (a pass over the 8 task
-vectors forward and one backward against the model's forward and backward); on MiniCLIP,
-whose steps are milliseconds, the passes over τ and the three programs' dispatch weigh
-more. F-EW and F-PCGrad at most ``(T + 1 + 4T) / 3`` times EW. Runtime: about 1 minute
-for MiniCLIP, 10 minutes for ViT-B/32 on a 2-core CPU (compilation included).
-``docs/results/step-ratios.md`` holds the measured table.
+vectors forward and one backward against the model's forward and backward); on MiniCLIP
+about 1.0× (its 8 task vectors are small against a 32-image forward and backward pass).
+F-EW and F-PCGrad at most ``(T + 1 + 4T) / 3`` times EW. Runtime: about 3 CPU-minutes
+for MiniCLIP (mostly compilation; the tiny preset is compilation alone), an estimated 10
+minutes for ViT-B/32 on an idle 2-core CPU. ``docs/results/step-ratios.md`` holds the
+measured table.
 """
 
 from __future__ import annotations
