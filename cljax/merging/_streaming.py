@@ -3,14 +3,15 @@
 Peak memory is one tensor of each of the T+1 input files plus a few float32 temporaries of
 that tensor's size, never T models, so models larger than memory merge. Task arithmetic and
 weighted averages are one pass. Global TIES needs each task vector's magnitude threshold over
-the whole model: it is found exactly by a two-pass radix selection on the float32 bit
-patterns of |τ| (the top 16 bits, then the low 16 bits inside the selected bucket;
-non-negative floats order like their bit patterns), then one pass for the global majority
-sign and one for the merge: four reads of the inputs and one write, no sort.
+the whole model: the TIES threshold op's host implementation finds it exactly in two passes
+(a histogram select on the float32 bit patterns of |τ|, :mod:`cljax.kernels._ties_threshold`),
+then one pass for the global majority sign and one for the merge: four reads of the inputs and
+one write, no sort.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -18,21 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cljax.kernels._ties_threshold import ties_threshold
 from cljax.merging._common import keep_count
 from cljax.safetensors import SafetensorsReader, SafetensorsWriter
 
 __all__ = ["merge_safetensors"]
 
 _METHODS = ("task_arithmetic", "average", "ties")
-
-
-def _select_bits(hist: np.ndarray, rank: int) -> tuple[int, int]:
-    """The bucket holding the ``rank``-th largest entry, and that entry's rank inside the bucket."""
-    above = np.cumsum(hist[::-1])  # above[i] = count in buckets >= len-1-i
-    i = int(np.searchsorted(above, rank))  # first reverse index where the count reaches rank
-    bucket = len(hist) - 1 - i
-    before = int(above[i - 1]) if i > 0 else 0
-    return bucket, rank - before
 
 
 def merge_safetensors(
@@ -120,7 +113,8 @@ def merge_safetensors(
 
         thresholds = majority = None
         if method == "ties":
-            thresholds = _ties_thresholds(merged_names, deltas, T, density)
+            shapes = [base.shape(n) for n in merged_names]
+            thresholds = _ties_thresholds(merged_names, deltas, T, density, shapes)
             majority = _ties_majority(merged_names, deltas, thresholds)
 
         writer = SafetensorsWriter(
@@ -153,31 +147,27 @@ def merge_safetensors(
             m.close()
 
 
-def _ties_thresholds(names, deltas, T, density) -> np.ndarray:
-    total = 0
-    hist_hi = np.zeros((T, 1 << 16), np.int64)
-    for n in names:
-        _, taus = deltas(n)
-        total += taus[0].size
-        for t, tau in enumerate(taus):
-            bits = np.abs(tau).view(np.uint32).ravel()
-            hist_hi[t] += np.bincount(bits >> 16, minlength=1 << 16)
+class _TaskVectorLeaves:
+    """The T task-vector arrays of each merged tensor, read from the files on access (one
+    tensor in memory at a time)."""
+
+    def __init__(self, names, deltas):
+        self.names, self.deltas = names, deltas
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        return self.deltas(self.names[i])[1]
+
+
+def _ties_thresholds(names, deltas, T, density, shapes) -> np.ndarray:
+    total = sum(math.prod(s) for s in shapes)
     if total == 0:
         return np.zeros(T, np.float32)
     rank = keep_count(density, total, scope="global")  # as cljax.merging.ties
-    picks = [_select_bits(hist_hi[t], rank) for t in range(T)]
-    hist_lo = np.zeros((T, 1 << 16), np.int64)
-    for n in names:
-        _, taus = deltas(n)
-        for t, tau in enumerate(taus):
-            bits = np.abs(tau).view(np.uint32).ravel()
-            sel = bits[(bits >> 16) == picks[t][0]]
-            hist_lo[t] += np.bincount(sel & 0xFFFF, minlength=1 << 16)
-    out = np.empty(T, np.uint32)
-    for t in range(T):
-        lo, _ = _select_bits(hist_lo[t], picks[t][1])
-        out[t] = (picks[t][0] << 16) | lo
-    return out.view(np.float32)
+    leaves = _TaskVectorLeaves(names, deltas)
+    return ties_threshold(leaves, rank, num_tasks=T, implementation="numpy").view(np.float32)
 
 
 def _trim(taus, thresholds):

@@ -13,7 +13,7 @@ from jax.typing import ArrayLike
 
 from cljax import kernels
 from cljax import tree as ct
-from cljax.kernels._ties_threshold import xla as _kth
+from cljax.kernels._ties_threshold import ties_threshold
 from cljax.merging import _common
 
 __all__ = ["ties"]
@@ -41,11 +41,11 @@ def ties(
        all kept. With ``scope="global"`` (the paper's) N counts the entries of *all* merged
        leaves together and ``k = int(density·N) + 1``, as the paper's code counts (the
        ``(N - int(density·N))``-th smallest magnitude). ``v_t`` is found exactly by a
-       bit-pattern search (a few counting passes over the leaves, no sort; see
-       ``cljax/merging/_kth.py``). With ``scope="leaf"`` each leaf gets its own threshold
-       with ``k = int(density·N_leaf)``, as mergekit's per-tensor magnitude trim (a
-       different method); a leaf where that is 0 keeps nothing, i.e. θ_0. See
-       :func:`cljax.kernels._ties_merge.keep_count`.
+       bit-pattern search (a few counting passes over the leaves, no sort: the XLA
+       implementation of the threshold op, :mod:`cljax.kernels._ties_threshold`). With
+       ``scope="leaf"`` each leaf gets its own threshold with ``k = int(density·N_leaf)``,
+       as mergekit's per-tensor magnitude trim (a different method); a leaf where that is 0
+       keeps nothing, i.e. θ_0. See :func:`cljax.kernels._ties_threshold.keep_count`.
     2. **Elect**: ``γ = sign(Σ_t τ̂_t)`` (magnitude-weighted vote); coordinates where the
        sum is 0 take the majority sign ``sign(Σ_p γ_p)`` over all merged entries.
     3. **Disjoint merge**: at each coordinate, combine only the trimmed values whose sign
@@ -145,7 +145,7 @@ def _merge_from_python(pre, ts, scale, ks, *, mask, scope, merge):
 
     Inside one computation (:func:`_ties_core`, used under a trace) XLA compiles every
     leaf's search and merge separately. Here the global threshold comes from
-    :func:`_kth.kth_largest_bits_driven` and the per-leaf thresholds from one compiled
+    the threshold op's XLA search run from Python and the per-leaf thresholds from one compiled
     search per leaf shape; each leaf is then merged by a program compiled once per shape,
     with exact cancellations marked by a NaN. A non-finite partial sum of any merged leaf
     (a mark, or a NaN/Inf of the inputs) makes the rare second round count the majority
@@ -154,29 +154,35 @@ def _merge_from_python(pre, ts, scale, ks, *, mask, scope, merge):
     idx = [i for i, m in enumerate(mask) if m]
     num_tasks = ts.num_tasks
     if scope == "global":
-        thr = _kth.kth_largest_bits_driven([ts.leaves[i] for i in idx], ks[0], num_tasks=num_tasks)
+        leaves = [ts.leaves[i] for i in idx]
+        thr = ties_threshold(leaves, ks[0], num_tasks=num_tasks, implementation="xla")
         thresholds = dict.fromkeys(idx, thr)
     else:
         thresholds = _eager_leaf_thresholds(ts, idx, ks)
     static = {"num_tasks": num_tasks, "merge": merge}
     out = list(pre)
     sums = []
+    one, mark = jnp.float32(1.0), jnp.bool_(True)  # made once: an eager op each
     for i in idx:
-        out[i], total = _merge_leaf(
-            pre[i], ts.leaves[i], thresholds[i], scale, jnp.float32(1.0), jnp.bool_(True), **static
-        )
+        out[i], total = _merge_leaf(pre[i], ts.leaves[i], thresholds[i], scale, one, mark, **static)
         sums.append(total)
-    if np.isfinite(np.asarray(jax.device_get(sums), np.float32)).all():
+    if bool(_all_finite(tuple(sums))):  # one transfer to the host, not one a leaf
         return out
     votes = _add_votes(
         tuple(_leaf_votes(ts.leaves[i], thresholds[i], num_tasks=num_tasks) for i in idx)
     )
     majority = jnp.sign(votes).astype(jnp.float32)
+    no_mark = jnp.bool_(False)
     for i in idx:
         out[i], _ = _merge_leaf(
-            pre[i], ts.leaves[i], thresholds[i], scale, majority, jnp.bool_(False), **static
+            pre[i], ts.leaves[i], thresholds[i], scale, majority, no_mark, **static
         )
     return out
+
+
+@jax.jit
+def _all_finite(sums):
+    return jnp.all(jnp.isfinite(jnp.stack(sums)))
 
 
 @functools.partial(jax.jit, static_argnames=("num_tasks", "merge"))
@@ -288,7 +294,8 @@ _KEEP_NONE = 0x7FC00000
 def _leaf_threshold(leaf, k, *, num_tasks):
     """The k-th largest magnitude (bits) of one leaf, per task; for k = 0 a threshold no
     entry reaches."""
-    bits = _kth.kth_largest_bits([leaf], jnp.maximum(k, 1), num_tasks=num_tasks)
+    rank = jnp.maximum(k, 1)
+    bits = ties_threshold([leaf], rank, num_tasks=num_tasks, implementation="xla")
     return jnp.where(k == 0, jnp.uint32(_KEEP_NONE), bits)
 
 
@@ -306,9 +313,10 @@ def _ties_core(pre, tv_leaves, scale, ks, *, mask, num_tasks, scope, merge):
     idx = [i for i, m in enumerate(mask) if m]
     static = {"mask": mask, "num_tasks": num_tasks}
 
-    # 1. Trim: per-task thresholds, the k-th largest magnitude (exact, see _kth.py).
+    # 1. Trim: per-task thresholds, the k-th largest magnitude (exact: the threshold op's XLA search).
     if scope == "global":
-        thr = _kth.kth_largest_bits([tv_leaves[i] for i in idx], ks[0], num_tasks=num_tasks)
+        leaves = [tv_leaves[i] for i in idx]
+        thr = ties_threshold(leaves, ks[0], num_tasks=num_tasks, implementation="xla")
         thresholds = dict.fromkeys(idx, thr)
     else:
         thresholds = {

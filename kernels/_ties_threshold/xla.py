@@ -95,6 +95,12 @@ def magnitude_bits(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
 
 
+def _entries(leaf: Any) -> int:
+    """Entries per task of a stacked leaf or a tuple of T arrays, from the shapes (``x[0]``
+    of a concrete stacked array would be an eager slice, a copy, on every call)."""
+    return math.prod(leaf[0].shape if isinstance(leaf, tuple) else leaf.shape[1:])
+
+
 def _as_float(bits: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
@@ -386,7 +392,7 @@ def kth_largest_bits(
     leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
     first = leaves[0]
     num_tasks = num_tasks or (len(first) if isinstance(first, tuple) else first.shape[0])
-    sizes = [(x[0].size if isinstance(x, tuple) else x[0].size) for x in leaves]
+    sizes = [_entries(x) for x in leaves]
     n = sum(sizes)
     if n >= 1 << 32:
         raise ValueError(
@@ -645,7 +651,7 @@ def _start(sample: jax.Array, k: jax.Array, *, n: int):
 @functools.partial(jax.jit, static_argnames=("n", "limit"))
 def _propose(s, k, first_cands, *, n, limit):
     step = _Search(k, n, limit, first_cands).propose(s)
-    return step, jnp.stack([_go_on(s), step["extract"]])
+    return step, jnp.stack([_go_on(s), step["extract"]]), _as_float(step["cand"])
 
 
 @functools.partial(jax.jit, static_argnames=("n", "limit"))
@@ -663,20 +669,48 @@ def _sorted_kth(leaves, k, *, num_tasks):
     return _kth_by_sort(leaves, k, num_tasks)
 
 
+# Leaves with fewer entries a task (biases, LayerNorm scales: most of a transformer's leaves)
+# are read by the driven search as one array: each program call costs a fixed dispatch and
+# launch, far more than such a leaf's bytes.
+_PACK_BELOW = 1 << 14
+
+
+@functools.partial(jax.jit, static_argnames=("num_tasks",))
+def _pack(leaves, *, num_tasks):
+    """Small leaves as one ``(T, Σn)`` array (in their common dtype: magnitudes unchanged)."""
+    flats = [
+        jnp.stack([v.reshape(-1) for v in x]) if isinstance(x, tuple) else x.reshape(num_tasks, -1)
+        for x in leaves
+    ]
+    dtype = jnp.result_type(*flats)
+    return jnp.concatenate([x.astype(dtype) for x in flats], axis=1)
+
+
+def _pack_small(leaves: list, sizes: list[int], num_tasks: int) -> list:
+    small = [x for x, s in zip(leaves, sizes, strict=True) if s < _PACK_BELOW]
+    if len(small) < 2:
+        return leaves
+    big = [x for x, s in zip(leaves, sizes, strict=True) if s >= _PACK_BELOW]
+    return [*big, _pack(tuple(small), num_tasks=num_tasks)]
+
+
 def kth_largest_bits_driven(
     leaves: Sequence[Any], k: int | jax.Array, *, num_tasks: int | None = None
 ) -> jax.Array:
     """:func:`kth_largest_bits` (``method=None``) run from Python, for concrete leaves.
 
-    The same passes and the same result, each read of the leaves a call of a program
+    The same search and the same result, each read of the leaves a call of a program
     compiled once per leaf shape; for models that repeat a few shapes, far less to compile
     than the one computation of :func:`kth_largest_bits` (whose code grows with the number
-    of leaves). Not for use under a trace (it reads the loop's condition on the host).
+    of leaves). Leaves under ``_PACK_BELOW`` entries a task are copied once into one array
+    that every pass reads with one call (its sample, and so the candidates of the passes,
+    differ from the one computation's; the k-th is exact either way). Not for use under a
+    trace (it reads the loop's condition on the host).
     """
     leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
     first = leaves[0]
     num_tasks = num_tasks or (len(first) if isinstance(first, tuple) else first.shape[0])
-    sizes = [(x[0].size if isinstance(x, tuple) else x[0].size) for x in leaves]
+    sizes = [_entries(x) for x in leaves]
     n = sum(sizes)
     if n >= 1 << 32:
         raise ValueError(
@@ -686,6 +720,8 @@ def kth_largest_bits_driven(
     if n <= _SORT_MAX:
         return _sorted_kth(leaves, k, num_tasks=num_tasks)
     limit = _listing_size(n)
+    leaves = _pack_small(leaves, sizes, num_tasks)
+    sizes = [_entries(x) for x in leaves]
     sample = jnp.concatenate(
         [
             _sample_leaf(x, share=max(1, _SAMPLE * s // n))
@@ -696,7 +732,7 @@ def kth_largest_bits_driven(
     first_cands, s = _start(sample, k, n=n)
     static = {"n": n, "limit": limit}
     while True:
-        step, flags = _propose(s, k, first_cands, **static)
+        step, flags, thr = _propose(s, k, first_cands, **static)
         go, extract = (bool(x) for x in jax.device_get(flags))
         if not go:
             break
@@ -707,7 +743,6 @@ def kth_largest_bits_driven(
             )
             s = _after_listing(s, step, patterns, found, k, first_cands, **static)
         else:
-            thr = _as_float(step["cand"])
             c = _add_counts(tuple(_count_leaf(x, thr) for x in leaves))
             s = _after_counting(s, step, c, k, first_cands, **static)
     return _finish(s)
