@@ -3,6 +3,7 @@ import json
 import pytest
 
 from experiments import mtl
+from tests.mtl.test_trainer_resume import trainer  # noqa: F401 (a fixture)
 
 
 @pytest.mark.long  # make test-long; CI runs the cheaper tests that cover its path
@@ -208,3 +209,34 @@ def test_damaged_run_records_here_and_in_merged_folders(tmp_path, monkeypatch):
     assert calls == every
     with pytest.raises(ValueError, match="holds no runs of this configuration"):
         run("x", merge=("missing",))  # a folder that never held runs is an error
+
+
+@pytest.mark.long  # make test-long: three crashed and resumed runs cost more than CI allows
+@pytest.mark.slow
+def test_damaged_checkpoint_of_a_run_in_progress_resumes_bitwise(trainer, tmp_path):  # noqa: F811
+    """--checkpoint_every: a run stopped part-way (checkpoints after steps 4 and 6 kept) has
+    its newest checkpoint damaged, or both: the re-run names it, moves it aside, goes back to
+    the one before (or starts over) and goes through the same train states, step for step,
+    to the result of an uninterrupted run. The trainer and its crash are those of
+    tests/mtl/test_trainer_resume.py (one compiled step for every run)."""
+    from tests.mtl.test_trainer_resume import EVERY, _Crash, _run
+    from tests.test_checkpoint import DAMAGE
+
+    ref_states = {}
+    reference = _run(trainer, ref_states)
+    for kind, damaged, back in [
+        ("flip array byte", (6,), 4),
+        ("unseen: truncate metadata", (6,), 4),
+        ("delete manifest", (4, 6), 0),
+    ]:
+        d = tmp_path / kind
+        states = {}
+        with pytest.raises(_Crash):  # after 7 steps: saved at 3, 4 and 6; 4 and 6 kept
+            _run(trainer, states, crash=7, checkpoint_dir=d, checkpoint_every=EVERY)
+        for step in damaged:
+            DAMAGE[kind](d / f"step_{step}")
+        resumed = {}
+        with pytest.warns(UserWarning, match=rf"step_{damaged[-1]}.*moved .* aside"):
+            res = _run(trainer, resumed, checkpoint_dir=d, checkpoint_every=EVERY)
+        assert sorted(resumed) == list(range(back + 1, 13)), kind
+        assert {**states, **resumed} == ref_states and res == reference, kind
