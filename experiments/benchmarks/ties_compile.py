@@ -1,13 +1,14 @@
 """First call (compile + run) of the merges on the ViT-B/32 tree, eager and under ``jax.jit``.
 
 A user merging once pays the first call: compilation plus one run. Called eagerly, TIES
-reads the leaves through small programs compiled once per leaf shape (the threshold search
-runs from Python, :func:`cljax.merging._kth.kth_largest_bits_driven`; the merge is one
-program per leaf shape); under ``jax.jit`` the whole merge is one computation with code for
+reads the leaves through small programs compiled once per leaf shape (the threshold search,
+the XLA implementation of :func:`cljax.kernels.ties_threshold`, runs from Python; the merge
+is one program per leaf shape); under ``jax.jit`` the whole merge is one computation with code for
 every leaf. For each merge the table gives the first eager call (wall clock and the
 process's CPU time, user + system, which a busy machine inflates less), the median of
-later eager calls, and ``jax.jit(...).lower(...).compile()`` of the same merge; the load
-average is printed with the table. Each merge runs on a fresh tree (new shapes: nothing is
+later eager calls (and their CPU time over task arithmetic's, when it is among the merges),
+and ``jax.jit(...).lower(...).compile()`` of the same merge; the load average is printed with
+the table. Each merge runs on a fresh tree (new shapes: nothing is
 compiled before its first call), in the order given.
 
 Command:
@@ -95,6 +96,13 @@ def run(cfg: Config) -> dict:
         if _common.is_primary():
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
         del pre, tvs
+    # Steady eager cost against task arithmetic's, in process CPU time (a shared machine
+    # inflates the wall clock of calls that synchronise with the host far more).
+    ta = [r["later calls CPU, median (s)"] for r in rows if r["merge"] == "task_arithmetic"]
+    for r in rows:
+        r["later calls CPU / task arithmetic"] = (
+            r["later calls CPU, median (s)"] / ta[0] if ta and ta[0] > 0 else float("nan")
+        )
     spec = vit_b32_shapes(cfg.scale)
     return {
         "config": dataclasses.asdict(cfg),
