@@ -91,7 +91,7 @@ class HeadLayout:
         if class_loss not in CLASS_LOSSES:
             raise ValueError(f"{class_loss=} must be one of {CLASS_LOSSES}")
         if len(tasks) == 0:
-            raise ValueError("the task sequence is empty; need at least one task")
+            raise ValueError("tasks is empty: the task sequence needs at least one task")
         sizes = tuple(t.num_classes for t in tasks)
         if scenario == "domain":
             return cls(scenario, (0,) * len(sizes), sizes, max(sizes), class_loss)

@@ -118,7 +118,7 @@ class TFDSTask:
             spec = DATASETS[name]
         else:
             raise ValueError(
-                f"unknown dataset {name!r}; known: {sorted(DATASETS)} or 'tfds:<name>'"
+                f"name={name!r} is not a known dataset; known: {sorted(DATASETS)} or 'tfds:<name>'"
             )
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"{val_fraction=} must be in (0, 1)")

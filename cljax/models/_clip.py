@@ -120,7 +120,7 @@ def clip_config(name: str) -> CLIPConfig:
       ValueError: for an unknown name (the message lists the known ones).
     """
     if name not in _PRESETS:
-        raise ValueError(f"unknown CLIP config {name!r}; known: {sorted(_PRESETS)}")
+        raise ValueError(f"name={name!r} is not a known CLIP config; known: {sorted(_PRESETS)}")
     p = _PRESETS[name]
     return CLIPConfig(
         vision=CLIPVisionConfig(**p["vision"]),

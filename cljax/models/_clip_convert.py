@@ -150,7 +150,7 @@ def from_hf_state_dict(
             arr if dtype is None or not np.issubdtype(arr.dtype, np.floating) else arr.astype(dtype)
         )
     if missing or extra or wrong:
-        msg = ["checkpoint does not fit the CLIP model:"]
+        msg = ["state (the checkpoint's state dict) does not fit the CLIP model:"]
         if missing:
             msg.append(f"  missing keys ({len(missing)}): {missing}")
         if extra:

@@ -190,7 +190,7 @@ def test_bad_inputs(tmp_path):
     kw = dict(
         apply_fn=apply_fn, params=params, optimizer=optax.sgd(0.1), steps_per_task=1, batch_size=4
     )
-    with pytest.raises(ValueError, match=r"task sequence is empty"):
+    with pytest.raises(ValueError, match=r"tasks is empty"):
         cl.run_sequence([], **kw)
     with pytest.raises(ValueError, match=r"scenario='multi' must be one of"):
         cl.run_sequence(_tasks(1), **kw, scenario="multi")

@@ -47,7 +47,7 @@ def test_tfds_task_on_mock_data():
 
 
 def test_unknown_dataset_is_named():
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet-zz'"):
+    with pytest.raises(ValueError, match="name='imagenet-zz' is not a known dataset"):
         TFDSTask("imagenet-zz")
 
 

@@ -206,7 +206,7 @@ def test_configs_and_quick_gelu():
         and l14.vision.num_layers == 24
         and l14.text.hidden_size == 768
     )
-    with pytest.raises(ValueError, match="unknown CLIP config"):
+    with pytest.raises(ValueError, match="is not a known CLIP config"):
         clip.clip_config("ViT-H/99")
     with pytest.raises(ValueError, match="hidden_act"):
         clip.CLIPVisionConfig(hidden_act="relu")
