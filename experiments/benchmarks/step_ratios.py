@@ -49,8 +49,8 @@ Expected: aTLAS about 1.1-1.3× fine-tuning at ViT-B/32 shapes (a pass over the 
 vectors forward and one backward against the model's forward and backward); on MiniCLIP
 about 1.0× (its 8 task vectors are small against a 32-image forward and backward pass).
 F-EW and F-PCGrad at most ``(T + 1 + 4T) / 3`` times EW. Runtime: about 3 CPU-minutes
-for MiniCLIP (mostly compilation; the tiny preset is compilation alone), an estimated 10
-minutes for ViT-B/32 on an idle 2-core CPU. ``docs/results/step-ratios.md`` holds the
+for MiniCLIP (mostly compilation; the tiny preset is compilation alone), 5-6 minutes for
+ViT-B/32 at batch 4 with 3 rounds on an idle 2-core CPU. ``docs/results/step-ratios.md`` holds the
 measured table.
 """
 

@@ -19,6 +19,18 @@ def _linear_loss(p, batch, rng):
     return jnp.mean((batch["x"] @ p["w"] - batch["y"]) ** 2)
 
 
+def test_compiled_step_threads_the_donated_state():
+    state = TrainState.create({"w": jnp.eye(2)}, optax.sgd(0.1))
+    batch = {"x": jnp.ones((3, 2)), "y": jnp.zeros((3, 2))}
+    step = S._compiled_step("sgd", make_step(_linear_loss), state, batch)
+    # Each call donates the state it is given: a second and third call only work if the
+    # new state replaced the donated one.
+    times = [step.run() for _ in range(3)]
+    assert all(w > 0 and c >= 0 for w, c in times)
+    assert step.compile_s > 0
+    assert step.memory_mib is None or step.memory_mib > 0
+
+
 def test_clock_times_each_step_of_fit():
     # batch_at runs inside each timed step: step s sleeps 20·s ms more than step 0, and the
     # clock must attribute it to that step, one entry per step.
@@ -38,18 +50,6 @@ def test_clock_times_each_step_of_fit():
     assert calls[-3:] == [0, 1, 2]  # the steps the clock saw
     assert clock.wall[1] >= 0.02 and clock.wall[2] >= 0.04
     assert clock.wall[2] - clock.cpu[2] >= 0.03  # sleeping costs wall time, not CPU time
-
-
-def test_compiled_step_threads_the_donated_state():
-    state = TrainState.create({"w": jnp.eye(2)}, optax.sgd(0.1))
-    batch = {"x": jnp.ones((3, 2)), "y": jnp.zeros((3, 2))}
-    step = S._compiled_step("sgd", make_step(_linear_loss), state, batch)
-    # Each call donates the state it is given: a second and third call only work if the
-    # new state replaced the donated one.
-    times = [step.run() for _ in range(3)]
-    assert all(w > 0 and c >= 0 for w, c in times)
-    assert step.compile_s > 0
-    assert step.memory_mib is None or step.memory_mib > 0
 
 
 def test_interleave_reverses_the_order_every_other_round():
