@@ -111,6 +111,13 @@ class FitResult(NamedTuple):
     final_coefficients: PyTree
 
 
+@functools.cache
+def _default_tx() -> optax.GradientTransformation:
+    # One instance for every fit without an optimiser: the optimiser is part of the compiled
+    # step's static state, so a fresh `default_optimizer()` per call would recompile the step.
+    return default_optimizer()
+
+
 def fit(
     loss_fn: LossFn,
     pretrained: Params,
@@ -211,7 +218,7 @@ def fit(
     _compose_jit(pretrained, tvs, coefs, spec, masks=masks)  # validates eagerly
     _check_finite_coefficients(_flat_coefficients(coefs))
     score_fn = (lambda m: float(m[score])) if isinstance(score, str) else score
-    tx = default_optimizer() if optimizer is None else optimizer
+    tx = _default_tx() if optimizer is None else optimizer
     first = batch_at(0)  # outside the trace: batch_at may do host work (decoding, resizing)
     probe = jax.eval_shape(
         lambda c, k, b: loss_fn(compose(pretrained, tvs, c, spec, masks=masks), b, k),

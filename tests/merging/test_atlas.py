@@ -691,3 +691,26 @@ def test_objectives(rng):
     assert float(aux["confident"]) == 1.0
     with pytest.raises(ValueError, match="threshold=1.0"):
         atlas.pseudo_label_objective(logits, threshold=1.0)
+
+
+def test_repeated_fits_with_the_default_optimizer_do_not_recompile(rng):
+    # The optimiser is static state of the compiled step: fits that leave `optimizer` unset
+    # must share one instance, or every later fit compiles its step again.
+    params, tvs, _, apply, x, y = _regression_problem(rng)
+    loss_fn = lambda p, batch, r: jnp.mean((apply(p, batch["x"]) - batch["y"]) ** 2)
+    batch_at = lambda s: {"x": x[:32], "y": y[:32]}
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = atlas.fit(loss_fn, params, tvs, batch_at, epochs=1, steps_per_epoch=2)
+        before = len(compiles)
+        second = atlas.fit(loss_fn, params, tvs, batch_at, epochs=1, steps_per_epoch=2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert before > 0 and len(compiles) == before
+    chex.assert_trees_all_equal(first.coefficients, second.coefficients)
