@@ -21,11 +21,16 @@ def test_parameter_count_matches_torchvision():
 def test_small_input_forward_and_batch_stats():
     model = ResNet18(None, width=4, small_input=True)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
-    v = jax.jit(model.init)(jax.random.key(0), x)  # jitted: op by op, a conv net compiles slowly
-    feats = jax.jit(model.apply)(v, x)
+
+    @jax.jit  # one program: op by op, or one jit per call, a conv net compiles slowly
+    def init_and_apply(key, x):
+        v = model.init(key, x)
+        feats = model.apply(v, x)
+        out, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return v, feats, out, new
+
+    v, feats, out, new = init_and_apply(jax.random.key(0), x)
     assert feats.shape == (2, 32)
-    train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
-    out, new = train(v, x)
     assert out.shape == (2, 32)
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), v["batch_stats"], new["batch_stats"])
     assert all(jax.tree.leaves(moved))
