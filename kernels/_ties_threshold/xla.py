@@ -101,6 +101,20 @@ def _entries(leaf: Any) -> int:
     return math.prod(leaf[0].shape if isinstance(leaf, tuple) else leaf.shape[1:])
 
 
+def _prepare(leaves: Sequence[Any], k: Any, num_tasks: int | None):
+    """Both searches' inputs: leaves (lists as tuples), T, entries per leaf and in all, k."""
+    leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
+    first = leaves[0]
+    num_tasks = num_tasks or (len(first) if isinstance(first, tuple) else first.shape[0])
+    sizes = [_entries(x) for x in leaves]
+    n = sum(sizes)
+    if n >= 1 << 32:
+        raise ValueError(
+            f"kth_largest_bits: {n=} entries per task; the exact counts need n < 2**32"
+        )
+    return leaves, num_tasks, sizes, n, jnp.asarray(k, jnp.uint32)
+
+
 def _as_float(bits: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
@@ -389,16 +403,7 @@ def kth_largest_bits(
     Raises:
       ValueError: if N ≥ 2³² (use per-leaf thresholds for such models).
     """
-    leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
-    first = leaves[0]
-    num_tasks = num_tasks or (len(first) if isinstance(first, tuple) else first.shape[0])
-    sizes = [_entries(x) for x in leaves]
-    n = sum(sizes)
-    if n >= 1 << 32:
-        raise ValueError(
-            f"kth_largest_bits: {n=} entries per task; the exact counts need n < 2**32"
-        )
-    k = jnp.asarray(k, jnp.uint32)
+    leaves, num_tasks, sizes, n, k = _prepare(leaves, k, num_tasks)
     if method not in (None, "search", "sort"):
         raise ValueError(f"kth_largest_bits: {method=} must be None, 'search' or 'sort'")
     if method == "sort" or (method is None and n <= _SORT_MAX):
@@ -707,16 +712,7 @@ def kth_largest_bits_driven(
     differ from the one computation's; the k-th is exact either way). Not for use under a
     trace (it reads the loop's condition on the host).
     """
-    leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
-    first = leaves[0]
-    num_tasks = num_tasks or (len(first) if isinstance(first, tuple) else first.shape[0])
-    sizes = [_entries(x) for x in leaves]
-    n = sum(sizes)
-    if n >= 1 << 32:
-        raise ValueError(
-            f"kth_largest_bits: {n=} entries per task; the exact counts need n < 2**32"
-        )
-    k = jnp.asarray(k, jnp.uint32)
+    leaves, num_tasks, sizes, n, k = _prepare(leaves, k, num_tasks)
     if n <= _SORT_MAX:
         return _sorted_kth(leaves, k, num_tasks=num_tasks)
     limit = _listing_size(n)

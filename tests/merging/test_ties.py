@@ -183,7 +183,9 @@ def test_leaf_scope_called_eagerly_searches_once_a_shape(rng, monkeypatch, form)
     taus = ct.unstack(taus) if form == "stacked" else taus
     ref = _vectorised_reference(pre, taus, density=0.2, scale=0.9, scope="leaf")
     for p in shapes:
-        np.testing.assert_array_equal(np.asarray(eager[p]), np.asarray(jitted[p]), err_msg=p)
+        # The same bits at XLA's default optimisation level; the tests compile at level 0,
+        # where the eager and jitted programs may contract a multiply-add differently.
+        np.testing.assert_array_max_ulp(np.asarray(eager[p]), np.asarray(jitted[p]), maxulp=1)
         np.testing.assert_allclose(np.asarray(eager[p]), ref[p], rtol=1e-5, atol=1e-6, err_msg=p)
 
 
