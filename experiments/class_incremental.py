@@ -7,7 +7,10 @@ scikit-learn digits, MNIST, shapes), in a seed-dependent order, 5 new classes a 
 reference, the trainable weights are the attention output projections of every block (its
 ``attn.proj``) and the head; each stage trains its new classes' head with the cross-entropy
 over those classes only (``class_loss="new"``, logits divided by a temperature of 3) and the
-test takes the argmax over every class seen so far.
+test takes the argmax over every class seen so far. ``--head cosine`` replaces the reference's
+linear head by a normalised one (a fixed scale times the cosine of the feature and each class
+weight), so that no class's logits outgrow the others' through weight or feature norms; a
+run record names its head, and a folder of one head's records refuses the other's.
 
 Methods: naive fine-tuning, EWC, LwF, GPM, CoSO and OSFT on the attention output projections,
 PRD (prototype-sample relation distillation, replay-free: SupCon + prototypes + relation
@@ -74,6 +77,10 @@ class Config:
     lr: float = 3e-4  # the reference's lrate (attention projections)
     head_lr: float = 5e-4  # the reference's fc_lrate
     logit_temperature: float = 3.0  # the reference divides the logits by 3
+    # "linear": the reference's fc head, logits / logit_temperature; "cosine": a normalised
+    # head, cosine_scale x cos(feature, class weight), whose logits no class can outgrow
+    head: str = "linear"
+    cosine_scale: float = 16.0  # the cosine head's fixed scale (logit_temperature unused)
     ewc_strength: float = 1e4
     lwf_weight: float = 1.0
     lwf_temperature: float = 2.0
@@ -214,22 +221,29 @@ def augment(key: jax.Array, x: jax.Array) -> jax.Array:
     return crop(pad, off) * scale
 
 
+HEADS = ("linear", "cosine")
+
+
+def _unit(z: jax.Array, axis: int) -> jax.Array:
+    return z / jnp.maximum(jnp.linalg.norm(z, axis=axis, keepdims=True), 1e-12)
+
+
 def _fns(model: Net, cfg: Config):
     temp = cfg.logit_temperature
-
-    def apply_fn(p, x):
-        return model.apply({"params": p}, x)[0] / temp
 
     def features(p, x):
         return model.apply({"params": p}, x, method=Net.features)
 
+    def apply_fn(p, x):
+        if cfg.head == "cosine":  # scale x cos(f, w_c): the head's bias is not used
+            return cfg.cosine_scale * (_unit(features(p, x), 1) @ _unit(p["head"]["kernel"], 0))
+        return model.apply({"params": p}, x)[0] / temp
+
     def project(p, f):
         return model.apply({"params": p}, f, method=Net.project)
 
-    def prd_apply(p, x):  # scores against the prototypes <f, w_c> / |w_c|
-        f = features(p, x)
-        w = p["head"]["kernel"]
-        return f @ (w / jnp.maximum(jnp.linalg.norm(w, axis=0, keepdims=True), 1e-12))
+    def prd_apply(p, x):  # scores against the prototypes <f, w_c> / |w_c| (either head)
+        return features(p, x) @ _unit(p["head"]["kernel"], 0)
 
     return apply_fn, features, project, prd_apply
 
@@ -237,19 +251,19 @@ def _fns(model: Net, cfg: Config):
 def _method(name: str, cfg: Config, model: Net, params, features, project) -> cl.Method:
     targets = [(ATTN_OUT, True)]
     if name == "naive":
-        return cl.Naive()
+        return cl.naive()
     if name == "ewc":
-        return cl.EWC(weight=cfg.ewc_strength)
+        return cl.ewc(weight=cfg.ewc_strength)
     if name == "lwf":
-        return cl.LwF(weight=cfg.lwf_weight, temperature=cfg.lwf_temperature)
+        return cl.lwf(weight=cfg.lwf_weight, temperature=cfg.lwf_temperature)
     if name == "gpm":
         rec = jax.jit(lambda p, x: pj.record_layer_inputs(model, {"params": p}, x))
         # 1-D parameters are not trained here (frozen by the base optimiser) anyway
-        return cl.GPM(
+        return cl.gpm(
             targets, rec, threshold=cfg.gpm_threshold, num_samples=cfg.gpm_samples, freeze_1d=False
         )
     if name == "coso":
-        return cl.CoSO(
+        return cl.coso(
             cfg.lr,
             targets,
             threshold=cfg.coso_threshold,
@@ -258,10 +272,10 @@ def _method(name: str, cfg: Config, model: Net, params, features, project) -> cl
         )
     if name == "osft":
         step = 1.0 / cfg.stages
-        return cl.OSFT(targets, ratio=lambda t: pj.rising_ratio(t, start=0.0, step=step))
+        return cl.osft(targets, ratio=lambda t: pj.rising_ratio(t, start=0.0, step=step))
     if name == "prd":
         groups = np.repeat(np.arange(cfg.stages), cfg.classes_per_stage)
-        return cl.PRD(
+        return cl.prd(
             features,
             project,
             lambda p: p["head"]["kernel"].T,
@@ -340,6 +354,7 @@ def run_one(cfg: Config, method: str, seed: int, tasks: list[Task]) -> dict:
         "accuracy": np.asarray(acc).tolist(),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "seconds": time.perf_counter() - t0,
+        "head": cfg.head,
     }
 
 
@@ -392,6 +407,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for m in cfg.methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
+    if cfg.head not in HEADS:
+        raise ValueError(f"--head {cfg.head!r}: choose from {HEADS}")
+    if not cfg.cosine_scale > 0:
+        raise ValueError(f"--cosine_scale {cfg.cosine_scale!r} must be positive")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
@@ -405,6 +424,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if r is not None and not _is_record(r, method, seed):
                 quarantine_file(done, f"not a run record of {method} seed {seed}")
                 r = None
+            if r is not None and r.get("head", "linear") != cfg.head:  # older records: linear
+                raise ValueError(
+                    f"{done} is a run with --head {r.get('head', 'linear')}, not {cfg.head}; "
+                    "give each head its own --out"
+                )
             if r is not None:
                 runs.append(r)
                 continue

@@ -1,5 +1,6 @@
 """experiments/class_incremental.py: the tiny preset end to end, the NCM probe, the stages."""
 
+import dataclasses
 import json
 
 import jax
@@ -167,3 +168,75 @@ def test_damaged_run_records_are_moved_aside_and_recomputed(
     assert calls == [] and [r["seeds"] for r in rows] == [1, 2]
     assert rerun() == want and calls == [("naive", 0)]
     assert rerun() == want and calls == []  # and now every record is read back
+
+
+# ------------------------------------------------------------------ the cosine head
+
+
+class _LinearFeatures:
+    """Stands in for :class:`ci.Net` in ``_fns``: features ``x @ enc``, the ``head`` Dense."""
+
+    def apply(self, variables, x, method=None):
+        p = variables["params"]
+        f = x @ p["enc"]
+        if method is ci.Net.features:
+            return f
+        return f @ p["head"]["kernel"] + p["head"]["bias"], None
+
+
+def test_cosine_head_is_scaled_cosine_and_linear_head_is_fc_over_temperature():
+    """Against NumPy: the cosine head's logits are ``cosine_scale * cos(f, w_c)`` (bounded by
+    the scale, blind to each class weight's norm and to the bias); the linear head is
+    ``(f W + b) / logit_temperature``."""
+    rng = np.random.default_rng(2)
+    params = {
+        "enc": rng.normal(size=(8, 5)),
+        "head": {"kernel": rng.normal(size=(5, 6)), "bias": rng.normal(size=6)},
+    }
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    x = jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)
+    lin = ci.Config()
+    cos = dataclasses.replace(lin, head="cosine", cosine_scale=7.0)
+    model = _LinearFeatures()
+    f = np.asarray(x, np.float64) @ np.asarray(params["enc"], np.float64)
+    w = np.asarray(params["head"]["kernel"], np.float64)
+    b = np.asarray(params["head"]["bias"], np.float64)
+    want = 7.0 * (f / np.linalg.norm(f, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0))
+    got = np.asarray(ci._fns(model, cos)[0](params, x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(got).max() <= 7.0 + 1e-5
+    head = {"kernel": params["head"]["kernel"] * jnp.arange(1.0, 7.0), "bias": 0 * b}
+    np.testing.assert_allclose(
+        np.asarray(ci._fns(model, cos)[0]({**params, "head": head}, x)), got, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(ci._fns(model, lin)[0](params, x)), (f @ w + b) / 3.0, rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [(["--head", "softmax"], "--head 'softmax'"), (["--cosine_scale", "0"], "--cosine_scale")],
+)
+def test_bad_head_flags_are_rejected_before_anything_runs(tmp_path, flags, match):
+    out = tmp_path / "ci"
+    with pytest.raises(ValueError, match=match):
+        ci.main(["--preset", "tiny", "--out", str(out), *flags])
+    assert not out.exists()
+
+
+def test_a_record_of_another_head_is_refused(tmp_path, monkeypatch, jax_cache_settings):
+    """Records do not hold the config: a cosine-head run into a folder of linear-head
+    records (older records have no ``head`` and are linear) stops and names the folder
+    instead of tabulating the other head's numbers."""
+    calls = []
+    monkeypatch.setattr(ci, "stage_tasks", lambda cfg, seed: [])
+    monkeypatch.setattr(ci, "run_one", _stand_in(calls))
+    monkeypatch.setattr(ci, "heatmaps", lambda path, title, mats: None)
+    out = tmp_path / "ci"
+    ci.main(["--preset", "tiny", "--out", str(out)])
+    assert calls == [("naive", 0), ("ncm", 0)]
+    with pytest.raises(ValueError, match="naive-s0.json is a run with --head linear, not cosine"):
+        ci.main(["--preset", "tiny", "--out", str(out), "--head", "cosine"])
+    assert ci.main(["--preset", "tiny", "--out", str(out), "--summarize_only", "true"])
+    assert calls == [("naive", 0), ("ncm", 0)]
