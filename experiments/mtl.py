@@ -16,7 +16,15 @@ Task sets (``--datasets``), all built from data in the package (no download):
   shifts up to 4 px, max-merge; real MNIST digits and glyphs of held-out fonts; splits
   with disjoint digits; rendered on access), tasks "left" and "right";
 * ``multi_mnist``: the older embedded Multi-MNIST (``load_multi_mnist``, 3,000 images);
-* ``mnist_attributes``: digits rotated by k·90°, tasks "digit", "rotation", "parity".
+* ``mnist_attributes``: digits rotated by k·90°, tasks "digit", "rotation", "parity";
+* ``multi_shapes``: the Multi-Fashion analogue (``cljax.data.generate_multi_shapes``:
+  Multi-MNIST's layout over ten textured shapes instead of digits), tasks "left", "right";
+* ``glyph_attributes``: one coloured, styled digit glyph per image
+  (``cljax.data.generate_glyph_attributes``; 32×32 RGB), tasks "content", "colour",
+  "style".
+
+The generated sets (``multi_mnist_gen``, ``multi_shapes``, ``glyph_attributes``) take
+``--num_train``, ``--num_val`` and ``--num_test``.
 
 Presets (``--preset``):
 
@@ -86,7 +94,13 @@ import scipy.stats
 
 from cljax import mtl
 from cljax.checkpoint import CheckpointManager
-from cljax.data import generate_multi_mnist, load_mnist_attributes, load_multi_mnist
+from cljax.data import (
+    generate_glyph_attributes,
+    generate_multi_mnist,
+    generate_multi_shapes,
+    load_mnist_attributes,
+    load_multi_mnist,
+)
 from experiments import _common as C
 from experiments._mtl_report import figure, write_report  # noqa: F401 (figure re-exported)
 from experiments._mtl_train import (  # noqa: F401 (re-exported: tests and benchmarks use them)
@@ -194,11 +208,31 @@ LABELS = {
 }
 
 
+DATASETS = (
+    "multi_mnist_gen",
+    "multi_mnist",
+    "mnist_attributes",
+    "multi_shapes",
+    "glyph_attributes",
+)
+
+
 def load(name: str, cfg: Config):
     if name == "multi_mnist":
         return load_multi_mnist(cfg.num_samples, seed=0)
     if name == "multi_mnist_gen":
         return generate_multi_mnist(cfg.num_train, cfg.num_val, cfg.num_test, seed=0)
+    tiny = cfg.preset == "tiny"  # small pools of objects: the smoke test renders in seconds
+    if name == "multi_shapes":
+        per_class = 10 if tiny else 500
+        return generate_multi_shapes(
+            cfg.num_train, cfg.num_val, cfg.num_test, objects_per_class=per_class, seed=0
+        )
+    if name == "glyph_attributes":
+        per_class = 10 if tiny else 100
+        return generate_glyph_attributes(
+            cfg.num_train, cfg.num_val, cfg.num_test, glyphs_per_class=per_class, seed=0
+        )
     if name == "mnist_attributes":
         tasks = load_mnist_attributes(seed=0)
         if cfg.preset == "tiny":
@@ -214,7 +248,7 @@ def load(name: str, cfg: Config):
                 for t in tasks
             )
         return tasks
-    raise ValueError(f"unknown dataset {name!r}")
+    raise ValueError(f"mtl: unknown dataset {name!r}; known: {sorted(DATASETS)}")
 
 
 def optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
@@ -260,6 +294,9 @@ def _fingerprint(cfg: Config) -> dict:
 
 def run(cfg: Config) -> dict:
     _methods(cfg)  # validates the names before anything trains
+    bad = [d for d in cfg.datasets if d not in DATASETS]
+    if bad:
+        raise ValueError(f"mtl: unknown datasets {bad}; known: {sorted(DATASETS)}")
     if cfg.checkpoint_every < 0:
         raise ValueError(f"mtl: checkpoint_every={cfg.checkpoint_every} must be >= 0 (0: off)")
     out = Path(cfg.out)

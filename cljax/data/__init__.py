@@ -26,6 +26,13 @@ from cljax.data._multi_mnist import (
     load_mnist_attributes,
     load_multi_mnist,
 )
+from cljax.data._multi_objects import (
+    ATTRIBUTE_COLOURS,
+    ATTRIBUTE_STYLES,
+    GlyphAttributeImages,
+    generate_glyph_attributes,
+    generate_multi_shapes,
+)
 from cljax.data._sources import load_digits, load_mnist1d, load_mnist5k
 from cljax.data._task import Task, split_train_val
 from cljax.data._tfds import DATASETS, TFDSTask, clip_preprocess, tfds_task
@@ -54,6 +61,11 @@ __all__ = [
     "load_multi_mnist",
     "generate_multi_mnist",
     "MultiDigitImages",
+    "ATTRIBUTE_COLOURS",
+    "ATTRIBUTE_STYLES",
+    "GlyphAttributeImages",
+    "generate_glyph_attributes",
+    "generate_multi_shapes",
     "merging_benchmark",
     "mixed_batch_at",
     "mixed_batch_counts",

@@ -35,6 +35,33 @@ def test_multi_mnist_gen_dataset_loads():
     assert left.x_train.shape == (64, 36, 36, 1) and len(right.y_test) == 16
 
 
+def test_generated_task_sets_load_with_the_configured_sizes():
+    import dataclasses
+
+    cfg = dataclasses.replace(mtl.PRESETS["tiny"], num_train=40, num_val=8, num_test=12)
+    left, right = mtl.load("multi_shapes", cfg)
+    assert left.x_train.shape == (40, 36, 36, 1) and len(right.y_test) == 12
+    assert left.num_classes == 10 and left.x_train is right.x_train
+    content, colour, style = mtl.load("glyph_attributes", cfg)
+    assert content.x_val.shape == (8, 32, 32, 3) and colour.x_val is content.x_val
+    assert [t.name for t in (content, colour, style)] == ["content", "colour", "style"]
+    with pytest.raises(ValueError, match="unknown datasets \\['fashion'\\]"):
+        mtl.run(dataclasses.replace(cfg, datasets=("fashion",), out="/nonexistent/never"))
+
+
+@pytest.mark.long  # make test-long: trains five small single-task models
+@pytest.mark.parametrize("dataset", ["multi_shapes", "glyph_attributes"])
+def test_single_task_runs_on_the_generated_task_sets(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
+    args = ["--preset", "tiny", "--datasets", dataset, "--methods", "none"]
+    args += ["--num_train", "64", "--num_val", "16", "--num_test", "16", "--out", str(tmp_path)]
+    res = mtl.main(args)
+    (row,) = res["summary"][dataset]
+    names = ["left", "right"] if dataset == "multi_shapes" else ["content", "colour", "style"]
+    assert row["method"] == "single-task" and all(0 <= float(row[n]) <= 100 for n in names)
+    assert set(res["runs"]) == {f"{dataset}/stl{k}/0" for k in range(len(names))}
+
+
 def test_paired_ci_is_the_t_interval():
     import numpy as np
 
