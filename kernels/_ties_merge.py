@@ -34,7 +34,7 @@ from jax.typing import ArrayLike
 
 from cljax import tree as ct
 from cljax.kernels import _dispatch
-from cljax.kernels._block_dots import _block_sum
+from cljax.kernels._block_dots.pallas import block_sum
 from cljax.kernels._dispatch import BlockSizes
 from cljax.kernels._ties_threshold import keep_count, ties_threshold
 from cljax.kernels._ties_threshold.pallas import MAX_COUNT, Tiled, radix_kth_bits
@@ -145,7 +145,7 @@ def _vote_kernel(j, ins, shared, outs, part, *, num_tasks):
     del j, outs
     _, total = _elected_sum(ins[0], shared[0], num_tasks)
     slot = lax.broadcasted_iota(jnp.int32, (1, part.shape[-1]), 1)
-    part[...] = jnp.where(slot == 0, _block_sum(_sign(total)), 0.0)
+    part[...] = jnp.where(slot == 0, block_sum(_sign(total)), 0.0)
 
 
 def _merge_kernel(j, ins, shared, outs, part, *, num_tasks, merge, has_base):

@@ -23,6 +23,9 @@ def test_setup_cfg_lists_every_package():
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT).as_posix()
             on_disk.add(rel.replace("/", "."))
+    for init in (ROOT / "kernels").rglob("*/__init__.py"):  # kernels/ installs as cljax.kernels
+        rel = init.parent.relative_to(ROOT / "kernels").as_posix()
+        on_disk.add("cljax.kernels." + rel.replace("/", "."))
     assert on_disk == _listed_packages()
 
 

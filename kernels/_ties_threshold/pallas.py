@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cljax.kernels import _dispatch
-from cljax.kernels._block_dots import _block_sum
+from cljax.kernels._block_dots.pallas import block_sum
 from cljax.kernels._dispatch import BlockSizes
 
 __all__ = ["MAX_COUNT", "Tiled", "kth_largest_bits", "radix_kth_bits"]
@@ -99,7 +99,7 @@ def _count_kernel(j, ins, shared, outs, part, *, num_tasks, num_edges):
     def task(t, res):  # a loop over tasks keeps the kernel's code small
         m = jnp.abs(tau_ref[t].astype(jnp.float32))
         for e in range(1, num_edges):
-            n = _block_sum(jnp.where(m >= e_ref[t * num_edges + e], 1.0, 0.0))
+            n = block_sum(jnp.where(m >= e_ref[t * num_edges + e], 1.0, 0.0))
             res = jnp.where(slot == t * num_edges + e, n, res)
         return res
 

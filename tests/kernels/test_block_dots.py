@@ -6,7 +6,8 @@ import pytest
 from kernel_testutil import SHAPES, tree, where_params
 
 from cljax import kernels
-from cljax.kernels import _block_dots, _dispatch
+from cljax.kernels import _dispatch
+from cljax.kernels._block_dots import pallas as block_dots_pallas
 
 
 def _np_dots(g, tau, groups=None, k=None):
@@ -66,7 +67,7 @@ def test_every_block_is_written(rng, bs):
     gs = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
     taus = [jnp.asarray(rng.normal(size=(num_tasks, *s)), jnp.float32) for s in shapes]
     parts, tls = jax.jit(
-        lambda g, t: _block_dots._pallas_chunk(g, t, [None, None], [None, None], bs)
+        lambda g, t: block_dots_pallas.chunk(g, t, [None, None], [None, None], bs)
     )(gs, taus)
     assert parts.shape == (sum(tl.num_blocks for tl in tls), 1, 4)
     chex.assert_tree_all_finite(parts)
@@ -80,7 +81,7 @@ def test_every_block_is_written(rng, bs):
             np.testing.assert_allclose(parts[row, 0, :num_tasks], want, rtol=1e-5, atol=1e-4)
             row += 1
     np.testing.assert_array_equal(parts[:, 0, num_tasks:], 0.0)
-    sums = _block_dots.leaf_sums(parts, tls, 4)  # and the per-leaf totals
+    sums = block_dots_pallas.leaf_sums(parts, tls, 4)  # and the per-leaf totals
     for i, (g, tau) in enumerate(zip(gs, taus, strict=True)):
         t64, g64 = np.asarray(tau, np.float64), np.asarray(g, np.float64)
         want = (t64.reshape(num_tasks, -1) * g64.reshape(-1)).sum(1)

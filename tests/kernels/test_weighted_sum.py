@@ -7,7 +7,8 @@ from kernel_testutil import SHAPES, TOL, tree, where_params
 
 from cljax import kernels
 from cljax import tree as ct
-from cljax.kernels import _dispatch, _weighted_sum
+from cljax.kernels import _dispatch
+from cljax.kernels._weighted_sum import pallas as weighted_sum_pallas
 
 
 def _np_weighted_sum(base, tau, coeffs, groups=None):
@@ -79,7 +80,7 @@ def test_every_output_entry_is_written(rng, bs):
     cs = [jnp.asarray(rng.normal(size=num_tasks), jnp.float32) for _ in shapes]
     poison = [jnp.full((tl.rows, tl.lanes), jnp.nan, jnp.float32) for tl in tls]
     outs, _ = jax.jit(
-        lambda b, t, c, p: _weighted_sum._pallas_chunk(
+        lambda b, t, c, p: weighted_sum_pallas.chunk(
             b, t, c, [None, None], [None, None], [jnp.float32] * 2, bs, poison=p
         )
     )(bases, taus, cs, poison)

@@ -1,26 +1,26 @@
-"""``weighted_sum``: θ0 + Σ_t c[t, b]·τ_t in one pass (task arithmetic, soups, aTLAS).
+"""The weighted-sum op: θ0 + Σ_t c[t, b]·τ_t in one pass (task arithmetic, soups, aTLAS).
 
-Per leaf b, the kernel reads a tile of θ0 and the T tiles of τ beside it, accumulates in
-float32 (whatever the storage dtype: bfloat16/float16 task vectors are widened in registers)
-and writes the tile once in θ0's dtype: ``(T + 1)`` reads and one write of the leaf, the
-memory roofline. With aTLAS×K group ids, the coefficient of each entry is ``c[t, group]``,
-selected in registers from the ``T·K`` scalars.
+The API (:func:`weighted_sum`, :func:`weighted_sum_leaf`, :func:`weighted_sum_leaves`), the
+dispatcher over the implementations, and the op's one ``custom_vjp``:
 
-Gradients: ``jax.custom_vjp``. The cotangent of the coefficients is ``<dL/dθ_b, τ_t,b>``,
-i.e. :func:`cljax.kernels.block_dots` through the same dispatcher; those of θ0 and of τ are
+* ``"xla"`` (:mod:`.xla`, the reference and the library's path on the CPU): one fused pass
+  per leaf, tuned for the aTLAS training step (see the barriers there and in the backward);
+* ``"pallas"`` (:mod:`.pallas`, the default on GPU/TPU; interpret mode on the CPU): a kernel
+  that reads θ0 and the T task vectors once and writes the leaf once.
+
+Gradients: the cotangent of the coefficients is ``<dL/dθ_b, τ_t,b>``, i.e.
+:func:`cljax.kernels.block_dots` through the same dispatcher; those of θ0 and of τ are
 computed only when they are differentiated (``symbolic_zeros``).
 
 This is the library's one weighted sum: :func:`cljax.merging.task_arithmetic` (one λ for
 every task), :func:`cljax.merging.apply` (one task vector) and
 :func:`cljax.merging.atlas.compose` (one coefficient per block, or per partition group) call
-it, and on the CPU they run its XLA reference (``_xla``), tuned for the aTLAS training step
-(see the barriers there and in the backward).
+it.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -31,175 +31,23 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from cljax import tree as ct
-from cljax.kernels import _block_dots, _dispatch
+from cljax.kernels import _dispatch
+from cljax.kernels._block_dots import api as block_dots_api
 from cljax.kernels._dispatch import BlockSizes
+from cljax.kernels._weighted_sum import pallas, xla
 
-__all__ = ["weighted_sum", "weighted_sum_leaf", "weighted_sum_leaves"]
-
-
-def per_entry(c_row: jax.Array, groups: jax.Array | None) -> jax.Array:
-    """The coefficient of every entry for one task: a scalar, or ``c_row[groups]``."""
-    if groups is None:
-        return c_row
-    return jnp.take(c_row, groups.astype(jnp.int32), mode="clip")
+__all__ = ["forward", "weighted_sum", "weighted_sum_leaf", "weighted_sum_leaves"]
 
 
-def _accum(out_dtype, coeff_dtype) -> jnp.dtype:
-    return jnp.promote_types(ct.accum_dtype(out_dtype), ct.accum_dtype(coeff_dtype))
-
-
-def _leaf_kernel(j, ins, shared, outs, part, *, num_tasks, num_groups, offsets, has_base, acc):
-    """Leaf ``j``'s tile: θ0 + Σ_t c[t]·τ_t (or c[t, group]·τ_t), accumulated in ``acc``."""
-    del part
-    ins = list(ins)
-    base_ref = ins.pop(0) if has_base else None
-    tau_ref = ins.pop(0)
-    k_j = num_groups[j]
-    grp_ref = ins.pop(0) if k_j is not None else None
-    c_ref, out_ref = shared[0], outs[0]
-    shape = out_ref.shape
-    out = base_ref[...].astype(acc) if base_ref is not None else jnp.zeros(shape, acc)
-    gid = None if grp_ref is None else grp_ref[...].astype(jnp.int32)
-    for t in range(num_tasks):  # unrolled: all T loads in flight at once
-        x = tau_ref[t].astype(acc)
-        if gid is None:
-            scale = c_ref[offsets[j] + t].astype(acc)
-        else:  # c[t, gid] by selects: T·K cheap VPU ops per entry, no gather
-            k0 = offsets[j] + t * k_j
-            scale = jnp.full(shape, c_ref[k0].astype(acc))
-            for k in range(1, k_j):
-                scale = jnp.where(gid == k, c_ref[k0 + k].astype(acc), scale)
-        out = out + scale * x
-    out_ref[...] = out.astype(out_ref.dtype)
-
-
-def _entry_coeffs(c: jax.Array, groups: jax.Array | None, n: int, num_tasks: int, acc):
-    """``[T, n]``: the coefficient of every entry of a leaf, for every task."""
-    c = c.astype(acc)
-    if groups is None:
-        return jnp.broadcast_to(c[:, None], (num_tasks, n))
-    return jnp.take(c, groups.reshape(-1).astype(jnp.int32), axis=1, mode="clip")
-
-
-def _xla_packed(bases, taus, coeffs, groups, out_dtypes):
-    """Small leaves concatenated: one fused XLA pass instead of a kernel launch per leaf."""
-    num_tasks = taus[0].shape[0]
-    acc = functools.reduce(
-        jnp.promote_types, [_accum(o, c.dtype) for o, c in zip(out_dtypes, coeffs, strict=True)]
-    )
-    tau = _dispatch.pack(taus, acc, stacked=True)
-    c = jnp.concatenate(
-        [
-            _entry_coeffs(ci, gi, math.prod(t.shape[1:]), num_tasks, acc)
-            for ci, gi, t in zip(coeffs, groups, taus, strict=True)
-        ],
-        axis=1,
-    )
-    out = jnp.zeros(tau.shape[1:], acc) if bases is None else _dispatch.pack(bases, acc)
-    for t in range(num_tasks):
-        out = out + c[t] * tau[t]
-    ys = _dispatch.unpack(out, [t.shape[1:] for t in taus])
-    return [y.astype(o) for y, o in zip(ys, out_dtypes, strict=True)]
-
-
-def _pallas_chunk(bases, taus, coeffs, groups, num_groups, out_dtypes, bs, *, poison=None):
-    """One kernel over several leaves; ``poison`` (tests) is aliased to the tiled outputs."""
-    num_tasks = taus[0].shape[0]
-    acc = functools.reduce(
-        jnp.promote_types, [_accum(o, c.dtype) for o, c in zip(out_dtypes, coeffs, strict=True)]
-    )
-    tls = [_dispatch.tiling(math.prod(t.shape[1:]), bs) for t in taus]
-    inputs, offsets, at = [], [], 0
-    for j, tl in enumerate(tls):
-        xs = [] if bases is None else [_dispatch.to_tiles(bases[j], tl)]
-        xs.append(_dispatch.to_tiles(taus[j], tl, stacked=True))
-        if groups[j] is not None:
-            xs.append(_dispatch.to_tiles(groups[j], tl))
-        inputs.append(xs)
-        offsets.append(at)
-        at += coeffs[j].size
-    cvec = jnp.concatenate([c.reshape(-1).astype(acc) for c in coeffs])
-    cvec = jnp.pad(cvec, (0, _dispatch.next_pow2(at) - at))
-    kernel = functools.partial(
-        _leaf_kernel,
-        num_tasks=num_tasks,
-        num_groups=tuple(num_groups),
-        offsets=tuple(offsets),
-        has_base=bases is not None,
-        acc=acc,
-    )
-    outs, _ = _dispatch.multi_call(
-        kernel,
-        tls,
-        inputs,
-        [cvec],
-        bs,
-        leaf_outputs=[[o] for o in out_dtypes],
-        poison=None if poison is None else [[p] for p in poison],
-        name="cljax_weighted_sum",
-    )
-    return [o[0] for o in outs], tls
-
-
-def _pallas(bases, taus, coeffs, groups, num_groups, out_dtypes, bs):
-    sizes = [math.prod(t.shape[1:]) for t in taus]
-    small, chunks = _dispatch.split_leaves(sizes, bs)
-    out = [None] * len(taus)
-    pick = lambda xs, idx: None if xs is None else [xs[j] for j in idx]  # noqa: E731
-    if small:
-        ys = _xla_packed(
-            pick(bases, small),
-            pick(taus, small),
-            pick(coeffs, small),
-            pick(groups, small),
-            pick(out_dtypes, small),
-        )
-        for j, y in zip(small, ys, strict=True):
-            out[j] = y
-    for idx in chunks:
-        ys, tls = _pallas_chunk(
-            pick(bases, idx),
-            pick(taus, idx),
-            pick(coeffs, idx),
-            pick(groups, idx),
-            pick(num_groups, idx),
-            pick(out_dtypes, idx),
-            bs,
-        )
-        for j, y, tl in zip(idx, ys, tls, strict=True):
-            out[j] = _dispatch.from_tiles(y, tl, taus[j].shape[1:])
-    return out
-
-
-def _xla(base, tau, coeffs, groups, out_dtype):
-    """Reference: slice by slice, one fused pass (no ``[T, ...]`` float32 temporary).
-
-    With half-precision τ the result is written once, behind an optimisation barrier: it
-    stops XLA from fusing the cast-and-accumulate over the T slices into the leaf's
-    consumers, where XLA:CPU can evaluate it more than once (a model's layers read a
-    composed weight several times). A float32 τ has no cast to repeat, and there the barrier
-    would only cost fusions, so it goes without one.
-    """
-    acc = _accum(out_dtype, coeffs.dtype)
-    c = coeffs.astype(acc)
-    out = jnp.zeros(tau.shape[1:], acc) if base is None else base.astype(acc)
-    for t in range(tau.shape[0]):
-        out = out + per_entry(c[t], groups) * tau[t].astype(acc)
-    out = out.astype(out_dtype)
-    if jnp.dtype(tau.dtype).itemsize < jnp.dtype(acc).itemsize:
-        out = jax.lax.optimization_barrier(out)
-    return out
-
-
-def _forward(bases, taus, coeffs, groups, num_groups, impl, bs, out_dtypes=None):
+def forward(bases, taus, coeffs, groups, num_groups, impl, bs, out_dtypes=None):
     """Every leaf's θ0 + Σ_t c·τ_t (``bases`` may be ``None``): lists in, list out."""
     if out_dtypes is None:
         out_dtypes = [t.dtype for t in taus] if bases is None else [b.dtype for b in bases]
     if impl == "pallas":
-        return _pallas(bases, taus, coeffs, groups, num_groups, out_dtypes, bs)
+        return pallas.weighted_sum_leaves(bases, taus, coeffs, groups, num_groups, out_dtypes, bs)
     bases = [None] * len(taus) if bases is None else bases
     return [
-        _xla(b, t, c, g, o)
+        xla.leaf(b, t, c, g, o)
         for b, t, c, g, o in zip(bases, taus, coeffs, groups, out_dtypes, strict=True)
     ]
 
@@ -210,13 +58,13 @@ def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...], has_base:
 
     @jax.custom_vjp
     def op(bases, taus, coeffs, groups):
-        return tuple(_forward(bases, taus, coeffs, groups, num_groups, impl, bs))
+        return tuple(forward(bases, taus, coeffs, groups, num_groups, impl, bs))
 
     def fwd(bases, taus, coeffs, groups):
         b = None if bases is None else [x.value for x in bases]
         tv, cv = [x.value for x in taus], [x.value for x in coeffs]
         gv = [None if x is None else x.value for x in groups]
-        out = tuple(_forward(b, tv, cv, gv, num_groups, impl, bs))
+        out = tuple(forward(b, tv, cv, gv, num_groups, impl, bs))
         flag = lambda x: jnp.zeros((0,), x.value.dtype) if x.perturbed else None  # noqa: E731
         res = (
             tuple(tv),
@@ -247,8 +95,8 @@ def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...], has_base:
                 # half-precision τ with this pass, which would hold a float32 copy of every
                 # task vector through the model's backward pass.
                 taus = [jax.lax.optimization_barrier(t) for t in taus]
-                accs = [_accum(gs[j].dtype, cv[j].dtype) for j in want]
-            dots = _block_dots._forward(
+                accs = [xla.accum_dtype(gs[j].dtype, cv[j].dtype) for j in want]
+            dots = block_dots_api.forward(
                 pick(gs), taus, pick(gv), pick(num_groups), impl, bs, accs=accs
             )
             for j, d in zip(want, dots, strict=True):
@@ -264,9 +112,9 @@ def _op(impl: str, bs: BlockSizes, num_groups: tuple[int | None, ...], has_base:
             if f is None:  # exact, but T copies of the leaf: only when asked for
                 dtaus.append(None)
                 continue
-            acc = _accum(g.dtype, c.dtype)
+            acc = xla.accum_dtype(g.dtype, c.dtype)
             ca, ga = c.astype(acc), g.astype(acc)
-            rows = [per_entry(ca[i], gi) * ga for i in range(t.shape[0])]
+            rows = [xla.per_entry(ca[i], gi) * ga for i in range(t.shape[0])]
             dtaus.append(jnp.stack(rows).astype(f.dtype))
         return dbases, tuple(dtaus), tuple(dcs), tuple(None for _ in gv)
 
@@ -479,7 +327,7 @@ def weighted_sum(
             like, coefficients, names=("base", "coefficients"), check_shapes=False
         )
         c_leaves = jax.tree.leaves(coefficients)
-    grp = _block_dots._per_leaf(groups, len(tv_leaves), "weighted_sum")
+    grp = block_dots_api.per_leaf(groups, len(tv_leaves), "weighted_sum")
     out = weighted_sum_leaves(
         base_leaves,
         tv_leaves,
