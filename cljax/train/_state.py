@@ -39,6 +39,47 @@ def _copy_arrays(tree: Any, *, only_repeated: bool = False, seen: set | None = N
     return jax.tree.unflatten(treedef, leaves)
 
 
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding | None:
+    """A replicated sharding on ``sharding``'s devices, or ``None`` where none is known."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(), memory_kind=sharding.memory_kind
+        )
+    if len(sharding.device_set) == 1:
+        (device,) = sharding.device_set
+        return jax.sharding.SingleDeviceSharding(device, memory_kind=sharding.memory_kind)
+    return None
+
+
+def _commit_arrays(tree: Any) -> Any:
+    """Commits the uncommitted concrete ``jax.Array`` leaves of ``tree`` to devices.
+
+    A jitted step compiles for its arguments' shardings, and an uncommitted argument has
+    none: the first step, fed the fresh scalars of ``create`` (``step``, ``skipped``, an
+    optimizer's count), would compile for them, and every later step, fed that step's
+    committed outputs, would compile again. Committing them here makes the first step's
+    arguments look like every later step's. Each uncommitted leaf is placed, replicated,
+    on the devices of the first committed leaf (its own device where there is none), which
+    is where ``jit`` would put it; without a copy where it already lives there. An array
+    that appears twice stays one array (the step's donation check relies on it).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    todo = [i for i, x in enumerate(leaves) if _concrete(x) and not x.committed]
+    if not todo:
+        return tree
+    home = next((x.sharding for x in leaves if _concrete(x) and x.committed), None)
+    if home is not None:
+        home = _replicated(home)
+        if home is None:  # an unknown multi-device layout: leave the placement to jit
+            return tree
+    unique = list({id(leaves[i]): leaves[i] for i in todo}.values())  # one array, one result
+    targets = [x.sharding if home is None else home for x in unique]
+    done = {id(x): y for x, y in zip(unique, jax.device_put(unique, targets), strict=True)}
+    for i in todo:
+        leaves[i] = done[id(leaves[i])]
+    return jax.tree.unflatten(treedef, leaves)
+
+
 class TrainState(struct.PyTreeNode):
     """Step counter, parameters, optimizer state, RNG and the states of cljax methods.
 
@@ -84,6 +125,11 @@ class TrainState(struct.PyTreeNode):
         too, so no buffer is donated twice. Inside ``jit`` or ``eval_shape`` nothing is
         copied (the traced result is fresh anyway).
 
+        Every array of the state is committed to devices (an uncommitted one, such as
+        a fresh counter or a key made from a seed, replicated on the devices of the
+        parameters), so the first call of a jitted step sees the same argument shardings
+        as the later ones and the step compiles once.
+
         Args:
           params: the parameters to train.
           tx: an optax transformation.
@@ -101,6 +147,7 @@ class TrainState(struct.PyTreeNode):
         if isinstance(key, int):
             key = jax.random.key(key)
         methods = dict(methods or {})
+        params, key, methods = _commit_arrays((params, key, methods))
         if copy:
             params, key, methods = _copy_arrays((params, key, methods))
         state = cls(
@@ -114,7 +161,7 @@ class TrainState(struct.PyTreeNode):
         )
         if copy:
             state = _copy_arrays(state, only_repeated=True)
-        return state
+        return _commit_arrays(state)
 
     def apply_gradients(self, grads: Any, **extra_args: Any) -> TrainState:
         """One optimizer update; extra keyword args go to ``tx.update`` (extra-args transforms)."""

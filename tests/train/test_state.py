@@ -162,3 +162,49 @@ def test_create_traces_without_copying():
     state = jax.jit(lambda p: TrainState.create(p, optax.adam(1e-3)))(params)
     chex.assert_trees_all_equal(state.params, params)
     assert not params["w"].is_deleted()
+
+
+def _count_compiles(fn):
+    """``(fn's result, backend compilations it ran)``."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, len(compiles)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "mesh"])
+def test_a_run_compiles_its_step_once(sharded):
+    # A step compiles for its arguments' shardings: fresh uncommitted counters in the first
+    # state would make the second step (fed the first one's committed outputs) compile again.
+    x = jnp.asarray(np.arange(12.0).reshape(4, 3) / 10, jnp.float32)
+    w = jnp.asarray(np.linspace(-1, 1, 6).reshape(3, 2), jnp.float32)
+    if sharded:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("model",))
+        spec = jax.sharding.PartitionSpec(None, "model")
+        w = jax.device_put(w, jax.sharding.NamedSharding(mesh, spec))
+    loss = lambda p, b: jnp.sum((b @ p["w"]) ** 2)
+    state = TrainState.create({"w": w}, optax.sgd(0.1))
+    step = make_step(loss, nonfinite="apply")
+    jax.block_until_ready(state)
+
+    def two_steps():
+        s, _ = step(state, x)
+        s, _ = step(s, x)
+        return jax.block_until_ready(s)
+
+    state, compiles = _count_compiles(two_steps)
+    assert compiles == 1
+    want = np.asarray(w, np.float64)
+    x64 = np.asarray(x, np.float64)
+    for _ in range(2):  # two plain SGD steps on Σ (x w)², by hand
+        want = want - 0.1 * 2 * x64.T @ (x64 @ want)
+    np.testing.assert_allclose(np.asarray(state.params["w"]), want, rtol=1e-5)
+    assert int(state.step) == 2
