@@ -118,6 +118,29 @@ def _default_tx() -> optax.GradientTransformation:
     return default_optimizer()
 
 
+def _returns_aux(loss_fn: LossFn, spec: Blocks, args: tuple) -> bool:
+    """Whether ``loss_fn`` returns ``(loss, aux)`` on ``args = (Λ, batch, θ0, τ, masks)``.
+
+    Found by tracing the loss through :func:`compose` abstractly (a whole forward pass of
+    the model), once per loss, layout and argument signature (tree structure, shapes and
+    dtypes): a fit that repeats another's shapes does not trace the loss again.
+    """
+    leaves, treedef = jax.tree.flatten(args)
+    return _returns_aux_abstract(loss_fn, spec, treedef, tuple(jax.typeof(x) for x in leaves))
+
+
+@functools.lru_cache(maxsize=64)
+def _returns_aux_abstract(loss_fn: LossFn, spec: Blocks, treedef, avals: tuple) -> bool:
+    def probe(args, key):
+        coefs, batch, theta0, taus, masks = args
+        return loss_fn(compose(theta0, taus, coefs, spec, masks=masks), batch, key)
+
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
+    key = jax.eval_shape(jax.random.key, 0)
+    out = jax.eval_shape(probe, jax.tree.unflatten(treedef, shapes), key)
+    return isinstance(out, tuple)
+
+
 def fit(
     loss_fn: LossFn,
     pretrained: Params,
@@ -220,16 +243,11 @@ def fit(
     score_fn = (lambda m: float(m[score])) if isinstance(score, str) else score
     tx = _default_tx() if optimizer is None else optimizer
     first = batch_at(0)  # outside the trace: batch_at may do host work (decoding, resizing)
-    probe = jax.eval_shape(
-        lambda c, k, b: loss_fn(compose(pretrained, tvs, c, spec, masks=masks), b, k),
-        coefs,
-        jax.random.key(0),
-        first,
-    )
+    has_aux = _returns_aux(loss_fn, spec, (coefs, first, pretrained, tvs, masks))
     if split_step is None:
         split_step = jax.default_backend() == "cpu"
     make = _split_train_step if split_step else _train_step
-    step = make(loss_fn, spec, isinstance(probe, tuple))
+    step = make(loss_fn, spec, has_aux)
     state = TrainState.create(jax.tree.map(jnp.array, coefs), tx, key=seed)
 
     def run_eval(c):
