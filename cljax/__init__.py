@@ -9,7 +9,9 @@ Subpackages follow the three places of a training step where a method acts:
 * losses (terms added to the task loss): :mod:`cljax.losses`
 
 and the substrate: :mod:`cljax.tree`, :mod:`cljax.train`, :mod:`cljax.data`,
-:mod:`cljax.models`, :mod:`cljax.checkpoint`, :mod:`cljax.kernels`.
+:mod:`cljax.models`, :mod:`cljax.checkpoint`, :mod:`cljax.kernels`. Every stateful method --
+a projection, an average, a loss weighting, a continual method -- follows one protocol,
+optax's ``(init, update)`` pair (:mod:`cljax.stateful`).
 """
 
 __version__ = "0.1.0.dev0"

@@ -210,8 +210,8 @@ def test_ema_of_nnx_params():
     ref = avg.init(_pure(theta0))
     for t in taus:  # the live module after each "step"
         nnx.update(model, jax.tree.map(jnp.add, theta0, t))
-        state = jax.jit(avg.update)(state, nnx.state(model, nnx.Param), 1)
-        ref = avg.update(ref, jax.tree.map(jnp.add, _pure(theta0), _pure(t)), 1)
+        _, state = jax.jit(avg.update)(nnx.state(model, nnx.Param), state, step=1)
+        _, ref = avg.update(jax.tree.map(jnp.add, _pure(theta0), _pure(t)), ref, step=1)
     mean = av.average_params(state, nnx.state(model, nnx.Param))
     chex.assert_trees_all_close(_pure(mean), ref.mean, rtol=RTOL)
     # Hand-worked: three halvings, 1/8 of θ0 and 1/8, 1/4, 1/2 of the three fine-tunes.

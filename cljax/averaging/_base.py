@@ -29,17 +29,21 @@ class AverageState(Protocol):
 
 
 class Averager(NamedTuple):
-    """A weight average as a pair of pure functions, like an optax transformation.
+    """A weight average as an optax-style pair of pure functions (:mod:`cljax.stateful`).
 
     Attributes:
       init: ``init(params) -> state``; the state's ``mean`` starts as a float32 copy of
         ``params`` (accumulation dtype: float64 stays float64).
-      update: ``update(state, params, step) -> state``; ``step`` is ``TrainState.step``
-        after the optimizer update (the number of updates applied so far). Jit-able.
+      update: ``update(params, state, *, step=None) -> (mean, new_state)``, in optax's
+        order: the parameters after the optimizer update, the state, and ``step``, the
+        ``TrainState.step`` after that update (the number of updates applied so far;
+        :func:`~cljax.averaging.swa` needs it, the others count their own updates).
+        ``mean`` is ``new_state.mean``, in the accumulation dtype
+        (:func:`average_params` casts it to the parameters' dtypes). Jit-able.
     """
 
     init: Callable[[Params], Any]
-    update: Callable[[Any, Params, jax.Array], Any]
+    update: Callable[..., tuple[Params, Any]]
 
 
 def _copy_accum(params: Params) -> Params:
@@ -111,8 +115,8 @@ def averaging_hook(
 ) -> Callable[[TrainState], TrainState]:
     """A ``post_update`` for :func:`cljax.train.make_step` that updates averages in the step.
 
-    Each ``state.methods[name]`` is replaced by
-    ``averagers[name].update(state.methods[name], state.params, state.step)`` after the
+    Each ``state.methods[name]`` is replaced by the new state of
+    ``averagers[name].update(state.params, state.methods[name], step=state.step)`` after the
     optimizer update, inside the jitted, donated step. With ``make_step(nonfinite="skip")``
     a skipped step leaves the averages unchanged too.
 
@@ -139,7 +143,7 @@ def averaging_hook(
                     f"averaging_hook: state.methods has no {name!r} (has {sorted(methods)}); "
                     "create the state with methods=init_averages(averagers, params)"
                 )
-            methods[name] = av.update(methods[name], state.params, state.step)
+            _, methods[name] = av.update(state.params, methods[name], step=state.step)
         return state.replace(methods=methods)
 
     return post_update

@@ -52,8 +52,8 @@ def ema(*, decay: float, debias: bool = False) -> Averager:
     Example:
       >>> avg = ema(decay=0.999, debias=True)
       >>> s = avg.init({"w": jnp.zeros(3)})
-      >>> s = avg.update(s, {"w": jnp.ones(3)}, 1)
-      >>> s.mean["w"]
+      >>> mean, s = avg.update({"w": jnp.ones(3)}, s)
+      >>> mean["w"]
       Array([1., 1., 1.], dtype=float32)
 
     References:
@@ -68,7 +68,9 @@ def ema(*, decay: float, debias: bool = False) -> Averager:
     def init(params: Params) -> EmaState:
         return EmaState(mean=_copy_accum(params), count=jnp.zeros((), jnp.int32))
 
-    def update(state: EmaState, params: Params, step: jax.Array | int = 0) -> EmaState:
+    def update(
+        params: Params, state: EmaState, *, step: jax.Array | int | None = None
+    ) -> tuple[Params, EmaState]:
         del step  # the average counts its own updates
         count = state.count + 1
         if debias and decay > 0:
@@ -80,6 +82,7 @@ def ema(*, decay: float, debias: bool = False) -> Averager:
             weight = jnp.float32(1.0)
         else:
             weight = jnp.float32(one_minus)
-        return EmaState(mean=_move_toward(state.mean, params, weight), count=count)
+        mean = _move_toward(state.mean, params, weight)
+        return mean, EmaState(mean=mean, count=count)
 
     return Averager(init, update)

@@ -42,12 +42,12 @@ def swa(*, start: int = 0, every: int = 1) -> Averager:
 
     Raises:
       ValueError: if ``start`` is not an integer >= 0 or ``every`` not an integer >= 1
-        (``every=2.5`` included).
+        (``every=2.5`` included); ``update`` raises without ``step``.
 
     Example:
       >>> avg = swa(start=100, every=10)
       >>> s = avg.init({"w": jnp.zeros(2)})
-      >>> s = avg.update(s, {"w": jnp.ones(2)}, 100)
+      >>> _, s = avg.update({"w": jnp.ones(2)}, s, step=100)
       >>> int(s.count)
       1
 
@@ -61,7 +61,11 @@ def swa(*, start: int = 0, every: int = 1) -> Averager:
     def init(params: Params) -> SwaState:
         return SwaState(mean=_copy_accum(params), count=jnp.zeros((), jnp.int32))
 
-    def update(state: SwaState, params: Params, step: jax.Array | int) -> SwaState:
+    def update(
+        params: Params, state: SwaState, *, step: jax.Array | int | None = None
+    ) -> tuple[Params, SwaState]:
+        if step is None:
+            raise ValueError("swa: update needs step= (TrainState.step after the optimizer update)")
         step = jnp.asarray(step, jnp.int32)
         take = (step >= start) & ((step - start) % every == 0)
 
@@ -70,6 +74,7 @@ def swa(*, start: int = 0, every: int = 1) -> Averager:
             weight = 1.0 / count.astype(jnp.float32)
             return SwaState(mean=_move_toward(s.mean, params, weight), count=count)
 
-        return jax.lax.cond(take, snapshot, lambda s: s, state)
+        new = jax.lax.cond(take, snapshot, lambda s: s, state)
+        return new.mean, new
 
     return Averager(init, update)

@@ -42,7 +42,7 @@ def weight_ensemble(*, every: int = 100) -> Averager:
     :func:`~cljax.averaging.averaging_next_task` between tasks.
 
     The iteration is counted by the state, not read from ``TrainState.step``, so the
-    schedule restarts with every task whatever the global step; the ``step`` argument of
+    schedule restarts with every task whatever the global step; the ``step`` keyword of
     ``update`` is ignored.
 
     Args:
@@ -59,7 +59,7 @@ def weight_ensemble(*, every: int = 100) -> Averager:
       >>> we = weight_ensemble(every=2)
       >>> s = we.init({"w": jnp.zeros(())})            # theta_start = 0
       >>> for i, w in enumerate([3.0, 5.0, 6.0]):      # iterations 0, 1, 2
-      ...     s = we.update(s, {"w": jnp.asarray(w)}, i + 1)
+      ...     _, s = we.update({"w": jnp.asarray(w)}, s)
       >>> float(s.mean["w"])  # mean of {0, 3, 6}: iterations 0 and 2 were taken
       3.0
 
@@ -77,8 +77,8 @@ def weight_ensemble(*, every: int = 100) -> Averager:
         )
 
     def update(
-        state: WeightEnsembleState, params: Params, step: jax.Array | int = 0
-    ) -> WeightEnsembleState:
+        params: Params, state: WeightEnsembleState, *, step: jax.Array | int | None = None
+    ) -> tuple[Params, WeightEnsembleState]:
         del step  # the task iteration is counted by the state
 
         def snapshot(s: WeightEnsembleState) -> WeightEnsembleState:
@@ -87,6 +87,7 @@ def weight_ensemble(*, every: int = 100) -> Averager:
             return s._replace(mean=_move_toward(s.mean, params, weight), count=count)
 
         new = jax.lax.cond(state.iteration % every == 0, snapshot, lambda s: s, state)
-        return new._replace(iteration=state.iteration + 1)
+        new = new._replace(iteration=state.iteration + 1)
+        return new.mean, new
 
     return Averager(init, update)

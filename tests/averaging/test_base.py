@@ -108,9 +108,9 @@ def test_averages_on_an_8_device_mesh_match_unsharded(rng, averager):
     p0 = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16)}
     p1 = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16)}
     update = jax.jit(averager.update)
-    want = update(averager.init(p0), p1, 1)
+    _, want = update(p1, averager.init(p0), step=1)
     sharded = jax.device_put(p0, spec), jax.device_put(p1, spec)
-    got = update(averager.init(sharded[0]), sharded[1], 1)
+    _, got = update(sharded[1], averager.init(sharded[0]), step=1)
     chex.assert_trees_all_close(got, want, rtol=1e-6)
     assert got.mean["w"].dtype == jnp.float32
     assert got.mean["w"].sharding.is_equivalent_to(spec, 2)

@@ -35,7 +35,7 @@ def test_matches_loop(rng, decay, debias):
     update = jax.jit(avg.update)
     state = avg.init({"w": p0})
     for t, p in enumerate(traj, start=1):
-        state = update(state, {"w": p}, t)
+        _, state = update({"w": p}, state, step=t)
     np.testing.assert_allclose(state.mean["w"], _loop_ema(p0, traj, decay, debias), rtol=1e-5)
     assert int(state.count) == len(traj)
 
@@ -43,10 +43,10 @@ def test_matches_loop(rng, decay, debias):
 def test_bias_correction_first_update_is_the_params_and_forgets_init(rng):
     p0, p1 = rng.normal(size=(2, 4)).astype(np.float32)
     avg = ema(decay=0.999, debias=True)
-    state = avg.update(avg.init({"w": p0}), {"w": p1}, 1)
+    _, state = avg.update({"w": p1}, avg.init({"w": p0}))
     np.testing.assert_array_equal(state.mean["w"], p1)
     # without correction the initial weights dominate
-    plain = ema(decay=0.999).update(ema(decay=0.999).init({"w": p0}), {"w": p1}, 1)
+    _, plain = ema(decay=0.999).update({"w": p1}, ema(decay=0.999).init({"w": p0}))
     np.testing.assert_allclose(plain.mean["w"], 0.999 * p0 + 0.001 * p1, rtol=1e-5)
 
 
@@ -56,7 +56,7 @@ def test_bias_correction_accurate_for_decay_near_one(rng):
     avg = ema(decay=0.9999, debias=True)
     state = avg.init({"w": np.zeros(16, np.float32)})
     for t, p in enumerate(traj, start=1):
-        state = avg.update(state, {"w": p}, t)
+        _, state = avg.update({"w": p}, state, step=t)
     want = _loop_ema(np.zeros(16), traj, 0.9999, True)
     np.testing.assert_allclose(state.mean["w"], want, rtol=2e-5, atol=1e-6)
 
@@ -68,7 +68,8 @@ def test_half_precision_accumulates_in_float32(rng):
     assert state.mean["w"].dtype == jnp.float32
     assert state.mean["n"].dtype == p["n"].dtype
     new = {"w": (p["w"] + 1).astype(jnp.bfloat16), "n": p["n"] + 7}
-    state = avg.update(state, new, 1)
+    mean, state = avg.update(new, state)
+    assert mean is state.mean  # the output is the new average
     want = 0.9 * np.asarray(p["w"], np.float64) + 0.1 * np.asarray(new["w"], np.float64)
     np.testing.assert_allclose(state.mean["w"], want, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_equal(state.mean["n"], p["n"] + 7)  # non-float leaves: latest

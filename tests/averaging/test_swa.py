@@ -16,7 +16,7 @@ def test_matches_loop(rng, start, every):
     state = avg.init({"w": p0})
     taken = []
     for s, p in enumerate(traj, start=1):  # s = TrainState.step after update s
-        state = update(state, {"w": p}, s)
+        _, state = update({"w": p}, state, step=s)
         if s >= start and (s - start) % every == 0:
             taken.append(p.astype(np.float64))
     assert int(state.count) == len(taken) > 0
@@ -26,7 +26,7 @@ def test_matches_loop(rng, start, every):
 def test_before_start_keeps_init(rng):
     p0, p1 = rng.normal(size=(2, 3)).astype(np.float32)
     avg = swa(start=10)
-    state = avg.update(avg.init({"w": p0}), {"w": p1}, 9)
+    _, state = avg.update({"w": p1}, avg.init({"w": p0}), step=9)
     np.testing.assert_array_equal(state.mean["w"], p0)
     assert int(state.count) == 0
 
@@ -35,3 +35,9 @@ def test_before_start_keeps_init(rng):
 def test_bad_hyperparameters(kw, msg):
     with pytest.raises(ValueError, match=msg):
         swa(**kw)
+
+
+def test_update_without_step_names_it():
+    avg = swa(start=0)
+    with pytest.raises(ValueError, match=r"swa: update needs step="):
+        avg.update({"w": np.ones(2)}, avg.init({"w": np.zeros(2)}))

@@ -13,7 +13,7 @@ def test_hand_case():
     we = weight_ensemble(every=2)
     state = we.init({"w": jnp.asarray(1.0)})
     for i, w in enumerate([2.0, 4.0, 8.0, 16.0, 32.0]):
-        state = we.update(state, {"w": jnp.asarray(w)}, 1000 + i)  # step is ignored
+        _, state = we.update({"w": jnp.asarray(w)}, state, step=1000 + i)  # step is ignored
     assert float(state.mean["w"]) == pytest.approx((1 + 2 + 8 + 32) / 4)
     assert int(state.count) == 4 and int(state.iteration) == 5
 
@@ -26,7 +26,7 @@ def test_reference_schedule_has_twelve_members(rng):
     update = jax.jit(we.update)
     state = we.init({"w": start})
     for i in range(1001):
-        state = update(state, {"w": traj[i]}, i + 1)
+        _, state = update({"w": traj[i]}, state, step=i + 1)
     members = np.concatenate([start[None], traj[::100]])
     assert members.shape[0] == 12 == int(state.count)
     np.testing.assert_allclose(state.mean["w"], members.mean(0), rtol=1e-5, atol=1e-6)
