@@ -157,7 +157,9 @@ def make_mtl_step(
         if args and info.get("aux") is not None:
             methods["model_state"] = info["aux"]
         if weighting is not None:
-            methods["weighting"] = weighting.update(methods["weighting"], info["losses"])
+            _, methods["weighting"] = weighting.update(
+                info["losses"], methods["weighting"], key=k_w
+            )
         new = new.replace(key=key, methods=methods)
         losses = info["losses"]
         gnorm = optax.tree.norm(grads)

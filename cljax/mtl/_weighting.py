@@ -1,10 +1,14 @@
 """Stateful loss weightings: uncertainty weighting (UW), DWA and random loss weighting (RLW).
 
-A :class:`LossWeighting` is a pair of pure functions around an explicit state, in the
-optax manner: ``weights(state, key) -> [T]`` gives this step's loss weights and
-``update(state, losses) -> state`` records the step's task losses. The weights multiply
-the task losses (so the per-task gradients) before any aggregator:
-``grad_fn(params, batch, weights=weighting.weights(state, key))``.
+A :class:`LossWeighting` follows the protocol of every stateful method
+(:mod:`cljax.stateful`): ``init() -> state`` and, in optax's order,
+``update(losses, state, *, key=None) -> (weighted_losses, new_state)``, which records the
+step's task losses. A third pure function, ``weights(state, key=None) -> [T]``, gives this
+step's loss weights. The weights multiply the task losses (so the per-task gradients) before
+any aggregator, ``grad_fn(params, batch, weights=weighting.weights(state, key))``, and the
+losses exist only after that forward pass: so reading the weights and recording the losses
+are two functions, where a single ``update`` would apply the weights a step late or run the
+forward pass twice.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from cljax._checks import check_int, check_scalar
+from cljax.stateful import EmptyState
 
 __all__ = [
     "DWAState",
@@ -29,11 +34,26 @@ __all__ = [
 
 
 class LossWeighting(NamedTuple):
-    """``init() -> state``; ``weights(state, key=None) -> [T]``; ``update(state, losses) -> state``."""
+    """A loss weighting as pure functions around an explicit state (:mod:`cljax.stateful`).
+
+    Attributes:
+      init: ``init() -> state``, a NamedTuple.
+      update: ``update(losses, state, *, key=None) -> (weighted_losses, new_state)``:
+        records the step's ``[T]`` task losses (after the forward pass; no gradient flows
+        into the state) and returns them multiplied by the weights of ``state``, the
+        weights this step's gradient used when ``key`` is the key given to ``weights``.
+        Jit-able.
+      weights: ``weights(state, key=None) -> [T]``: this step's loss weights, read
+        before the gradient. A random weighting needs ``key``.
+    """
 
     init: Callable[[], Any]
+    update: Callable[..., tuple[jax.Array, Any]]
     weights: Callable[..., jax.Array]
-    update: Callable[[Any, jax.Array], Any]
+
+
+def _weighted(losses: jax.Array, w: jax.Array) -> jax.Array:
+    return w * jax.lax.stop_gradient(losses).astype(jnp.float32)
 
 
 def _check_tasks(num_tasks: int, where: str) -> None:
@@ -69,7 +89,7 @@ def uncertainty_weighting(num_tasks: int, *, learning_rate: float = 1e-3) -> Los
     Example::
 
       >>> uw = uncertainty_weighting(2); s = uw.init()
-      >>> w = uw.weights(s); s = uw.update(s, losses)
+      >>> w = uw.weights(s); _, s = uw.update(losses, s)
 
     References:
       Kendall et al., "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
@@ -89,15 +109,16 @@ def uncertainty_weighting(num_tasks: int, *, learning_rate: float = 1e-3) -> Los
         del key
         return 0.5 * jnp.exp(-state.log_vars)
 
-    def update(state, losses):
+    def update(losses, state, *, key=None):
         g = 0.5 * (
             1.0 - jax.lax.stop_gradient(losses).astype(jnp.float32) * jnp.exp(-state.log_vars)
         )
         upd, opt_state = tx.update(g, state.opt_state, state.log_vars)
         # apply_updates is typed on trees; on an array it returns an array
-        return UWState(cast(jax.Array, optax.apply_updates(state.log_vars, upd)), opt_state)
+        new = UWState(cast(jax.Array, optax.apply_updates(state.log_vars, upd)), opt_state)
+        return _weighted(losses, weights(state, key)), new
 
-    return LossWeighting(init, weights, update)
+    return LossWeighting(init, update, weights)
 
 
 class DWAState(NamedTuple):
@@ -151,25 +172,27 @@ def dwa(num_tasks: int, *, steps_per_epoch: int, temperature: float = 2.0) -> Lo
         w = t * jax.nn.softmax(r / temperature)
         return jnp.where(epoch >= 2, w, jnp.ones((t,), jnp.float32))
 
-    def update(state, losses):
+    def update(losses, state, *, key=None):
         running = state.running + jax.lax.stop_gradient(losses).astype(jnp.float32)
         step = state.step + 1
         done = step % steps_per_epoch == 0
         mean = running / steps_per_epoch
-        return DWAState(
+        new = DWAState(
             step=step,
             running=jnp.where(done, 0.0, running),
             last=jnp.where(done, mean, state.last),
             before_last=jnp.where(done, state.last, state.before_last),
         )
+        return _weighted(losses, weights(state, key)), new
 
-    return LossWeighting(init, weights, update)
+    return LossWeighting(init, update, weights)
 
 
 def random_loss_weighting(num_tasks: int) -> LossWeighting:
     """Random loss weighting: ``w = softmax(z)``, ``z ~ N(0, I)`` drawn afresh each step.
 
-    Stateless apart from the key passed to ``weights`` (required).
+    Stateless (its state is ``EmptyState()``) apart from the key passed to ``weights`` and
+    ``update`` (required by both).
 
     Scale convention: *mean* scale (weights sum to 1), as LibMTL's ``RLW``.
 
@@ -180,7 +203,7 @@ def random_loss_weighting(num_tasks: int) -> LossWeighting:
       A :class:`LossWeighting`.
 
     Raises:
-      ValueError: if ``num_tasks < 1``; ``weights`` raises without a key.
+      ValueError: if ``num_tasks < 1``; ``weights`` and ``update`` raise without a key.
 
     Example::
 
@@ -193,7 +216,7 @@ def random_loss_weighting(num_tasks: int) -> LossWeighting:
     _check_tasks(num_tasks, "random_loss_weighting")
 
     def init():
-        return ()
+        return EmptyState()
 
     def weights(state, key=None):
         del state
@@ -201,8 +224,11 @@ def random_loss_weighting(num_tasks: int) -> LossWeighting:
             raise ValueError("random_loss_weighting: weights() needs a PRNG key")
         return jax.nn.softmax(jax.random.normal(key, (num_tasks,), jnp.float32))
 
-    def update(state, losses):
-        del losses
-        return state
+    def update(losses, state, *, key=None):
+        if key is None:
+            raise ValueError(
+                "random_loss_weighting: update() needs key= (the key given to weights())"
+            )
+        return _weighted(losses, weights(state, key)), state
 
-    return LossWeighting(init, weights, update)
+    return LossWeighting(init, update, weights)

@@ -13,7 +13,7 @@ def test_uncertainty_weighting_moves_towards_the_optimum():
     losses = jnp.array([4.0, 0.25])
     update = jax.jit(uw.update)
     for _ in range(400):
-        s = update(s, losses)
+        _, s = update(losses, s)
     # The minimiser of L e^{-s}/2 + s/2 is s = log L.
     np.testing.assert_allclose(s.log_vars, np.log([4.0, 0.25]), atol=0.05)
     w = uw.weights(s)
@@ -28,7 +28,7 @@ def test_dwa_matches_the_formula():
     for i, loss in enumerate(history):
         if i < 4:
             np.testing.assert_allclose(w8.weights(s), [1.0, 1.0])
-        s = w8.update(s, jnp.array(loss))
+        _, s = w8.update(jnp.array(loss), s)
     r = np.array([0.4 / 0.5, 0.9 / 0.9])
     ref = 2 * np.exp(r / 2) / np.exp(r / 2).sum()
     np.testing.assert_allclose(w8.weights(s), ref, rtol=1e-5)
@@ -42,6 +42,26 @@ def test_random_loss_weighting():
     assert np.all(w1 > 0) and not np.allclose(w1, w2)
     with pytest.raises(ValueError, match="needs a PRNG key"):
         rlw.weights(rlw.init())
+    with pytest.raises(ValueError, match=r"update\(\) needs key="):
+        rlw.update(jnp.ones(3), rlw.init())
+
+
+@pytest.mark.parametrize("name", ["uw", "dwa", "rlw"])
+def test_update_returns_the_losses_times_the_weights_of_the_step(name):
+    """optax's order: ``update(losses, state) -> (outputs, new_state)``; the outputs are the
+    losses weighted as this step's gradient weighted them (the weights of the old state)."""
+    make = {
+        "uw": lambda: uncertainty_weighting(3, learning_rate=0.1),
+        "dwa": lambda: dwa(3, steps_per_epoch=1),
+        "rlw": lambda: random_loss_weighting(3),
+    }[name]
+    wt, key = make(), jax.random.key(4)
+    s = wt.init()
+    for i in range(4):  # DWA's weights leave 1 after two epochs
+        losses = jnp.array([1.0 + i, 0.5, 2.0 / (1 + i)])
+        want = np.asarray(wt.weights(s, key)) * np.asarray(losses)
+        out, s = wt.update(losses, s, key=key)
+        np.testing.assert_array_equal(out, want)
 
 
 def test_bad_hyperparameters():
