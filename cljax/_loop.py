@@ -8,7 +8,8 @@ lives here, once:
 * :func:`check_every` validates ``checkpoint_every`` and its ``checkpoint_dir``;
 * :func:`restore_latest` restores the newest good checkpoint (a damaged one is moved aside
   by :class:`cljax.checkpoint.CheckpointManager` and the previous one used) and refuses one
-  written by another run, with the run's own explanation of why;
+  written by another run, with the run's own explanation of why (:func:`other_run` writes
+  the usual one: the metadata that identify a run differ);
 * :func:`save` writes a checkpoint, never of a non-finite state, and moves aside a good
   checkpoint at the same step that the restore skipped (it is ahead of the resumed run);
 * :func:`due` says whether a step count calls for a checkpoint inside a segment (a task,
@@ -22,7 +23,7 @@ Each trainer keeps its own loop body, its state layout and its metadata keys.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,6 +40,7 @@ __all__ = [
     "floats_from_metadata",
     "floats_to_metadata",
     "nonfinite_leaf",
+    "other_run",
     "restore_latest",
     "save",
 ]
@@ -83,6 +85,33 @@ def due(done: int, every: int | None, *, segment_end: bool) -> bool:
       segment_end: whether this step ends its segment.
     """
     return every is not None and not segment_end and done % every == 0
+
+
+def other_run(
+    identity: Mapping[str, Any], *, what: str, run: str = "run"
+) -> Callable[[dict], str | None]:
+    """The ``other_run`` of :func:`restore_latest` for a run identified by metadata values.
+
+    Args:
+      identity: the metadata keys and values that a checkpoint of this run carries (the
+        number of tasks, the seed, the batch size, ...).
+      what: the checkpoint named in the message (``"checkpoint in <folder>"``).
+      run: what a run is called in the message (``"run"``, ``"fit"``).
+
+    Returns:
+      ``check(metadata)``: ``None`` if every key of ``identity`` has its value in
+      ``metadata``, else ``"<what> is of another <run> ({saved}); this <run> has
+      {identity} (use another folder)"`` with the saved values of those keys.
+    """
+    mine = dict(identity)
+
+    def check(meta: dict) -> str | None:
+        if all(meta.get(k) == v for k, v in mine.items()):
+            return None
+        saved = {k: meta.get(k) for k in mine}
+        return f"{what} is of another {run} ({saved}); this {run} has {mine} (use another folder)"
+
+    return check
 
 
 def restore_latest(

@@ -126,19 +126,19 @@ def _method(name: str, cfg: Config, model: MLP, scenario: str, num_tasks: int):
     body = [(r"Dense_[01]/kernel", True)]
     all_layers = [(r"Dense_\d/kernel", True)]
     if name == "naive":
-        return cl.Naive()
+        return cl.naive()
     if name == "ewc":
-        return cl.EWC(weight=cfg.ewc_strength)
+        return cl.ewc(weight=cfg.ewc_strength)
     if name == "lwf":
-        return cl.LwF(weight=cfg.lwf_weight, temperature=cfg.lwf_temperature)
+        return cl.lwf(weight=cfg.lwf_weight, temperature=cfg.lwf_temperature)
     if name == "gpm":
         rec = jax.jit(lambda p, x: pj.record_layer_inputs(model, {"params": p}, x))
         targets = all_layers if scenario == "domain" else body
         # the reference's PMNIST thresholds, one per protected layer
         thr = [0.95, 0.99, 0.99] if scenario == "domain" else [0.95, 0.99]
-        return cl.GPM(targets, rec, threshold=thr, num_samples=cfg.gpm_samples)
+        return cl.gpm(targets, rec, threshold=thr, num_samples=cfg.gpm_samples)
     if name == "coso":
-        return cl.CoSO(
+        return cl.coso(
             cfg.lr,
             body,
             proj_rank=cfg.coso_proj_rank,
@@ -146,7 +146,7 @@ def _method(name: str, cfg: Config, model: MLP, scenario: str, num_tasks: int):
         )
     if name == "osft":
         step = 1.0 / num_tasks
-        return cl.OSFT(body, ratio=lambda t: pj.rising_ratio(t, start=0.0, step=step))
+        return cl.osft(body, ratio=lambda t: pj.rising_ratio(t, start=0.0, step=step))
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 

@@ -113,7 +113,7 @@ def main():
         optimizer=optax.adam(3e-3),
         steps_per_task=STEPS,
         batch_size=16,
-        methods=[cl.GPM([(r"Dense_0/kernel", True)], record, threshold=0.95, num_samples=64)],
+        methods=[cl.gpm([(r"Dense_0/kernel", True)], record, threshold=0.95, num_samples=64)],
         scenario="domain",
         checkpoint_dir=out / "ckpt",
         checkpoint_every=args.checkpoint_every,

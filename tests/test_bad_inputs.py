@@ -716,7 +716,7 @@ def _method_rows() -> list[Row]:
         Row(
             "continual",
             "a GPM threshold outside (0, 1]",
-            lambda _: cl.GPM([("k", True)], None, threshold=1.5),
+            lambda _: cl.gpm([("k", True)], None, threshold=1.5),
             ValueError,
             r"1.5",
         ),

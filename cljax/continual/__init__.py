@@ -1,12 +1,26 @@
 """Continual learning: a task-sequence runner, the accuracy matrix and the field's metrics.
 
-The runner (:func:`run_sequence`) trains on tasks one after another with pure hooks
-(``begin_task``, the train loop, ``end_task``) of method objects, evaluates every task after
-every task into the accuracy matrix ``A[j, i]`` (after task j, on task i), and checkpoints
-its whole state at task boundaries. The metrics read that matrix.
+The runner (:func:`run_sequence`) trains on tasks one after another, evaluates every task
+after every task into the accuracy matrix ``A[j, i]`` (after task j, on task i), and
+checkpoints its whole state at task boundaries. Methods are :class:`Method` NamedTuples of
+pure hooks (``init``, ``update``, ``loss``, ``begin_task``, ``end_task``, ...) built by
+factories (:func:`ewc`, :func:`lwf`, :func:`gpm`, ...), the protocol of every stateful
+method (:mod:`cljax.stateful`). The metrics read the matrix.
 """
 
-from cljax.continual._methods import EWC, GPM, OSFT, PRD, CoSO, L2Anchor, LwF, Naive, no_task_loss
+from cljax.continual._methods import (
+    AnchorState,
+    TeacherState,
+    coso,
+    ewc,
+    gpm,
+    l2_anchor,
+    lwf,
+    naive,
+    no_task_loss,
+    osft,
+    prd,
+)
 from cljax.continual._metrics import (
     average_incremental_accuracy,
     backward_transfer,
@@ -28,20 +42,22 @@ from cljax.continual._runner import (
 )
 
 __all__ = [
-    "EWC",
-    "GPM",
-    "OSFT",
-    "PRD",
-    "CoSO",
+    "AnchorState",
     "ContinualResult",
     "HeadLayout",
-    "L2Anchor",
-    "LwF",
     "Method",
-    "Naive",
     "TaskContext",
+    "TeacherState",
+    "coso",
     "cross_entropy_loss",
+    "ewc",
+    "gpm",
+    "l2_anchor",
+    "lwf",
+    "naive",
     "no_task_loss",
+    "osft",
+    "prd",
     "run_sequence",
     "average_incremental_accuracy",
     "backward_transfer",

@@ -9,10 +9,11 @@ With ``checkpoint_every=N`` the whole state is also saved every N optimiser step
 task (in ``<checkpoint_dir>/mid_task``), and a re-run resumes at that step: the result is
 bit-identical to an uninterrupted run.
 
-Methods are objects with pure hooks (:class:`Method`): they may wrap the optimiser (a
-projection transform after it), add a loss term, keep a state in ``TrainState.methods``
-and change the train state between tasks. The runner owns the scenario -- how the local
-labels of a task map onto the model's outputs -- through a :class:`HeadLayout`:
+Methods are NamedTuples of pure hooks (:class:`Method`, built by factories such as
+:func:`cljax.continual.ewc`): they may wrap the optimiser (a projection transform after it),
+add a loss term, keep a state in ``TrainState.methods`` and change the train state between
+tasks. The runner owns the scenario -- how the local labels of a task map onto the model's
+outputs -- through a :class:`HeadLayout`:
 
 * ``"task"`` (task-incremental): one head per task, i.e. a slice of the output per task;
   training and evaluation use the task's slice only (the task id is known);
@@ -30,7 +31,7 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,7 @@ from cljax.checkpoint import CheckpointManager
 from cljax.continual._metrics import summarize
 from cljax.data import Task
 from cljax.projection._common import find_state
+from cljax.stateful import EmptyState
 from cljax.train import NonFiniteError, TrainState
 
 __all__ = [
@@ -183,53 +185,80 @@ class TaskContext:
         return self.layout.batch({"x": x[:n], "y": y[:n]}, self.index)
 
 
-class Method:
-    """Base class of continual-learning methods: every hook is the identity (naive fine-tuning).
+def _no_state(params: Any) -> EmptyState:
+    del params
+    return EmptyState()
 
-    Subclasses override what they need. All hooks are pure: they take and return values.
+
+def _keep(params: Any, state: Any, *, step: Any = None) -> tuple[Any, Any]:
+    del step
+    return params, state
+
+
+def _no_loss(
+    params: Any, batch: dict, logits: jax.Array, state: Any, apply_fn: Callable
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    del params, batch, logits, state, apply_fn
+    return jnp.zeros((), jnp.float32), {}
+
+
+def _same_state(state: TrainState, ctx: TaskContext) -> TrainState:
+    del ctx
+    return state
+
+
+def _same_optimizer(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    return optimizer
+
+
+class Method(NamedTuple):
+    """A continual-learning method: a NamedTuple of pure hooks, built by a factory.
+
+    The protocol of every stateful method (:mod:`cljax.stateful`): ``init`` first, then
+    ``update`` in optax's order, plus the hooks of a task sequence. Every hook defaults to
+    the identity, so ``Method()`` is naive fine-tuning and a factory fills in what its
+    method needs (``Method(init=..., loss=..., end_task=..., name="ewc")``). What changes
+    lives in the state, not in the object: one method serves any number of runs.
 
     Attributes:
-      name: key of the method's state in ``TrainState.methods`` (unique within a run).
+      init: ``init(params) -> state``, stored in ``TrainState.methods[name]``: a pytree
+        of fixed structure (checkpoints restore into it); the library's methods return a
+        NamedTuple, ``EmptyState()`` where they keep none.
+      update: ``update(params, state, *, step) -> (params, new_state)``, applied after
+        every optimiser update inside the jitted step (``step`` is ``TrainState.step``
+        after it), e.g. a weight average.
+      loss: ``loss(params, batch, logits, state, apply_fn) -> (term, metrics)``: an extra
+        loss term, traced inside the jitted step, and scalar metrics. ``batch`` holds
+        ``x``, the global labels ``y``, ``mask``, ``old_mask``, ``task`` and ``key``, a
+        PRNG key of its own for this method and step (e.g. augmentation).
+      begin_task: ``begin_task(train_state, ctx) -> train_state``, before training task
+        ``ctx.index`` (:class:`TaskContext`).
+      end_task: ``end_task(train_state, ctx) -> train_state``, after training task
+        ``ctx.index``, before its evaluation. Both call the library's
+        ``<method>_next_task`` functions.
+      wrap_optimizer: ``wrap_optimizer(optimizer) -> optimizer``, the optimiser actually
+        used (e.g. ``optax.chain(optimizer, projection)``).
       persistent_states: optax sub-state types to carry over when the runner resets the
         optimiser between tasks (a projection memory must survive a reset).
+      name: key of the method's state in ``TrainState.methods`` (unique within a run).
+
+    Example::
+
+      counter = Method(
+          init=lambda params: jnp.zeros((), jnp.int32),
+          update=lambda params, n, *, step: (params, n + 1),
+          name="steps",
+      )
     """
 
-    name: str = "naive"
+    init: Callable[[Any], Any] = _no_state
+    update: Callable[..., tuple[Any, Any]] = _keep
+    loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]] = _no_loss
+    begin_task: Callable[[TrainState, TaskContext], TrainState] = _same_state
+    end_task: Callable[[TrainState, TaskContext], TrainState] = _same_state
+    wrap_optimizer: Callable[[optax.GradientTransformation], Any] = _same_optimizer
     persistent_states: tuple[type, ...] = ()
-
-    def wrap_optimizer(self, optimizer: optax.GradientTransformation) -> Any:
-        """The optimiser actually used (e.g. ``optax.chain(optimizer, projection)``)."""
-        return optimizer
-
-    def init(self, params: Any) -> Any:
-        """The method's state, stored in ``TrainState.methods[self.name]`` (fixed structure)."""
-        return {}
-
-    def loss(
-        self, params: Any, batch: dict, logits: jax.Array, mstate: Any, apply_fn: Callable
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """An extra loss term (traced inside the jitted step) and scalar metrics.
-
-        ``batch`` holds ``x``, the global labels ``y``, ``mask``, ``old_mask``, ``task``
-        and ``key``, a PRNG key of its own for this method and step (e.g. augmentation).
-        """
-        return jnp.zeros((), jnp.float32), {}
-
-    def post_step(self, state: TrainState) -> TrainState:
-        """Applied after every optimiser update, inside the jit (e.g. a weight average)."""
-        return state
-
-    def begin_task(self, state: TrainState, ctx: TaskContext) -> TrainState:
-        """Between-task hook before training task ``ctx.index``."""
-        return state
-
-    def end_task(self, state: TrainState, ctx: TaskContext) -> TrainState:
-        """Between-task hook after training task ``ctx.index`` (before evaluation)."""
-        return state
-
-
-class _Naive(Method):
-    name = "naive"
+    name: str = "naive"
 
 
 def cross_entropy_loss(logits: jax.Array, batch: dict) -> jax.Array:
@@ -328,10 +357,11 @@ def run_sequence(
       tasks: the task sequence (:class:`cljax.data.Task`).
       apply_fn: ``apply_fn(params, x) -> logits [B, layout.num_outputs]``.
       params: initial parameters.
-      optimizer: base optax optimiser; each method may wrap it (:meth:`Method.wrap_optimizer`).
+      optimizer: base optax optimiser; each method may wrap it (``Method.wrap_optimizer``).
       steps_per_task: optimiser steps per task.
       batch_size: training batch size.
-      methods: one method or several (hooks run in order, losses add up); none = naive.
+      methods: one :class:`Method` or several (hooks run in order, losses add up); none =
+        naive.
       scenario: ``"task"``, ``"class"`` or ``"domain"`` (module docstring).
       class_loss: ``"class"`` scenario: train each task over the classes seen so far
         (``"seen"``) or over its new classes only (``"new"``); see :class:`HeadLayout`.
@@ -373,6 +403,7 @@ def run_sequence(
       A :class:`ContinualResult`.
 
     Raises:
+      TypeError: if ``methods`` holds something that is not a :class:`Method`.
       ValueError: on an empty sequence, an unknown scenario, a non-positive step count or
         batch size, duplicate method names, a ``checkpoint_every`` that is not a positive
         int or comes without ``checkpoint_dir``, an unknown ``nonfinite`` policy, or a
@@ -390,7 +421,7 @@ def run_sequence(
       tasks = cljax.data.permuted_mnist(10)
       result = run_sequence(tasks, apply_fn=lambda p, x: model.apply({"params": p}, x),
                             params=params, optimizer=optax.adam(1e-3), steps_per_task=200,
-                            batch_size=32, methods=[GPM(...)], scenario="domain")
+                            batch_size=32, methods=[gpm(...)], scenario="domain")
       print(result.metrics["acc"], result.metrics["bwt"])
 
     References:
@@ -405,6 +436,13 @@ def run_sequence(
     if batch_size < 1:
         raise ValueError(f"{batch_size=} must be >= 1")
     methods = [methods] if isinstance(methods, Method) else list(methods)
+    for k, m in enumerate(methods):
+        if not isinstance(m, Method):
+            raise TypeError(
+                f"run_sequence: methods[{k}] is a {type(m).__name__}, not a "
+                "cljax.continual.Method; build one with a factory such as "
+                "cljax.continual.ewc(weight=...)"
+            )
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique; got {names}")
@@ -464,15 +502,10 @@ def run_sequence(
                 f"this run has {n_tasks} tasks (use another folder)"
             )
 
-        def other_mid(meta: dict) -> str | None:
-            mine = {"num_tasks": n_tasks, **identity}
-            if all(meta.get(k) == v for k, v in mine.items()):
-                return None
-            saved = {k: meta.get(k) for k in mine}
-            return (
-                f"mid-task checkpoint in {mid_dir} is of another run ({saved}); "
-                f"this run has {mine} (use another folder)"
-            )
+        other_mid = _loop.other_run(
+            {"num_tasks": n_tasks, **identity},
+            what=f"mid-task checkpoint in {ckpt.directory / 'mid_task'}",
+        )
 
         restored = _loop.restore_latest(ckpt, target, other_boundary)
         if restored is not None:
@@ -523,7 +556,8 @@ def run_sequence(
         )
         new = st.apply_gradients(grads)
         for m in methods:
-            new = m.post_step(new)
+            p, ms = m.update(new.params, new.methods[m.name], step=new.step)
+            new = new.replace(params=p, methods={**new.methods, m.name: ms})
         ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new.params)
         ok = ok & _all_finite(new.methods)
 

@@ -62,7 +62,7 @@ def main(argv=None):
         from cljax import projection as pj
 
         record = jax.jit(lambda p, x: pj.record_layer_inputs(model, {"params": p}, x))
-        methods = [cl.GPM([(r"Dense_[0-2]/kernel", True)], record, threshold=0.97, num_samples=300)]
+        methods = [cl.gpm([(r"Dense_[0-2]/kernel", True)], record, threshold=0.97, num_samples=300)]
     samples = []
 
     def progress(iterable, desc, total=None):

@@ -52,7 +52,7 @@ def _prd(identity_groups=True):
     protos = lambda p: p["w"]  # noqa: E731
     aug = lambda key, x: x + 0.1 * jax.random.normal(key, x.shape)  # noqa: E731
     groups = np.array([0, 0, 1, 1]) if identity_groups else None
-    return cl.PRD(feats, proj, protos, aug, groups=groups, temperature=0.2), feats, proj, aug
+    return cl.prd(feats, proj, protos, aug, groups=groups, temperature=0.2), feats, proj, aug
 
 
 def test_prd_loss_is_the_sum_of_its_three_terms():
@@ -68,7 +68,7 @@ def test_prd_loss_is_the_sum_of_its_three_terms():
     key = jax.random.key(3)
     batch = {"x": x, "y": y, "old_mask": jnp.asarray([1, 1, 0, 0], bool), "key": key}
     teacher = jax.tree.map(lambda a: a + 0.3, params)
-    mstate = {"teacher": teacher, "active": jnp.ones(())}
+    mstate = cl.TeacherState(teacher, jnp.ones(()))
     total, aux = prd.loss(params, batch, None, mstate, None)
     # oracle: the library losses composed by hand, the same two views
     k1, k2 = jax.random.split(key)
@@ -86,7 +86,7 @@ def test_prd_loss_is_the_sum_of_its_three_terms():
     np.testing.assert_allclose(float(total), float(sup + 4 * pro + 4 * dis), rtol=1e-5)
     assert float(aux["distill"]) > 0
     # before the first snapshot the distillation is off
-    off, _ = prd.loss(params, batch, None, {**mstate, "active": jnp.zeros(())}, None)
+    off, _ = prd.loss(params, batch, None, mstate._replace(active=jnp.zeros(())), None)
     np.testing.assert_allclose(float(off), float(sup + 4 * pro), rtol=1e-5)
 
 
@@ -111,17 +111,17 @@ def test_prd_trains_through_the_runner_and_snapshots_the_teacher():
         task_loss=cl.no_task_loss,
     )
     st = res.state.methods["prd"]
-    assert float(st["active"]) == 1.0
-    for a, b in zip(jax.tree.leaves(st["teacher"]), jax.tree.leaves(res.state.params), strict=True):
+    assert float(st.active) == 1.0
+    for a, b in zip(jax.tree.leaves(st.teacher), jax.tree.leaves(res.state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(res.state.params["enc"]), np.asarray(params["enc"]))
 
 
 def test_prd_bad_inputs():
     f = lambda *a: None  # noqa: E731
-    with pytest.raises(ValueError, match=r"PRD: temperature=nan"):
-        cl.PRD(f, f, f, f, temperature=float("nan"))
-    with pytest.raises(ValueError, match=r"PRD: distill_weight=inf"):
-        cl.PRD(f, f, f, f, distill_weight=float("inf"))
-    with pytest.raises(ValueError, match=r"PRD: groups"):
-        cl.PRD(f, f, f, f, groups=[0.5, 1.0])
+    with pytest.raises(ValueError, match=r"prd: temperature=nan"):
+        cl.prd(f, f, f, f, temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"prd: distill_weight=inf"):
+        cl.prd(f, f, f, f, distill_weight=float("inf"))
+    with pytest.raises(ValueError, match=r"prd: groups"):
+        cl.prd(f, f, f, f, groups=[0.5, 1.0])

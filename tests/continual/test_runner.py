@@ -64,33 +64,31 @@ def test_head_layouts():
     assert not ld.old_mask(0).any() and ld.old_mask(1).all()
 
 
-class _Recorder(cl.Method):
-    name = "rec"
+def _recorder(calls):
+    """A method counting its in-step updates and recording its between-task hooks."""
 
-    def __init__(self):
-        self.calls = []
+    def hook(kind):
+        def record(state, ctx):
+            calls.append((kind, ctx.index, int(state.step)))
+            return state
 
-    def init(self, params):
-        return {"n": jnp.zeros((), jnp.int32)}
+        return record
 
-    def begin_task(self, state, ctx):
-        self.calls.append(("begin", ctx.index, int(state.step)))
-        return state
-
-    def end_task(self, state, ctx):
-        self.calls.append(("end", ctx.index, int(state.step)))
-        return state
-
-    def post_step(self, state):
-        m = state.methods["rec"]
-        return state.replace(methods={**state.methods, "rec": {"n": m["n"] + 1}})
+    return cl.Method(
+        init=lambda params: {"n": jnp.zeros((), jnp.int32)},
+        update=lambda params, s, *, step: (params, {"n": s["n"] + 1}),
+        begin_task=hook("begin"),
+        end_task=hook("end"),
+        name="rec",
+    )
 
 
 @pytest.mark.slow
 def test_hooks_run_in_order_and_matrix_is_filled():
     tasks = _tasks(3)
     _, params, apply_fn = _setup(6)
-    rec = _Recorder()
+    calls = []
+    rec = _recorder(calls)
     res = cl.run_sequence(
         tasks,
         apply_fn=apply_fn,
@@ -102,7 +100,7 @@ def test_hooks_run_in_order_and_matrix_is_filled():
         scenario="task",
         evaluate_initial=True,
     )
-    assert rec.calls == [
+    assert calls == [
         ("begin", 0, 0),
         ("end", 0, 5),
         ("begin", 1, 5),
@@ -153,8 +151,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     model, params, apply_fn = _setup(2)
     rec = jax.jit(lambda p, x: pj.record_layer_inputs(model, {"params": p}, x))
     make = lambda: [
-        cl.GPM([("kernel", True)], rec, threshold=0.9, num_samples=32),
-        cl.EWC(weight=1.0, fisher_samples=16),
+        cl.gpm([("kernel", True)], rec, threshold=0.9, num_samples=32),
+        cl.ewc(weight=1.0, fisher_samples=16),
     ]
     kw = dict(
         apply_fn=apply_fn,
@@ -195,7 +193,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"scenario='multi' must be one of"):
         cl.run_sequence(_tasks(1), **kw, scenario="multi")
     with pytest.raises(ValueError, match=r"method names must be unique"):
-        cl.run_sequence(_tasks(1), **kw, methods=[cl.EWC(weight=1.0), cl.EWC(weight=2.0)])
+        cl.run_sequence(_tasks(1), **kw, methods=[cl.ewc(weight=1.0), cl.ewc(weight=2.0)])
     with pytest.raises(ValueError, match=r"steps_per_task=0"):
         cl.run_sequence(_tasks(1), **{**kw, "steps_per_task": 0})
     cl.run_sequence(_tasks(2), **kw, checkpoint_dir=tmp_path / "c")

@@ -50,7 +50,7 @@ def setup():
 def runs(setup, tmp_path_factory):
     """The reference fingerprint, a crashed folder (after global step 14), a finished one."""
     tasks, kw = setup
-    reference = _fingerprint(cl.run_sequence(tasks, **kw, methods=[cl.LwF(weight=0.5)]))
+    reference = _fingerprint(cl.run_sequence(tasks, **kw, methods=[cl.lwf(weight=0.5)]))
     root = tmp_path_factory.mktemp("runs")
     with pytest.raises(_Crash):
         _run(setup, root / "crashed", crash=14)
@@ -64,7 +64,7 @@ def _run(setup, d, crash=None, seen=None):
     return cl.run_sequence(
         tasks,
         **kw,
-        methods=[cl.LwF(weight=0.5)],
+        methods=[cl.lwf(weight=0.5)],
         checkpoint_dir=d,
         checkpoint_every=EVERY,
         progress=_crash_after(crash, [] if seen is None else seen),
@@ -173,12 +173,11 @@ def test_nonfinite_hook_state_raises(setup):
     import jax
     import jax.numpy as jnp
 
-    class Poison(cl.Method):
-        name = "poison"
-
-        def end_task(self, state, ctx):
-            return state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+    def poison(state, ctx):
+        return state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
 
     tasks, kw = setup
     with pytest.raises(NonFiniteError, match=r"end_task hooks of task 0 \('t0'\)"):
-        cl.run_sequence(tasks, **kw, methods=[Poison()], nonfinite="skip")
+        cl.run_sequence(
+            tasks, **kw, methods=[cl.Method(end_task=poison, name="poison")], nonfinite="skip"
+        )

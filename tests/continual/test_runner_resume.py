@@ -39,8 +39,8 @@ def _crash_after(step: int | None, seen: list):
 
 def _methods():
     return [
-        cl.CoSO(1e-2, [("Dense_0/kernel", True)], proj_rank=2, sketch_rank=4),
-        cl.LwF(weight=0.5),
+        cl.coso(1e-2, [("Dense_0/kernel", True)], proj_rank=2, sketch_rank=4),
+        cl.lwf(weight=0.5),
     ]
 
 
