@@ -55,3 +55,14 @@ def test_save_refuses_a_nonfinite_state(tmp_path):
     with pytest.raises(NonFiniteError, match=r"refusing to checkpoint step 4 .* leaf 'w'"):
         _loop.save(manager, 4, tree, {})
     assert manager.steps() == []  # nothing written
+
+
+def test_other_run_names_what_differs():
+    check = _loop.other_run({"seed": 1, "num_tasks": 3}, what="checkpoint in d", run="fit")
+    assert check({"seed": 1, "num_tasks": 3, "completed": 2}) is None  # extra keys are fine
+    msg = check({"seed": 2, "num_tasks": 3})
+    assert msg == (
+        "checkpoint in d is of another fit ({'seed': 2, 'num_tasks': 3}); "
+        "this fit has {'seed': 1, 'num_tasks': 3} (use another folder)"
+    )
+    assert "{'seed': None" in _loop.other_run({"seed": 1}, what="x")({})

@@ -261,14 +261,7 @@ def fit(
     start, losses0, stopped = 0, [], False
     history: list[dict[str, Any]]
 
-    def other_fit(meta: dict) -> str | None:
-        if all(meta.get(k) == v for k, v in identity.items()):
-            return None
-        saved = {k: meta.get(k) for k in identity}
-        return (
-            f"fit: checkpoint in {checkpoint_dir} is of another fit ({saved}); "
-            f"this fit has {identity} (use another folder)"
-        )
+    other_fit = _loop.other_run(identity, what=f"fit: checkpoint in {checkpoint_dir}", run="fit")
 
     restored = None
     if ckpt is not None:
