@@ -25,14 +25,17 @@ from typing import Any
 __all__ = [
     "add_config_flags",
     "bar_chart",
+    "compiled_memory_mib",
     "config_from_flags",
     "format_table",
     "is_primary",
     "mean_std",
     "median_time",
     "progress",
+    "random_task_vectors",
     "run_from_flags",
     "tiny_clip",
+    "tiny_clip_config",
     "write_json",
 ]
 
@@ -281,22 +284,14 @@ def bar_chart(
     plt.close(fig)
 
 
-def tiny_clip(rng: Any, *, vision_layers: int) -> tuple[Any, dict]:
-    """A random tiny CLIP, ``(config, params)``: the stand-in checkpoint of the CLIP presets'
-    tests (``clip-tiny``, ``mtil-tiny``).
-
-    32-pixel images in 8-pixel patches, width 32, ``vision_layers`` image-tower layers, a
-    two-layer text tower over 99 tokens, projection 24; every parameter drawn from
-    ``rng.normal(scale=0.2)`` (a ``numpy.random.Generator``, which the caller may keep drawing
-    from).
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
+def tiny_clip_config(*, vision_layers: int) -> Any:
+    """The ``CLIPConfig`` of a tiny CLIP: 32-pixel images in 8-pixel patches, width 32,
+    ``vision_layers`` image-tower layers, a two-layer text tower over 99 tokens of at most
+    16, projection 24 (the stand-in model of the CLIP presets' tests and of the CLIP model's
+    own tests)."""
     from cljax.models import clip
 
-    config = clip.CLIPConfig(
+    return clip.CLIPConfig(
         clip.CLIPVisionConfig(
             image_size=32,
             patch_size=8,
@@ -315,6 +310,23 @@ def tiny_clip(rng: Any, *, vision_layers: int) -> tuple[Any, dict]:
         ),
         projection_dim=24,
     )
+
+
+def tiny_clip(rng: Any, *, vision_layers: int) -> tuple[Any, dict]:
+    """A random tiny CLIP, ``(config, params)``: the stand-in checkpoint of the CLIP presets'
+    tests (``clip-tiny``, ``mtil-tiny``).
+
+    The model of :func:`tiny_clip_config`; every parameter drawn from
+    ``rng.normal(scale=0.2)`` (a ``numpy.random.Generator``, which the caller may keep drawing
+    from).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cljax.models import clip
+
+    config = tiny_clip_config(vision_layers=vision_layers)
     shapes = jax.eval_shape(
         clip.CLIP(config).init,
         jax.random.key(0),
@@ -325,3 +337,37 @@ def tiny_clip(rng: Any, *, vision_layers: int) -> tuple[Any, dict]:
         lambda s: np.asarray(rng.normal(scale=0.2, size=s.shape), s.dtype), shapes["params"]
     )
     return config, params
+
+
+def random_task_vectors(params: Any, num_tasks: int, key: Any, *, dtype: Any = None) -> Any:
+    """Stacked random task vectors of ``params``' shapes, ``[num_tasks, *shape]`` per leaf:
+    ``1e-3·N(0, 1)`` draws in float32 (then cast to ``dtype``), one key per leaf split from
+    ``key`` (the stand-in fine-tunings of the benchmarks, whose timings need only the shapes).
+    """
+    import jax
+
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    taus = [
+        1e-3 * jax.random.normal(k, (num_tasks, *x.shape))
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    if dtype is not None:
+        taus = [t.astype(dtype) for t in taus]
+    return jax.tree.unflatten(treedef, taus)
+
+
+def compiled_memory_mib(compiled: Any) -> float | None:
+    """XLA's static estimate of what a compiled program holds (arguments, outputs and
+    temporaries, less what outputs alias), in MiB; ``None`` where the backend reports none."""
+    try:
+        m = compiled.memory_analysis()
+        total = (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            + m.temp_size_in_bytes
+            - m.alias_size_in_bytes
+        )
+    except Exception:  # noqa: BLE001  (not every backend reports it)
+        return None
+    return total / 2**20

@@ -34,11 +34,13 @@ from cljax.data import (
 from cljax.models import MLP
 from cljax.train import NonFiniteError, TrainState, make_step
 from experiments import _common
+from experiments._clip_zscl_checks import method_flags
 
 if TYPE_CHECKING:
     from experiments.zscl import Config
 
 
+#: The methods of every ZSCL preset (:func:`method_flags`), in this preset's order of runs.
 METHODS = ("finetune", "zscl", "lwf", "wise_ft", "we", "distill")
 
 
@@ -215,18 +217,6 @@ def _optimizer(cfg: Config) -> optax.GradientTransformation:
     return optax.adamw(sched, weight_decay=0.0)
 
 
-def _flags(method: str) -> dict[str, bool]:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    return {
-        "lwf": method == "lwf",
-        "wise": method == "wise_ft",
-        "we": method in ("we", "zscl"),
-        "distill": method in ("distill", "zscl"),
-        "l2": method == "zscl",
-    }
-
-
 def _engine(method: str, cfg: Config, env: dict[str, Any]):
     """Jitted, seed-vmapped ``init``, ``train_task``, ``end_task`` and ``evaluate``.
 
@@ -234,7 +224,7 @@ def _engine(method: str, cfg: Config, env: dict[str, Any]):
     task's train set is padded to one shape), the steps of a task are a ``lax.scan`` of
     :func:`cljax.train.make_step`, and the seeds run side by side under ``vmap``.
     """
-    flags = _flags(method)
+    flags = method_flags(method)
     heads, anchors = env["heads"], env["anchors"]
     pool_x, pool_teacher = env["pool_x"], env["pool_teacher"]
     tx = _optimizer(cfg)
@@ -375,7 +365,7 @@ def run(cfg: Config) -> dict[str, Any]:
     pretrained encoder and the heads are the same for every seed (one "CLIP").
     """
     for method in cfg.methods:
-        _flags(method)  # fail before any work on an unknown method
+        method_flags(method)  # fail before any work on an unknown method
     for name in _DIGIT_REALS:  # finite settings, checked before any work
         check_scalar(getattr(cfg, name), name=name, where=cfg.preset)
     out = Path(cfg.out)

@@ -72,7 +72,12 @@ import numpy as np
 
 from cljax import continual
 from experiments import _common
-from experiments._zscl_digits import ENCODER, METHODS, _flags, run  # noqa: F401 (re-exported)
+from experiments._zscl_digits import (  # noqa: F401 (re-exported)
+    ENCODER,
+    METHODS,
+    method_flags,
+    run,
+)
 from experiments._zscl_embedded import REFERENCE_SEED, _check_embedded, _embedded_env
 from experiments._zscl_report import _plots, _targets, matrices, summarize
 

@@ -45,7 +45,13 @@ import optax
 from cljax.merging import atlas
 from cljax.models import ViT
 from cljax.tree import leaves_with_paths, map_with_path
-from experiments._common import format_table, median_time, write_json
+from experiments._common import (
+    compiled_memory_mib,
+    format_table,
+    median_time,
+    random_task_vectors,
+    write_json,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,20 +69,6 @@ class Shape:
 
 SMALL = Shape("small ViT", 7, 64, 2, 4, 128, 28, 1, 10)
 B32 = Shape("ViT-B/32 shape", 32, 768, 12, 12, 3072, 224, 3, 10)
-
-
-def _memory(compiled) -> float | None:
-    try:
-        m = compiled.memory_analysis()
-        total = (
-            m.argument_size_in_bytes
-            + m.output_size_in_bytes
-            + m.temp_size_in_bytes
-            - m.alias_size_in_bytes
-        )
-        return total / 2**20
-    except Exception:  # noqa: BLE001  (not every backend reports it)
-        return None
 
 
 def bench(
@@ -111,16 +103,7 @@ def bench(
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     # Task vectors on the encoder only; the head stays frozen (the reference's setting).
-    key = jax.random.key(seed + 1)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    tvs = jax.tree.unflatten(
-        treedef,
-        [
-            (1e-3 * jax.random.normal(k, (num_tasks, *leaf.shape))).astype(tv_dtype)
-            for k, leaf in zip(keys, leaves, strict=True)
-        ],
-    )
+    tvs = random_task_vectors(params, num_tasks, jax.random.key(seed + 1), dtype=tv_dtype)
     spec = atlas.blocks(params, exclude=[r"/head/"])
     coefs = atlas.init(params, tvs, spec)
     tx = atlas.default_optimizer()
@@ -185,7 +168,7 @@ def bench(
         # Copies so that donation does not consume the shared arrays.
         args = (jax.tree.map(jnp.copy, args[0]), jax.tree.map(jnp.copy, args[1]), *args[2:])
         compiled = jitted.lower(*args).compile()
-        mem = _memory(compiled)
+        mem = compiled_memory_mib(compiled)
         state = {"a": args}
 
         def run(compiled=compiled, state=state):
@@ -211,9 +194,9 @@ def bench(
 
         theta_mib = sum(leaf.nbytes for leaf in jax.tree.leaves(params)) / 2**20
         mems = [
-            _memory(compose_fn.lower(params, tvs, c3).compile()),
-            _memory(model_grad.lower(params, x, y).compile()),
-            _memory(coef_update.lower(c3, o3, params, tvs, params).compile()),
+            compiled_memory_mib(compose_fn.lower(params, tvs, c3).compile()),
+            compiled_memory_mib(model_grad.lower(params, x, y).compile()),
+            compiled_memory_mib(coef_update.lower(c3, o3, params, tvs, params).compile()),
         ]
         mem3 = None if None in mems else max(mems) + theta_mib
         t3 = median_time(run3, warmup=1, repeats=reps)

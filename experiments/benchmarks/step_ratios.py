@@ -171,21 +171,6 @@ def load_model(name: str, cfg: Config) -> _Model:
 # ----------------------------------------------------------------------------- timing
 
 
-def _memory_mib(compiled) -> float | None:
-    """XLA's static estimate of what a compiled program holds, in MiB (None if unknown)."""
-    try:
-        m = compiled.memory_analysis()
-        total = (
-            m.argument_size_in_bytes
-            + m.output_size_in_bytes
-            + m.temp_size_in_bytes
-            - m.alias_size_in_bytes
-        )
-    except Exception:  # noqa: BLE001  (not every backend reports it)
-        return None
-    return total / 2**20
-
-
 def _nbytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(tree))
 
@@ -243,7 +228,7 @@ def _compiled_step(name: str, step, state, batch) -> _Step:
             raise FloatingPointError(f"{name}: non-finite step")
         return time.perf_counter() - t0, time.process_time() - c0
 
-    return _Step(name, run, compile_s, _memory_mib(compiled))
+    return _Step(name, run, compile_s, _common.compiled_memory_mib(compiled))
 
 
 def _interleave(steps: list[_Step], warmup: int, repeats: int) -> None:
@@ -282,12 +267,7 @@ def atlas_group(m: _Model, cfg: Config) -> tuple[list[_Step], dict]:
     ft = _compiled_step("fine-tune", make_step(loss), TrainState.create(m.params, tx), batch)
 
     t = cfg.num_task_vectors
-    leaves, treedef = jax.tree.flatten(m.params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    taus = jax.tree.unflatten(
-        treedef,
-        [1e-3 * jax.random.normal(k, (t, *x.shape)) for k, x in zip(keys, leaves, strict=True)],
-    )
+    taus = _common.random_task_vectors(m.params, t, jax.random.key(1))
     spec = atlas.blocks(m.params, groups=atlas.CLIP_QKV_GROUPS)
     split = SPLIT[cfg.atlas_split]
     three = jax.default_backend() == "cpu" if split is None else split
@@ -339,7 +319,7 @@ def _atlas_memory(loss, params, taus, spec, tx, batch, three: bool) -> float | N
             return loss(atlas.compose(theta0, tv, c, spec), b, rng)
 
         step = make_step(objective)
-        return _memory_mib(step.lower(state, (batch, params, taus)).compile())
+        return _common.compiled_memory_mib(step.lower(state, (batch, params, taus)).compile())
 
     compose = jax.jit(lambda p, tv, c: atlas.compose(p, tv, c, spec))
     model_grad = jax.jit(jax.value_and_grad(loss))
@@ -350,9 +330,9 @@ def _atlas_memory(loss, params, taus, spec, tx, batch, three: bool) -> float | N
         return optax.apply_updates(c, upd), opt
 
     mems = [
-        _memory_mib(compose.lower(params, taus, coefs).compile()),
-        _memory_mib(model_grad.lower(params, batch, jax.random.key(0)).compile()),
-        _memory_mib(
+        _common.compiled_memory_mib(compose.lower(params, taus, coefs).compile()),
+        _common.compiled_memory_mib(model_grad.lower(params, batch, jax.random.key(0)).compile()),
+        _common.compiled_memory_mib(
             jax.jit(update, donate_argnums=(0, 1))
             .lower(coefs, state.opt_state, params, taus, params)
             .compile()

@@ -54,9 +54,24 @@ def test_table_matches_hand_computed_transfer_avg_last():
     assert "85.0" in zscl.matrices(results)  # seed-mean of 90 and 80: after task 0, on task a
 
 
+def test_every_zscl_preset_shares_the_methods_and_their_terms():
+    from experiments import _clip_zscl_checks
+
+    assert set(zscl.METHODS) == set(_clip_zscl_checks.METHODS)
+    terms = {m: {k for k, on in zscl.method_flags(m).items() if on} for m in zscl.METHODS}
+    assert terms == {  # ZSCL = weight ensembling + feature distillation + an L2 anchor
+        "finetune": set(),
+        "zscl": {"we", "distill", "l2"},
+        "lwf": {"lwf"},
+        "wise_ft": {"wise"},
+        "we": {"we"},
+        "distill": {"distill"},
+    }
+
+
 def test_unknown_method_and_preset():
     with pytest.raises(ValueError, match="unknown method 'sgd'"):
-        zscl._flags("sgd")
+        zscl.method_flags("sgd")
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         zscl.main(["--preset", "huge"])
     with pytest.raises(ValueError, match="unknown method 'sgd'"):

@@ -15,21 +15,9 @@ import pytest
 
 from cljax import safetensors as st
 from cljax.models import clip
+from experiments._common import tiny_clip_config
 
-CFG = clip.CLIPConfig(
-    clip.CLIPVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
-    ),
-    clip.CLIPTextConfig(
-        vocab_size=99,
-        max_position_embeddings=16,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-    ),
-    projection_dim=24,
-)
+CFG = tiny_clip_config(vision_layers=2)  # the experiments' tiny CLIP
 
 
 def _init(model, seed=0):
