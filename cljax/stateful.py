@@ -15,18 +15,12 @@ a continual-learning method -- is built by a **factory** that takes the hyperpar
 What changes over time lives in the state; hyperparameters are closed over by the factory;
 the functions keep no Python-side state, so a method object can be reused across runs.
 
-=============================  ==================================  ==========================
-kind (factory)                 ``update``                          outputs
-=============================  ==================================  ==========================
-projection                     ``update(updates, state, params)``  the projected updates
-(:func:`cljax.projection.gpm`)
-average                        ``update(params, state, *, step)``  the new average
-(:func:`cljax.averaging.ema`)
-loss weighting                 ``update(losses, state, *, key)``   the weighted losses
-(:func:`cljax.mtl.dwa`)
-continual method               ``update(params, state, *, step)``  the parameters
-(:func:`cljax.continual.ewc`)
-=============================  ==================================  ==========================
+| kind | example factory | ``update`` | outputs |
+|---|---|---|---|
+| projection | :func:`cljax.projection.gpm` | ``update(updates, state, params)`` | the projected updates |
+| weight average | :func:`cljax.averaging.ema` | ``update(params, state, *, step)`` | the new average |
+| loss weighting | :func:`cljax.mtl.dwa` | ``update(losses, state, *, key)`` | the weighted losses |
+| continual method | :func:`cljax.continual.ewc` | ``update(params, state, *, step)`` | the parameters |
 
 Two kinds carry more than the pair, each for a reason the pair cannot hold:
 
