@@ -103,3 +103,28 @@ def test_nan_in_one_task_stops_the_step_by_default():
     assert not bool(m["finite"]) and int(new.skipped) == 2
     with pytest.raises(ValueError, match="nonfinite='ignore'"):
         mtl.make_mtl_step(grad_fn, nonfinite="ignore")
+
+
+def test_step_with_random_loss_weighting_draws_fresh_weights_each_step():
+    """The step gives the weighting its key before the gradient and at its update (a random
+    weighting needs it in both): each step's weights are a new draw on the simplex."""
+    rlw = mtl.random_loss_weighting(2)
+
+    def grad_fn(params, batch, weights=None):
+        def losses(p):
+            return jnp.stack([jnp.sum((p["w"] - 1.0) ** 2), jnp.sum((p["w"] + 1.0) ** 2)])
+
+        grads = jax.grad(lambda p: jnp.sum(weights * losses(p)))(params)
+        return grads, {"losses": losses(params)}
+
+    step = mtl.make_mtl_step(grad_fn, weighting=rlw)
+    state = TrainState.create(
+        {"w": jnp.zeros(3)}, optax.sgd(0.1), key=0, methods={"weighting": rlw.init()}
+    )
+    seen = []
+    for _ in range(2):
+        state, m = step(state, None)
+        seen.append(np.asarray(m["weights"]))
+        np.testing.assert_allclose(seen[-1].sum(), 1.0, rtol=1e-6)
+    assert not np.allclose(seen[0], seen[1])
+    assert state.methods["weighting"] == optax.EmptyState()

@@ -57,7 +57,7 @@ def test_update_returns_the_losses_times_the_weights_of_the_step(name):
     }[name]
     wt, key = make(), jax.random.key(4)
     s = wt.init()
-    for i in range(4):  # DWA's weights leave 1 after two epochs
+    for i in range(3):  # DWA's weights leave 1 after two epochs (the third step)
         losses = jnp.array([1.0 + i, 0.5, 2.0 / (1 + i)])
         want = np.asarray(wt.weights(s, key)) * np.asarray(losses)
         out, s = wt.update(losses, s, key=key)
