@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from cljax import tree as ct
 from cljax.train import TrainState
+from cljax.train._state import commit_arrays
 from cljax.tree import Params
 
 __all__ = [
@@ -191,4 +192,4 @@ def averaging_next_task(
     new = state.replace(params=params, methods=methods)
     if reset_optimizer:
         new = new.replace(opt_state=state.tx.init(params))
-    return new
+    return commit_arrays(new)  # as the step's outputs are: the next step does not recompile

@@ -46,6 +46,7 @@ from cljax.data import Task
 from cljax.projection._common import find_state
 from cljax.stateful import EmptyState
 from cljax.train import NonFiniteError, TrainState
+from cljax.train._state import commit_arrays
 
 __all__ = [
     "ContinualResult",
@@ -603,6 +604,9 @@ def run_sequence(
                 state = m.begin_task(state, ctx)
             if methods:
                 check_hook(j, "begin_task")
+        # A fresh optimiser state, a hook's new arrays or a restored run's are uncommitted:
+        # committed like the step's outputs, the task's first step reuses the compiled step.
+        state, bad_at = commit_arrays((state, bad_at))
         tail: list[Any] = list(tail0) if first > 0 else []
         steps = range(first, steps_per_task)
         for s in progress(steps, f"task {j}", len(steps)):

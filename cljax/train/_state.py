@@ -51,7 +51,7 @@ def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding | None
     return None
 
 
-def _commit_arrays(tree: Any) -> Any:
+def commit_arrays(tree: Any) -> Any:
     """Commits the uncommitted concrete ``jax.Array`` leaves of ``tree`` to devices.
 
     A jitted step compiles for its arguments' shardings, and an uncommitted argument has
@@ -147,7 +147,7 @@ class TrainState(struct.PyTreeNode):
         if isinstance(key, int):
             key = jax.random.key(key)
         methods = dict(methods or {})
-        params, key, methods = _commit_arrays((params, key, methods))
+        params, key, methods = commit_arrays((params, key, methods))
         if copy:
             params, key, methods = _copy_arrays((params, key, methods))
         state = cls(
@@ -161,7 +161,7 @@ class TrainState(struct.PyTreeNode):
         )
         if copy:
             state = _copy_arrays(state, only_repeated=True)
-        return _commit_arrays(state)
+        return commit_arrays(state)
 
     def apply_gradients(self, grads: Any, **extra_args: Any) -> TrainState:
         """One optimizer update; extra keyword args go to ``tx.update`` (extra-args transforms)."""

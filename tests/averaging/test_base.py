@@ -79,6 +79,8 @@ def test_next_task_starts_from_the_ensemble(rng):
     )
     chex.assert_trees_all_equal(new.opt_state, tx.init(new.params))
     assert int(new.step) == 3
+    # Committed like a step's outputs (the fresh optimiser count too): no recompile next step.
+    assert all(x.committed for x in jax.tree.leaves(new) if isinstance(x, jax.Array))
 
 
 def test_hook_names_a_missing_state():

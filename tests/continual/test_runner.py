@@ -1,5 +1,8 @@
 """The task-sequence runner: scenarios, hook order, accuracy matrix, checkpoint and resume."""
 
+import logging
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -143,6 +146,26 @@ def test_default_eval_is_the_masked_argmax_accuracy():
         eval_fn=lambda p, i, t: 0.25 * (i + 1),
     )
     np.testing.assert_allclose(custom.accuracy, [[0.25, 0.5], [0.25, 0.5]])
+
+
+def test_a_sequence_compiles_its_step_once(caplog):
+    # Each task's first step gets a fresh optimiser state and the hooks' new arrays; were they
+    # left uncommitted, the step (fed committed outputs afterwards) would compile twice.
+    _, params, apply_fn = _setup(6)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        cl.run_sequence(
+            _tasks(3),
+            apply_fn=apply_fn,
+            params=params,
+            optimizer=optax.adam(1e-2),
+            steps_per_task=3,
+            batch_size=16,
+            methods=[cl.ewc(weight=1.0)],
+            scenario="task",
+            reset_optimizer=True,
+        )
+    compiles = [r for r in caplog.messages if re.match(r"Compiling (jit\()?step\b", r)]
+    assert len(compiles) == 1, compiles
 
 
 @pytest.mark.slow
