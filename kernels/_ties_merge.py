@@ -93,33 +93,79 @@ def _check_count(n: int, where: str) -> None:
         raise ValueError(f"{where}: N={n} entries per task overflow the int32 counts")
 
 
-# ----------------------------------------------------------------------------- references
+# ----------------------------------------------------------------------------- the XLA merge
 
 
-def _trimmed(x: jax.Array, thr: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return jnp.where(jnp.abs(x) >= thr, x, 0.0)
+def trim(slices: Sequence[jax.Array], thr: jax.Array) -> list[jax.Array]:
+    """Step 1 of TIES on the T slices of one array: entries whose float32 magnitude is below
+    their task's threshold ``thr[t]`` (float32) become 0; values in the accumulation dtype
+    (float32, float64 for float64 inputs)."""
+    return [
+        jnp.where(jnp.abs(x.astype(jnp.float32)) >= thr[t], x.astype(ct.accum_dtype(x.dtype)), 0)
+        for t, x in enumerate(slices)
+    ]
 
 
-def _vote_xla(tau: jax.Array, thr: jax.Array) -> jax.Array:
-    total = sum(_trimmed(tau[t], thr[t]) for t in range(tau.shape[0]))
-    return jnp.sum(jnp.sign(total).astype(jnp.int32))
+def sign_votes(slices: Sequence[jax.Array], thr: jax.Array) -> jax.Array:
+    """``Σ sign(Σ_t τ̂_t)`` over the entries of one array (int32): its share of the vote
+    that gives the majority sign."""
+    total = ct.sum_slices(trim(slices, thr))
+    return jnp.sum(total > 0, dtype=jnp.int32) - jnp.sum(total < 0, dtype=jnp.int32)
 
 
-def _merge_xla(base, tau, thr, majority, scale, merge, out_dtype):
-    slices = [_trimmed(tau[t], thr[t]) for t in range(tau.shape[0])]
-    gamma = jnp.sign(sum(slices))
-    gamma = jnp.where(gamma == 0, majority, gamma)
-    num = jnp.zeros(gamma.shape, jnp.float32)
-    cnt = jnp.zeros(gamma.shape, jnp.float32)
-    for v in slices:
+def disjoint_merge(
+    base: jax.Array | None,
+    slices: Sequence[jax.Array],
+    thr: jax.Array,
+    majority: jax.Array,
+    scale: ArrayLike,
+    *,
+    merge: str,
+    out_dtype=None,
+    mark: ArrayLike = False,
+) -> jax.Array:
+    """Steps 1-3 of TIES on the T slices of one array, elementwise: trim, elect, merge.
+
+    The one XLA implementation of the merge pass: the merging code (eager and jitted, both
+    scopes) and the XLA path of :func:`ties` call it, and the Pallas kernel computes the same
+    arithmetic per tile.
+
+    Args:
+      base: θ0 of the same shape, or ``None`` for λ·τ_m alone.
+      slices: the T task-vector slices.
+      thr: ``(T,)`` float32 thresholds.
+      majority: the sign taken where the trimmed values cancel exactly (sum 0).
+      scale: λ.
+      merge: ``"mean"`` or ``"sum"``.
+      out_dtype: the result's dtype (default: ``base``'s).
+      mark: where true, such exact cancellations (sum 0, some value not 0) become NaN
+        instead, so a plain sum of the output detects them (:func:`cljax.merging.ties`).
+
+    Returns:
+      ``θ0 + λ·τ_m`` (or ``λ·τ_m``) in ``out_dtype``, computed in the accumulation dtype.
+    """
+    kept = trim(slices, thr)
+    total = ct.sum_slices(kept)
+    gamma = jnp.sign(total)
+    gamma = jnp.where(gamma == 0, jnp.asarray(majority).astype(gamma.dtype), gamma)
+    num = jnp.zeros_like(total)
+    cnt = jnp.zeros(total.shape, jnp.float32)
+    for v in kept:
         agree = jnp.where(gamma > 0, v > 0, v < 0)
-        num = num + jnp.where(agree, v, 0.0)
+        num = num + jnp.where(agree, v, 0)
         cnt = cnt + agree
-    merged = num / jnp.maximum(cnt, 1.0) if merge == "mean" else num
-    acc = ct.accum_dtype(out_dtype)
-    out = merged * scale if base is None else base.astype(acc) + scale * merged
-    return out.astype(out_dtype)
+    merged = num / jnp.maximum(cnt, 1).astype(num.dtype) if merge == "mean" else num
+    out_dtype = base.dtype if out_dtype is None and base is not None else out_dtype
+    if base is None:
+        value = jnp.asarray((scale * merged).astype(out_dtype))
+    else:
+        value = jnp.asarray(
+            (base.astype(ct.accum_dtype(out_dtype)) + scale * merged).astype(out_dtype)
+        )
+    if mark is False:
+        return value
+    tie = (total == 0) & functools.reduce(jnp.logical_or, [v != 0 for v in kept])
+    return jnp.where(mark & tie, jnp.array(jnp.nan, value.dtype), value)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -177,6 +223,15 @@ def _params(thr, majority=0.0, scale=1.0):
     return jnp.pad(p, (0, _dispatch.next_pow2(t + 2) - (t + 2)))
 
 
+def _votes(tau: jax.Array, thr: jax.Array) -> jax.Array:
+    return sign_votes([tau[t] for t in range(tau.shape[0])], thr)
+
+
+def _merge(base, tau, thr, majority, scale, merge, out_dtype):
+    slices = [tau[t] for t in range(tau.shape[0])]
+    return disjoint_merge(base, slices, thr, majority, scale, merge=merge, out_dtype=out_dtype)
+
+
 # ----------------------------------------------------------------------------- Pallas path
 
 
@@ -191,11 +246,11 @@ def _ties_pallas(base, taus, scale, k, merge, bs):
         kernel = functools.partial(_vote_kernel, num_tasks=num_tasks)
         votes = tiled.partial_sums(kernel, [_params(thr)], 128, "cljax_ties_vote")[0]
     if tiled.tau_small is not None:
-        votes = votes + _vote_xla(tiled.tau_small, thr)
+        votes = votes + _votes(tiled.tau_small, thr)
     majority = jnp.sign(votes).astype(jnp.float32)
     out = [None] * len(taus)
     if tiled.small:
-        y = _merge_xla(tiled.base_small, tiled.tau_small, thr, majority, scale, merge, jnp.float32)
+        y = _merge(tiled.base_small, tiled.tau_small, thr, majority, scale, merge, jnp.float32)
         ys = _dispatch.unpack(y, [base[j].shape for j in tiled.small])
         for j, v in zip(tiled.small, ys, strict=True):
             out[j] = v.astype(base[j].dtype)
@@ -222,10 +277,10 @@ def _ties_leaves(base, taus, scale, k, *, merge, impl, bs):
     if impl == "pallas":
         return _ties_pallas(base, taus, scale, k, merge, bs)
     thr = lax.bitcast_convert_type(ties_threshold(taus, k, implementation="xla"), jnp.float32)
-    votes = sum(_vote_xla(tau, thr).astype(jnp.float32) for tau in taus)
+    votes = sum(_votes(tau, thr).astype(jnp.float32) for tau in taus)
     majority = jnp.sign(votes)
     return [
-        _merge_xla(b, tau, thr, majority, scale, merge, b.dtype)
+        _merge(b, tau, thr, majority, scale, merge, b.dtype)
         for b, tau in zip(base, taus, strict=True)
     ]
 

@@ -13,6 +13,7 @@ from jax.typing import ArrayLike
 
 from cljax import kernels
 from cljax import tree as ct
+from cljax.kernels._ties_merge import disjoint_merge, sign_votes, trim
 from cljax.kernels._ties_threshold import ties_threshold
 from cljax.merging import _common
 
@@ -144,11 +145,12 @@ def _merge_from_python(pre, ts, scale, ks, *, mask, scope, merge):
     """TIES on concrete inputs, leaf by leaf: programs compiled once per leaf shape.
 
     Inside one computation (:func:`_ties_core`, used under a trace) XLA compiles every
-    leaf's search and merge separately. Here the global threshold comes from
-    the threshold op's XLA search run from Python and the per-leaf thresholds from one compiled
-    search per leaf shape; each leaf is then merged by a program compiled once per shape,
-    with exact cancellations marked by a NaN. A non-finite partial sum of any merged leaf
-    (a mark, or a NaN/Inf of the inputs) makes the rare second round count the majority
+    leaf's search and merge separately. Here the thresholds come from the threshold op's
+    XLA search run from Python (over all leaves for the global scope, leaf by leaf for the
+    per-leaf scope): its reads of the leaves are programs compiled once per leaf shape, its
+    bookkeeping runs on the host. Each leaf is then merged by a program compiled once per
+    shape, with exact cancellations marked by a NaN. A non-finite partial sum of any merged
+    leaf (a mark, or a NaN/Inf of the inputs) makes the rare second round count the majority
     sign over all leaves and merge again without marks, as :func:`_ties_core` does.
     """
     idx = [i for i, m in enumerate(mask) if m]
@@ -198,9 +200,7 @@ def _merge_leaf(p, leaf, threshold, scale, majority, mark, *, num_tasks, merge):
 @functools.partial(jax.jit, static_argnames=("num_tasks",))
 def _leaf_votes(leaf, threshold, *, num_tasks):
     """Σ sign(Σ_t τ̂_t) over one leaf's entries (int32), for the majority sign."""
-    ts = _common.TaskSet([leaf], num_tasks)
-    total = _common.sum_slices(_trimmed(ts.slices(0), threshold))
-    return jnp.sum(total > 0, dtype=jnp.int32) - jnp.sum(total < 0, dtype=jnp.int32)
+    return sign_votes(_common.TaskSet([leaf], num_tasks).slices(0), _thr(threshold))
 
 
 @jax.jit
@@ -208,42 +208,30 @@ def _add_votes(votes):
     return functools.reduce(jnp.add, votes)
 
 
-def _trimmed(xs, thr):
-    """The T slices of one leaf with entries below their task's threshold (bits) zeroed,
-    in the accumulation dtype."""
-    thr = lax.bitcast_convert_type(thr, jnp.float32)
-    return [
-        jnp.where(jnp.abs(x.astype(jnp.float32)) >= thr[t], _common.accum(x), 0)
-        for t, x in enumerate(xs)
-    ]
+def _thr(bits):
+    return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _disjoint_merge(pre, leaves, thresholds, scale, majority, mark, *, mask, num_tasks, merge):
-    """2-3. Elect and merge, one read of the task vectors. Coordinates whose trimmed values
-    cancel exactly (sum 0, some value not 0) take the ``majority`` sign, or with ``mark`` a
-    NaN instead."""
+    """2-3. Elect and merge every merged leaf, one read of the task vectors (the merge op
+    :func:`cljax.kernels._ties_merge.disjoint_merge`). Coordinates whose trimmed values cancel
+    exactly (sum 0, some value not 0) take the ``majority`` sign, or with ``mark`` a NaN
+    instead."""
     out = list(pre)
     # Slices are taken inside each computation from the leaves as given: a slice handed to
     # another computation (a loop) is written out, all T·P values of it.
     leaves = _common.TaskSet(leaves, num_tasks)
     for i, m in enumerate(mask):
-        if not m:
-            continue
-        kept = _trimmed(leaves.slices(i), thresholds[i])
-        total = _common.sum_slices(kept)
-        gamma = jnp.sign(total)
-        gamma = jnp.where(gamma == 0, majority.astype(gamma.dtype), gamma)
-        num = jnp.zeros_like(total)
-        cnt = jnp.zeros(total.shape, jnp.float32)
-        for v in kept:
-            agree = jnp.where(gamma > 0, v > 0, v < 0)
-            num = num + jnp.where(agree, v, 0)
-            cnt = cnt + agree
-        merged = num / jnp.maximum(cnt, 1).astype(num.dtype) if merge == "mean" else num
-        p = pre[i]
-        value = (_common.accum(p) + scale * merged).astype(p.dtype)
-        tie = (total == 0) & functools.reduce(jnp.logical_or, [v != 0 for v in kept])
-        out[i] = jnp.where(mark & tie, jnp.array(jnp.nan, p.dtype), value)
+        if m:
+            out[i] = disjoint_merge(
+                pre[i],
+                leaves.slices(i),
+                _thr(thresholds[i]),
+                majority,
+                scale,
+                merge=merge,
+                mark=mark,
+            )
     return out
 
 
@@ -253,7 +241,7 @@ def _majority_sign(leaves, thresholds, *, mask, num_tasks):
     # A fresh reference to the leaves: slices shared with the merge are written out.
     leaves = _common.TaskSet(lax.optimization_barrier(leaves), num_tasks)
     sums = [
-        lax.optimization_barrier(_common.sum_slices(_trimmed(leaves.slices(i), thresholds[i])))
+        lax.optimization_barrier(_common.sum_slices(trim(leaves.slices(i), _thr(thresholds[i]))))
         for i, m in enumerate(mask)
         if m
     ]
@@ -277,12 +265,17 @@ def _eager_leaf_thresholds(ts, idx, ks):
     """Per-leaf thresholds (bits) of the merged leaves ``idx``, computed outside a trace.
 
     Inside ``_ties_core`` every leaf carries its own search, compiled separately (a ViT-B/32
-    holds 152 leaves of 10 shapes); here the leaves of one shape share one compiled search.
-    The trade: far less to compile, while each call pays the search's fixed dispatch cost,
-    which a single computation would partly overlap across leaves.
+    holds 152 leaves of 10 shapes). Here each leaf's search runs from Python (the threshold
+    op's XLA search on concrete arrays): the leaves of one shape share its three compiled
+    reads, the bookkeeping runs on the host. A leaf whose keep count is 0 keeps nothing.
     """
+    num_tasks = ts.num_tasks
+    none = jnp.asarray(np.full((num_tasks,), _KEEP_NONE, np.uint32))
     return {
-        i: _leaf_threshold(ts.leaves[i], ks[j], num_tasks=ts.num_tasks) for j, i in enumerate(idx)
+        i: none
+        if ks[j] == 0
+        else ties_threshold([ts.leaves[i]], ks[j], num_tasks=num_tasks, implementation="xla")
+        for j, i in enumerate(idx)
     }
 
 

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from cljax import merging
-from cljax.merging import _kth, _ties
+from cljax.kernels._ties_threshold import xla as _threshold_xla
+from cljax.merging import _ties
 from experiments import _common
 
 
@@ -155,7 +156,7 @@ def run(cfg: Config) -> dict:
     mask = tuple(True for _ in jax.tree.leaves(pre))
     # A threshold near the k-th magnitude (1e-3 normal task vectors) for the parts' rows.
     kth = 1e-3 * statistics.NormalDist().inv_cdf(1 - cfg.density / 2)
-    lo_bits = _kth.magnitude_bits(jnp.full((cfg.tasks,), kth, jnp.float32))
+    lo_bits = _threshold_xla.magnitude_bits(jnp.full((cfg.tasks,), kth, jnp.float32))
     candidates = jnp.stack([jnp.full((cfg.tasks,), kth * f, jnp.float32) for f in (0.9, 1, 1.1)])
 
     ops = {
@@ -175,19 +176,21 @@ def run(cfg: Config) -> dict:
             in_bytes + p_bytes,
         ),
         "TIES threshold search only": (
-            jax.jit(lambda t: _kth.kth_largest_bits(jax.tree.leaves(t), k)),
+            jax.jit(lambda t: _threshold_xla.kth_largest_bits(jax.tree.leaves(t), k)),
             (tvs,),
             tv_bytes,
         ),
         # Where global TIES spends its time: one counting pass of three candidates, the
         # listing pass, and the marked merge once the thresholds are known.
         "TIES part: one counting pass": (
-            jax.jit(lambda t, c: _kth.count_at_least_many(jax.tree.leaves(t), c)),
+            jax.jit(lambda t, c: _threshold_xla.count_at_least_many(jax.tree.leaves(t), c)),
             (tvs, candidates),
             tv_bytes,
         ),
         "TIES part: one listing pass": (
-            jax.jit(lambda t, lo, hi: _kth.bracket_entries(jax.tree.leaves(t), lo, hi, 128)),
+            jax.jit(
+                lambda t, lo, hi: _threshold_xla.bracket_entries(jax.tree.leaves(t), lo, hi, 128)
+            ),
             (tvs, lo_bits, lo_bits + 1024),
             tv_bytes,
         ),

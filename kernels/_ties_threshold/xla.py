@@ -36,7 +36,7 @@ threshold is found by a search over the bit patterns of the magnitudes instead:
   rows) and the k-th is read off the sorted list. Entries sharing a slot are missed; the
   number found tells, and such a task keeps counting. A typical search takes four passes
   (three counts, one listing), at ViT-B/32 shapes as on normal or Student-t entries at
-  densities 0.001–0.9 (``tests/merging/test_kth.py`` bounds the count).
+  densities 0.001–0.9 (``tests/kernels/test_ties_threshold_xla.py`` bounds the count).
 * When ``hi − lo == 1``, ``lo`` is the bit pattern of the k-th largest magnitude, exactly;
   every entry equal to it is at or above it (ties kept).
 
@@ -55,6 +55,7 @@ from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cljax import tree as ct
@@ -117,6 +118,16 @@ def _prepare(leaves: Sequence[Any], k: Any, num_tasks: int | None):
 
 def _as_float(bits: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _view(x: Any, dtype: Any, xp: Any) -> Any:
+    """``x`` bit-cast to ``dtype`` (same width) with ``xp``: numpy on the host, else jax."""
+    return x.view(dtype) if xp is np else lax.bitcast_convert_type(x, dtype)
+
+
+def _magnitude_bits(x: Any, xp: Any) -> Any:
+    """:func:`magnitude_bits` with ``xp`` (numpy on the host, else jax.numpy)."""
+    return _view(xp.abs(x.astype(xp.float32)), xp.uint32, xp)
 
 
 def count_at_least(x: jax.Array, threshold: jax.Array, *, batch_dims: int = 0) -> jax.Array:
@@ -280,6 +291,19 @@ def _bracket_flat(flats: Sequence[jax.Array], lo: jax.Array, hi: jax.Array) -> j
     return jnp.concatenate(found, axis=1) if len(found) > 1 else found[0]
 
 
+def _bracket_offsets(leaves: Sequence[Any], lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """:func:`_bracket_flat` of stacked leaves or tuples of T arrays (task by task)."""
+    leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
+    if not any(isinstance(x, tuple) for x in leaves):
+        return _bracket_flat([x.reshape(x.shape[0], -1) for x in leaves], lo, hi)
+    return jnp.concatenate(
+        [
+            _bracket_flat([x[t].reshape(1, -1) for x in leaves], lo[t : t + 1], hi[t : t + 1])
+            for t in range(lo.shape[0])
+        ]
+    )
+
+
 def bracket_entries(
     leaves: Sequence[Any], lo: jax.Array, hi: jax.Array, size: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -299,16 +323,7 @@ def bracket_entries(
       descending order, 0-padded (only the first ``size`` if more were found); and
       ``(T,)`` uint32, the number of entries found.
     """
-    leaves = [tuple(x) if isinstance(x, list) else x for x in leaves]
-    if not any(isinstance(x, tuple) for x in leaves):
-        offs = _bracket_flat([x.reshape(x.shape[0], -1) for x in leaves], lo, hi)
-    else:
-        offs = jnp.concatenate(
-            [
-                _bracket_flat([x[t].reshape(1, -1) for x in leaves], lo[t : t + 1], hi[t : t + 1])
-                for t in range(lo.shape[0])
-            ]
-        )
+    offs = _bracket_offsets(leaves, lo, hi)
     found = jnp.sum(offs > 0, axis=1, dtype=jnp.uint32)
 
     def first(row, count):  # the found entries of one task
@@ -327,8 +342,8 @@ def _sample(leaf: Any, share: int) -> jax.Array:
     return jnp.stack([jnp.abs(x.reshape(-1)[::stride].astype(jnp.float32)) for x in per_task])
 
 
-def _count_rows(x: jax.Array) -> jax.Array:
-    return jnp.sum(x, axis=1, dtype=jnp.uint32)
+def _count_rows(xp: Any, x: Any) -> Any:
+    return xp.sum(x, axis=1, dtype=xp.uint32)
 
 
 def _listing_size(n: int) -> int:
@@ -436,48 +451,48 @@ def kth_largest_bits(
     return (lo, final["it"]) if return_passes else lo
 
 
-def _first_candidates(sample: jax.Array, k: jax.Array, n: int) -> jax.Array:
+def _first_candidates(sample: Any, k: Any, n: int, xp: Any = jnp) -> Any:
     """``(3, T)`` uint32: the first pass's candidates from a strided sample ``(T, m)`` of
     the magnitudes, its quantile at rank k and 4 standard errors either side."""
     num_tasks, m = sample.shape
     # Sorted as int32 patterns: XLA:CPU's float sort (a total order) is far slower.
-    asc = jnp.sort(lax.bitcast_convert_type(magnitude_bits(sample), jnp.int32), axis=1)
-    q = k.astype(jnp.float32) / n
-    spread = 4.0 * jnp.sqrt(m * q * (1 - q)) + 1.0
+    asc = xp.sort(_view(_magnitude_bits(sample, xp), xp.int32, xp), axis=1)
+    q = k.astype(xp.float32) / n
+    spread = 4.0 * xp.sqrt(m * q * (1 - q)) + 1.0
     rank = q * m
-    tasks = jnp.arange(num_tasks)
+    tasks = xp.arange(num_tasks)
 
     def sample_bits(r):  # the pattern of descending sample rank r
-        at = m - 1 - jnp.clip(r, 0, m - 1).astype(jnp.int32)
-        return lax.bitcast_convert_type(asc[tasks, at], jnp.uint32)
+        at = m - 1 - xp.clip(r, 0, m - 1).astype(xp.int32)
+        return _view(asc[tasks, at], xp.uint32, xp)
 
-    return jnp.stack(  # ascending magnitudes: descending sample ranks
+    return xp.stack(  # ascending magnitudes: descending sample ranks
         [sample_bits(rank + spread), sample_bits(rank), sample_bits(rank - spread - 1) + 1]
     )
 
 
-def _initial_state(num_tasks: int, n: int) -> dict:
+def _initial_state(num_tasks: int, n: int, xp: Any = jnp) -> dict:
     return {
-        "it": jnp.int32(0),
-        "lo": jnp.zeros((num_tasks,), jnp.uint32),
-        "hi": jnp.full((num_tasks,), _TOP, jnp.uint32),
-        "c_lo": jnp.full((num_tasks,), n, jnp.uint32),
-        "c_hi": jnp.zeros((num_tasks,), jnp.uint32),
-        "bisect": jnp.zeros((num_tasks,), bool),
-        "listed": jnp.int32(0),
-        "out": jnp.zeros((num_tasks,), jnp.uint32),
-        "c_out": jnp.zeros((num_tasks,), jnp.uint32),
+        "it": xp.int32(0),
+        "lo": xp.zeros((num_tasks,), xp.uint32),
+        "hi": xp.full((num_tasks,), _TOP, xp.uint32),
+        "c_lo": xp.full((num_tasks,), n, xp.uint32),
+        "c_hi": xp.zeros((num_tasks,), xp.uint32),
+        "bisect": xp.zeros((num_tasks,), bool),
+        "listed": xp.int32(0),
+        "out": xp.zeros((num_tasks,), xp.uint32),
+        "c_out": xp.zeros((num_tasks,), xp.uint32),
     }
 
 
-def _go_on(s: dict) -> jax.Array:
-    return (s["it"] < _MAX_PASSES) & jnp.any(s["hi"] - s["lo"] > 1)
+def _go_on(s: dict, xp: Any = jnp) -> Any:
+    return (s["it"] < _MAX_PASSES) & xp.any(s["hi"] - s["lo"] > 1)
 
 
-def _finish(final: dict) -> jax.Array:
+def _finish(final: dict, xp: Any = jnp) -> Any:
     # Compares flush subnormals to zero on CPUs and accelerators: below the smallest normal
     # float32 the k-th magnitude is reported as 0 (a threshold that keeps everything).
-    return jnp.where(final["lo"] < _MIN_NORMAL, jnp.uint32(0), final["lo"])
+    return xp.where(final["lo"] < _MIN_NORMAL, xp.uint32(0), final["lo"])
 
 
 class _Search(NamedTuple):
@@ -488,12 +503,14 @@ class _Search(NamedTuple):
     (:func:`kth_largest_bits`); :func:`kth_largest_bits_driven` runs the same steps from
     Python, reading the leaves through small per-leaf programs."""
 
-    k: jax.Array
+    k: Any
     n: int
     limit: int
-    first_cands: jax.Array
+    first_cands: Any
+    xp: Any = jnp  # jax.numpy inside a computation, numpy on the host
 
     def propose(self, s: dict) -> dict:
+        xp = self.xp
         k = self.k
         lo, hi, c_lo, c_hi = s["lo"], s["hi"], s["c_lo"], s["c_hi"]
         width = hi - lo
@@ -503,105 +520,107 @@ class _Search(NamedTuple):
         # it: an inverse quadratic (a straight line misses by several standard errors
         # across the first pass's wide bracket, where the density bends). When that failed
         # to halve the bracket, split it evenly instead.
-        inside = (c_lo - c_hi).astype(jnp.float32)
-        frac = ((c_lo - k).astype(jnp.float32) + 0.5) / inside
-        spread = _Z * jnp.sqrt(jnp.maximum(frac * (1 - frac), 0.0) * inside) + 1.0
-        c0, c1, c2 = (x.astype(jnp.float32) for x in (c_lo, c_hi, s["c_out"]))
-        v0, v1, v2 = (_as_float(x) for x in (lo, hi, s["out"]))
-        sides = jnp.array([-1.0, 0.0, 1.0], jnp.float32)[:, None]
-        target = jnp.clip(k.astype(jnp.float32) - 0.5 - sides * spread, c1, c0)  # (3, T)
+        inside = (c_lo - c_hi).astype(xp.float32)
+        frac = ((c_lo - k).astype(xp.float32) + 0.5) / inside
+        spread = _Z * xp.sqrt(xp.maximum(frac * (1 - frac), 0.0) * inside) + 1.0
+        c0, c1, c2 = (x.astype(xp.float32) for x in (c_lo, c_hi, s["c_out"]))
+        v0, v1, v2 = (_view(x, xp.float32, xp) for x in (lo, hi, s["out"]))
+        sides = xp.array([-1.0, 0.0, 1.0], xp.float32)[:, None]
+        target = xp.clip(k.astype(xp.float32) - 0.5 - sides * spread, c1, c0)  # (3, T)
         line = v0 + (c0 - target) / (c0 - c1) * (v1 - v0)
-        u, u0, u1, u2 = (jnp.log(x + 0.5) for x in (target, c0, c1, c2))
+        u, u0, u1, u2 = (xp.log(x + 0.5) for x in (target, c0, c1, c2))
         curve = (
             v0 * (u - u1) * (u - u2) / ((u0 - u1) * (u0 - u2))
             + v1 * (u - u0) * (u - u2) / ((u1 - u0) * (u1 - u2))
             + v2 * (u - u0) * (u - u1) / ((u2 - u0) * (u2 - u1))
         )
-        has_out = (s["out"] != 0) & jnp.isfinite(curve)
-        at = jnp.clip(jnp.where(has_out, curve, line), v0, v1)
-        interp = jnp.clip(magnitude_bits(at), lo, hi)
+        has_out = (s["out"] != 0) & xp.isfinite(curve)
+        at = xp.clip(xp.where(has_out, curve, line), v0, v1)
+        interp = xp.clip(_magnitude_bits(at, xp), lo, hi)
         quarter = width // 4
-        even = jnp.stack([lo + quarter, lo + width // 2, hi - quarter])
+        even = xp.stack([lo + quarter, lo + width // 2, hi - quarter])
         # After the first pass the ends are sample entries: with few entries left between
         # them (extreme ranks), probing next to both ends often closes the bracket at once.
-        ends = jnp.stack([lo + 1, lo + width // 2, hi - 1])
-        even = jnp.where(s["it"] == 1, ends, even)
-        step = jnp.where(s["bisect"] | (inside <= 2 * _CANDIDATES), even, interp)
+        ends = xp.stack([lo + 1, lo + width // 2, hi - 1])
+        even = xp.where(s["it"] == 1, ends, even)
+        step = xp.where(s["bisect"] | (inside <= 2 * _CANDIDATES), even, interp)
         # A bracket still open at one end (the sample missed the extreme ranks) spans many
         # binades, where neither interpolation nor an even split of the patterns helps:
         # step geometrically away from the known end (x1.4 and x4 in magnitude) and probe
         # the middle of the patterns (which halves the bracket, bounding the passes).
-        open_steps = (jnp.uint32(1 << 22), jnp.uint32(1 << 24))  # magnitude ratios sqrt(2), 4
-        from_lo = jnp.stack([lo + open_steps[0], lo + open_steps[1], lo + width // 2])
-        from_hi = jnp.stack(
+        open_steps = (xp.uint32(1 << 22), xp.uint32(1 << 24))  # magnitude ratios sqrt(2), 4
+        from_lo = xp.stack([lo + open_steps[0], lo + open_steps[1], lo + width // 2])
+        from_hi = xp.stack(
             [lo + width // 2]
-            + [jnp.where(hi > d, hi - d, 1) for d in (open_steps[1], open_steps[0])]
+            + [xp.where(hi > d, hi - d, 1) for d in (open_steps[1], open_steps[0])]
         )
-        step = jnp.where(hi == jnp.uint32(_TOP), from_lo, jnp.where(lo == 0, from_hi, step))
-        cand = jnp.where(s["it"] == 0, self.first_cands, step)
-        cand = jnp.clip(cand, lo + 1, jnp.maximum(hi - 1, lo + 1))
+        step = xp.where(hi == xp.uint32(_TOP), from_lo, xp.where(lo == 0, from_hi, step))
+        cand = xp.where(s["it"] == 0, self.first_cands, step)
+        cand = xp.clip(cand, lo + 1, xp.maximum(hi - 1, lo + 1))
         live = width > 1
         inside = c_lo - c_hi
         # Few entries left in every live bracket: list them (one read) and take the k-th.
         # Entries sharing a slot of the listing's layout can be missed; a task whose list
         # falls short keeps its bracket, and counting goes on (a second listing waits
         # until fewer entries are left).
-        room = jnp.uint32(self.limit) >> (3 * s["listed"]).astype(jnp.uint32)
+        room = xp.uint32(self.limit) >> (3 * s["listed"]).astype(xp.uint32)
         extract = (
             (s["it"] >= 1)
             & (s["listed"] < 2)
-            & jnp.all(~live | ((inside <= room) & (lo >= _MIN_NORMAL)))
+            & xp.all(~live | ((inside <= room) & (lo >= _MIN_NORMAL)))
         )
         return {"cand": cand, "extract": extract, "live": live, "inside": inside}
 
-    def after_listing(self, s: dict, step: dict, patterns: jax.Array, found: jax.Array) -> dict:
+    def after_listing(self, s: dict, step: dict, patterns: Any, found: Any) -> dict:
+        xp = self.xp
         k, limit = self.k, self.limit
         lo, hi, c_lo, c_hi = s["lo"], s["hi"], s["c_lo"], s["c_hi"]
-        tasks = jnp.arange(lo.shape[0])
+        tasks = xp.arange(lo.shape[0])
         ok = step["live"] & (found == step["inside"])
-        at = jnp.clip(k - c_hi, 1, limit).astype(jnp.int32) - 1  # rank in the bracket
+        at = xp.clip(k - c_hi, 1, limit).astype(xp.int32) - 1  # rank in the bracket
         kth = patterns[tasks, at]
         return {
             "out": s["out"],
             "c_out": s["c_out"],
             "it": s["it"] + 1,
-            "lo": jnp.where(ok, kth, lo),
-            "hi": jnp.where(ok, kth + 1, hi),
-            "c_lo": jnp.where(ok, c_hi + _count_rows(patterns >= kth[:, None]), c_lo),
-            "c_hi": jnp.where(ok, c_hi + _count_rows(patterns > kth[:, None]), c_hi),
-            "bisect": jnp.zeros_like(s["bisect"]),
+            "lo": xp.where(ok, kth, lo),
+            "hi": xp.where(ok, kth + 1, hi),
+            "c_lo": xp.where(ok, c_hi + _count_rows(xp, patterns >= kth[:, None]), c_lo),
+            "c_hi": xp.where(ok, c_hi + _count_rows(xp, patterns > kth[:, None]), c_hi),
+            "bisect": xp.zeros_like(s["bisect"]),
             "listed": s["listed"] + 1,
         }
 
-    def after_counting(self, s: dict, step: dict, c: jax.Array) -> dict:
+    def after_counting(self, s: dict, step: dict, c: Any) -> dict:
+        xp = self.xp
         k, n, cand, live = self.k, self.n, step["cand"], step["live"]
         lo, hi, c_lo, c_hi = s["lo"], s["hi"], s["c_lo"], s["c_hi"]
         width = hi - lo
         up = c >= k  # c: (K, T), non-increasing in cand
-        new_lo = jnp.max(jnp.where(up, cand, lo), axis=0)
-        new_hi = jnp.min(jnp.where(up, hi, cand), axis=0)
+        new_lo = xp.max(xp.where(up, cand, lo), axis=0)
+        new_hi = xp.min(xp.where(up, hi, cand), axis=0)
         # The counted point nearest the new bracket outside it (not the ends 0, _TOP).
-        pts = jnp.concatenate([lo[None], cand, hi[None]])
-        cnt = jnp.concatenate([c_lo[None], c, c_hi[None]])
+        pts = xp.concatenate([lo[None], cand, hi[None]])
+        cnt = xp.concatenate([c_lo[None], c, c_hi[None]])
         below = (pts < new_lo) & (pts > 0)
-        top = jnp.uint32(_TOP)
+        top = xp.uint32(_TOP)
         above = (pts > new_hi) & (pts < top)
-        b_pt = jnp.max(jnp.where(below, pts, 0), axis=0)
-        b_cnt = jnp.min(jnp.where(below, cnt, n), axis=0)
-        a_pt = jnp.min(jnp.where(above, pts, top), axis=0)
-        a_cnt = jnp.max(jnp.where(above, cnt, 0), axis=0)
-        new_c_lo = jnp.min(jnp.where(up, c, c_lo), axis=0)
-        new_c_hi = jnp.max(jnp.where(up, c_hi, c), axis=0)
+        b_pt = xp.max(xp.where(below, pts, 0), axis=0)
+        b_cnt = xp.min(xp.where(below, cnt, n), axis=0)
+        a_pt = xp.min(xp.where(above, pts, top), axis=0)
+        a_cnt = xp.max(xp.where(above, cnt, 0), axis=0)
+        new_c_lo = xp.min(xp.where(up, c, c_lo), axis=0)
+        new_c_hi = xp.max(xp.where(up, c_hi, c), axis=0)
         use_b = (b_pt > 0) & ((a_pt == top) | (b_cnt - new_c_lo <= new_c_hi - a_cnt))
-        out = jnp.where(use_b, b_pt, jnp.where(a_pt < top, a_pt, 0))
+        out = xp.where(use_b, b_pt, xp.where(a_pt < top, a_pt, 0))
         return {
-            "out": jnp.where(live, out, s["out"]),
-            "c_out": jnp.where(live, jnp.where(use_b, b_cnt, a_cnt), s["c_out"]),
+            "out": xp.where(live, out, s["out"]),
+            "c_out": xp.where(live, xp.where(use_b, b_cnt, a_cnt), s["c_out"]),
             "it": s["it"] + 1,
-            "lo": jnp.where(live, new_lo, lo),
-            "hi": jnp.where(live, new_hi, hi),
-            "c_lo": jnp.where(live, new_c_lo, c_lo),
-            "c_hi": jnp.where(live, new_c_hi, c_hi),
+            "lo": xp.where(live, new_lo, lo),
+            "hi": xp.where(live, new_hi, hi),
+            "c_lo": xp.where(live, new_c_lo, c_lo),
+            "c_hi": xp.where(live, new_c_hi, c_hi),
             "bisect": (s["it"] >= 1) & (new_hi - new_lo > width // 2),
             "listed": s["listed"],
         }
@@ -613,9 +632,11 @@ class _Search(NamedTuple):
 # counting and listing code for each leaf, and XLA:CPU compiles each leaf's fusions
 # separately: the compile time grows with the number of leaves. Called outside a trace,
 # the same steps run from Python instead: each read of the leaves is a call of a small
-# program per leaf, compiled once per leaf shape and shared by the leaves of that shape (a
-# transformer repeats a few shapes many times), and the bookkeeping between passes is one
-# small program. One host synchronisation a pass decides the next.
+# program per leaf shape (a sample, a count, the bracket's offsets), and everything else
+# runs in numpy on the host: the bookkeeping between passes (the same :class:`_Search`,
+# on ``(T,)`` vectors), the first candidates (a sort of the sample) and the listing's
+# compaction (the offsets a pass leaves hold ``N / 256`` entries a task). Only the three
+# reads are compiled. One host synchronisation a pass decides the next.
 
 
 @functools.partial(jax.jit, static_argnames=("share",))
@@ -628,45 +649,23 @@ def _count_leaf(leaf: Any, thresholds: jax.Array) -> jax.Array:
     return count_at_least_many([leaf], thresholds)
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _list_leaf(leaf: Any, lo: jax.Array, hi: jax.Array, *, size: int):
-    return bracket_entries([leaf], lo, hi, size)
-
-
 @jax.jit
-def _add_counts(counts: tuple) -> jax.Array:
-    return functools.reduce(jnp.add, counts)
+def _offsets_leaf(leaf: Any, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    return _bracket_offsets([leaf], lo, hi)
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _merge_lists(patterns: tuple, found: tuple, *, size: int):
-    """Per-leaf listings as one: the ``size`` largest patterns of all, the total found. A
-    leaf that found more than ``size`` entries lost some from its list, and then the total
-    exceeds ``size``, which no bracket that was listed holds: the check against the
-    bracket's count rejects the listing."""
-    merged = jnp.sort(jnp.concatenate(patterns, axis=1), axis=1)[:, ::-1][:, :size]
-    return merged, functools.reduce(jnp.add, found)
-
-
-@functools.partial(jax.jit, static_argnames=("n",))
-def _start(sample: jax.Array, k: jax.Array, *, n: int):
-    return _first_candidates(sample, k, n), _initial_state(sample.shape[0], n)
-
-
-@functools.partial(jax.jit, static_argnames=("n", "limit"))
-def _propose(s, k, first_cands, *, n, limit):
-    step = _Search(k, n, limit, first_cands).propose(s)
-    return step, jnp.stack([_go_on(s), step["extract"]]), _as_float(step["cand"])
-
-
-@functools.partial(jax.jit, static_argnames=("n", "limit"))
-def _after_counting(s, step, c, k, first_cands, *, n, limit):
-    return _Search(k, n, limit, first_cands).after_counting(s, step, c)
-
-
-@functools.partial(jax.jit, static_argnames=("n", "limit"))
-def _after_listing(s, step, patterns, found, k, first_cands, *, n, limit):
-    return _Search(k, n, limit, first_cands).after_listing(s, step, patterns, found)
+def _host_listing(offsets: Sequence[np.ndarray], lo: np.ndarray, size: int):
+    """:func:`bracket_entries` from the leaves' offsets, in numpy: the ``size`` largest
+    patterns found per task, descending and 0-padded, and the number found. A task that
+    found more than ``size`` holds more than any listed bracket: the check of ``found``
+    against the bracket's count rejects its list."""
+    offs = np.concatenate(offsets, axis=1) if len(offsets) > 1 else offsets[0]
+    found = np.sum(offs > 0, axis=1, dtype=np.uint32)
+    patterns = np.zeros((offs.shape[0], size), np.uint32)
+    for t, row in enumerate(offs):
+        top = np.sort(row[row > 0])[::-1][:size]
+        patterns[t, : top.size] = top + lo[t] - np.uint32(1)
+    return patterns, found
 
 
 @functools.partial(jax.jit, static_argnames=("num_tasks",))
@@ -705,40 +704,40 @@ def kth_largest_bits_driven(
     """:func:`kth_largest_bits` (``method=None``) run from Python, for concrete leaves.
 
     The same search and the same result, each read of the leaves a call of a program
-    compiled once per leaf shape; for models that repeat a few shapes, far less to compile
-    than the one computation of :func:`kth_largest_bits` (whose code grows with the number
-    of leaves). Leaves under ``_PACK_BELOW`` entries a task are copied once into one array
-    that every pass reads with one call (its sample, and so the candidates of the passes,
-    differ from the one computation's; the k-th is exact either way). Not for use under a
-    trace (it reads the loop's condition on the host).
+    compiled once per leaf shape (a sample, a count, a listing's offsets), the bookkeeping
+    in numpy on the host; far less to compile than the one computation of
+    :func:`kth_largest_bits`, which holds code for every leaf and every step. Leaves under
+    ``_PACK_BELOW`` entries a task are copied once into one array that every pass reads with
+    one call. The sample (and so the candidates and the number of passes) may differ from
+    the one computation's, and the host's float32 logarithm from XLA's in the last bit; the
+    k-th is exact either way. Not for use under a trace (it reads the loop on the host).
     """
-    leaves, num_tasks, sizes, n, k = _prepare(leaves, k, num_tasks)
+    leaves, num_tasks, sizes, n, k_dev = _prepare(leaves, k, num_tasks)
     if n <= _SORT_MAX:
-        return _sorted_kth(leaves, k, num_tasks=num_tasks)
+        return _sorted_kth(leaves, k_dev, num_tasks=num_tasks)
+    k_host = np.asarray(jax.device_get(k_dev), np.uint32)
     limit = _listing_size(n)
     leaves = _pack_small(leaves, sizes, num_tasks)
     sizes = [_entries(x) for x in leaves]
-    sample = jnp.concatenate(
-        [
-            _sample_leaf(x, share=max(1, _SAMPLE * s // n))
-            for x, s in zip(leaves, sizes, strict=True)
-        ],
-        axis=1,
-    )
-    first_cands, s = _start(sample, k, n=n)
-    static = {"n": n, "limit": limit}
-    while True:
-        step, flags, thr = _propose(s, k, first_cands, **static)
-        go, extract = (bool(x) for x in jax.device_get(flags))
-        if not go:
-            break
-        if extract:
-            lists = [_list_leaf(x, s["lo"], s["hi"], size=limit) for x in leaves]
-            patterns, found = _merge_lists(
-                tuple(p for p, _ in lists), tuple(f for _, f in lists), size=limit
-            )
-            s = _after_listing(s, step, patterns, found, k, first_cands, **static)
-        else:
-            c = _add_counts(tuple(_count_leaf(x, thr) for x in leaves))
-            s = _after_counting(s, step, c, k, first_cands, **static)
-    return _finish(s)
+    samples = [
+        _sample_leaf(x, share=max(1, _SAMPLE * s // n)) for x, s in zip(leaves, sizes, strict=True)
+    ]
+    sample = np.concatenate(jax.device_get(samples), axis=1)
+    search = _Search(k_host, n, limit, _first_candidates(sample, k_host, n, np), np)
+    s = _initial_state(num_tasks, n, np)
+    # uint32 brackets wrap as they do in XLA; 0/0 and log(0) give the NaN/inf the
+    # interpolation screens out with isfinite.
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        while _go_on(s, np):
+            step = search.propose(s)
+            if step["extract"]:
+                lo, hi = (jnp.asarray(s[x]) for x in ("lo", "hi"))
+                offsets = jax.device_get([_offsets_leaf(x, lo, hi) for x in leaves])
+                patterns, found = _host_listing(offsets, s["lo"], limit)
+                s = search.after_listing(s, step, patterns, found)
+            else:
+                thr = jnp.asarray(_view(step["cand"], np.float32, np))
+                counts = jax.device_get([_count_leaf(x, thr) for x in leaves])
+                c = functools.reduce(np.add, counts)
+                s = search.after_counting(s, step, c)
+        return jnp.asarray(_finish(s, np))

@@ -140,7 +140,9 @@ def test_every_output_entry_is_written(rng, bs):
     )(bases, taus, poison)
     for (out,), tl, s, b, t in zip(outs, tls, shapes, bases, taus, strict=True):
         chex.assert_tree_all_finite(out)
-        want = _ties_merge._merge_xla(b, t, thr, 1.0, 0.5, "mean", jnp.float32)
+        want = _ties_merge.disjoint_merge(
+            b, list(t), thr, 1.0, 0.5, merge="mean", out_dtype=jnp.float32
+        )
         np.testing.assert_allclose(_dispatch.from_tiles(out, tl, s), want, rtol=1e-6, atol=1e-6)
 
 
@@ -173,3 +175,50 @@ def test_equals_merging_reference(rng, dtype):
     tol = TOL[np.dtype(dtype)]
     chex.assert_trees_all_close(got, want, rtol=tol / 10, atol=tol / 10)
     np.testing.assert_array_equal(got["b"], base["b"])
+
+
+def _np_disjoint_merge(slices, thr, majority, merge, mark):
+    """τ_m of the merge pass step by step in float32 numpy, in the op's order of operations."""
+    f32 = np.float32
+    kept = [np.where(np.abs(x) >= thr[t], x, f32(0)) for t, x in enumerate(slices)]
+    total = kept[0]
+    for v in kept[1:]:
+        total = total + v
+    gamma = np.sign(total)
+    gamma = np.where(gamma == 0, f32(majority), gamma)
+    num, cnt = np.zeros_like(total), np.zeros_like(total)
+    for v in kept:
+        agree = np.where(gamma > 0, v > 0, v < 0)
+        num = num + np.where(agree, v, f32(0))
+        cnt = cnt + agree.astype(f32)
+    merged = num / np.maximum(cnt, f32(1)) if merge == "mean" else num
+    tie = (total == 0) & np.logical_or.reduce([v != 0 for v in kept])
+    return np.where(mark & tie, f32(np.nan), merged)
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum"])
+def test_disjoint_merge_bits_match_numpy(rng, merge):
+    # The one merge op (used by cljax.merging.ties, eager and jitted, and by this module's
+    # XLA path): τ_m has the float32 bits of a step-by-step numpy merge, exact cancellations
+    # marked or given the majority sign; θ0 + λ·τ_m is that value rounded once (a fused
+    # multiply-add) or twice, as XLA may compile it either way.
+    shape, num_tasks = (37, 29), 4
+    base = rng.normal(size=shape).astype(np.float32)
+    slices = [(rng.normal(size=shape) * 1e-2).astype(np.float32) for _ in range(num_tasks)]
+    slices[1][:3] = -slices[0][:3]  # exact cancellations in the first rows
+    slices[2][:3] = slices[3][:3] = 0.0
+    thr = np.quantile(np.abs(np.stack(slices)).reshape(num_tasks, -1), 0.6, axis=1)
+    thr = thr.astype(np.float32)
+    thr[3] = 1.0  # task 3 keeps nothing
+    op = jax.jit(_ties_merge.disjoint_merge, static_argnames=("merge",))
+    zero, one = np.zeros_like(base), jnp.float32(1.0)
+    for majority, mark in [(1.0, False), (-1.0, False), (1.0, True)]:
+        want = _np_disjoint_merge(slices, thr, majority, merge, mark)
+        got = op(zero, slices, thr, jnp.float32(majority), one, merge=merge, mark=mark)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{majority=} {mark=}")
+        got = np.asarray(op(base, slices, thr, jnp.float32(majority), 0.7, merge=merge, mark=mark))
+        twice = base + np.float32(0.7) * want
+        once = (base.astype(np.float64) + np.float64(np.float32(0.7)) * want).astype(np.float32)
+        ok = (got == twice) | (got == once) | (np.isnan(got) & np.isnan(want))
+        assert ok.all(), (got[~ok], twice[~ok], once[~ok])
+    assert np.isnan(want[:3]).any()  # the marked cancellations

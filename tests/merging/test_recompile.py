@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax.merging import _dare, _kth, _task_vectors, _ties, dare, task_arithmetic, ties
+from cljax.kernels._ties_threshold import xla as threshold_xla
+from cljax.merging import _dare, _task_vectors, _ties, dare, task_arithmetic, ties
 from cljax.merging._dare import entry_bits
 from tests.merging.test_ties import _t_trees, _vectorised_reference
 
@@ -22,7 +23,7 @@ def _sizes(*modules):
     """The cache size of every compiled function of ``modules`` (default: TIES')."""
     return {
         f"{mod.__name__}.{name}": fn._cache_size()
-        for mod in modules or (_ties, _kth)
+        for mod in modules or (_ties, threshold_xla)
         for name, fn in vars(mod).items()
         if hasattr(fn, "_cache_size")
     }

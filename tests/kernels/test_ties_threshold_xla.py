@@ -1,11 +1,12 @@
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax.merging import _kth
+from cljax.kernels._ties_threshold import xla
 
 
 def _as_value(bits):
@@ -41,7 +42,7 @@ def test_kth_largest_matches_sort(rng, method):
     n = sum(int(np.prod(s)) for s in shapes)
     per_task = [[leaf[t] for leaf in leaves] for t in range(3)]
     # k traced: one compilation for every k
-    select = jax.jit(functools.partial(_kth.kth_largest_bits, method=method))
+    select = jax.jit(functools.partial(xla.kth_largest_bits, method=method))
     for k in sorted({1, 2, n // 5, n // 2, n - 1, n}):
         got = _as_value(select(leaves, k))
         np.testing.assert_array_equal(got, _numpy_kth(per_task, k), err_msg=f"{k=}")
@@ -51,7 +52,7 @@ def test_kth_largest_matches_sort(rng, method):
 def test_kth_with_duplicates_zeros_and_subnormals(rng, method):
     vals = np.array([0.0, 0.0, 1e-40, -1e-40, 3.0, -3.0, 3.0, 2.5, 0.0, 7.0], np.float32)
     leaves = [[jnp.asarray(vals[:4])], [jnp.asarray(vals[4:].reshape(2, 3))]]
-    select = jax.jit(functools.partial(_kth.kth_largest_bits, method=method))
+    select = jax.jit(functools.partial(xla.kth_largest_bits, method=method))
     for k in range(1, 11):
         got = _as_value(select(leaves, k))
         np.testing.assert_array_equal(got, _numpy_kth([[vals]], k), err_msg=f"{k=}")
@@ -62,7 +63,7 @@ def test_kth_with_duplicates_zeros_and_subnormals(rng, method):
 def test_kth_stacked_leaves_equal_lists(rng, method):
     leaves = _leaves(rng, 2, [(20, 9), (31,)])
     stacked = [jnp.stack(x) for x in leaves]
-    got = _as_value(_kth.kth_largest_bits(stacked, 17, method=method))
+    got = _as_value(xla.kth_largest_bits(stacked, 17, method=method))
     per_task = [[leaf[t] for leaf in leaves] for t in range(2)]
     np.testing.assert_array_equal(got, _numpy_kth(per_task, 17))
 
@@ -71,7 +72,7 @@ def test_kth_stacked_leaves_equal_lists(rng, method):
 @_METHODS
 def test_kth_bfloat16(rng, method):
     leaves = _leaves(rng, 2, [(16, 8), (5,)], dtype=jnp.bfloat16)
-    got = _as_value(_kth.kth_largest_bits(leaves, 40, method=method))
+    got = _as_value(xla.kth_largest_bits(leaves, 40, method=method))
     per_task = [[leaf[t] for leaf in leaves] for t in range(2)]
     np.testing.assert_array_equal(got, _numpy_kth(per_task, 40))
 
@@ -83,23 +84,23 @@ def test_sort_and_search_agree_with_nan_and_choose_by_size(rng):
     x[0, :40] = np.nan
     leaves = [jnp.asarray(x)]
     for k in (1, 100, 260, 261, 300):  # task 0 holds 260 numbers
-        by_search = _kth.kth_largest_bits(leaves, k, method="search")
-        by_sort = _kth.kth_largest_bits(leaves, k, method="sort")
+        by_search = xla.kth_largest_bits(leaves, k, method="search")
+        by_sort = xla.kth_largest_bits(leaves, k, method="sort")
         np.testing.assert_array_equal(by_search, by_sort, err_msg=f"{k=}")
     # None picks the sort for small inputs: no counting pass.
-    assert int(_kth.kth_largest_bits(leaves, 7, return_passes=True)[1]) == 0
+    assert int(xla.kth_largest_bits(leaves, 7, return_passes=True)[1]) == 0
     with pytest.raises(ValueError, match="method"):
-        _kth.kth_largest_bits(leaves, 7, method="radix")
+        xla.kth_largest_bits(leaves, 7, method="radix")
 
 
 @pytest.mark.slow
 def test_count_at_least(rng):
     x = jnp.asarray(rng.normal(size=(3, 6, 11)), jnp.float32)
     thr = jnp.abs(jnp.asarray(rng.normal(size=(3,)), jnp.float32))
-    got = np.asarray(_kth.count_at_least(x, thr, batch_dims=1))
+    got = np.asarray(xla.count_at_least(x, thr, batch_dims=1))
     expected = [(np.abs(np.asarray(x[t])) >= thr[t]).sum() for t in range(3)]
     np.testing.assert_array_equal(got, expected)
-    assert int(_kth.count_at_least(x[0], thr[0])) == expected[0]
+    assert int(xla.count_at_least(x[0], thr[0])) == expected[0]
 
 
 def _numpy_counts(per_task_leaves, thresholds):
@@ -125,7 +126,7 @@ def test_count_at_least_many_matches_numpy(rng):
     ]
     per_task = [[leaf[t] for leaf in leaves] for t in range(num_tasks)]
     mags = np.concatenate([np.abs(np.asarray(x)).reshape(num_tasks, -1) for x in leaves], 1)
-    count = jax.jit(_kth.count_at_least_many)
+    count = jax.jit(xla.count_at_least_many)
     for num in (1, 2, 3):
         # thresholds at entries (ties at the threshold count), between them, and extremes
         picks = rng.integers(0, mags.shape[1], size=(num, num_tasks))
@@ -137,7 +138,7 @@ def test_count_at_least_many_matches_numpy(rng):
         np.testing.assert_array_equal(got, _numpy_counts(per_task, thr), err_msg=f"{num=}")
         # the same leaves given as lists of per-task arrays
         lists = [[leaf[t] for t in range(num_tasks)] for leaf in leaves]
-        got_lists = np.asarray(_kth.count_at_least_many(lists, jnp.asarray(thr)))
+        got_lists = np.asarray(xla.count_at_least_many(lists, jnp.asarray(thr)))
         np.testing.assert_array_equal(got_lists, got)
 
 
@@ -147,10 +148,10 @@ def test_count_at_least_many_ignores_nan_and_rejects_four_thresholds(rng):
     x[0, 5, 7] = np.nan
     x[1, 599, 59] = np.nan
     thr = np.array([[0.5, 0.5]], np.float32)
-    got = np.asarray(_kth.count_at_least_many([jnp.asarray(x)], jnp.asarray(thr)))
+    got = np.asarray(xla.count_at_least_many([jnp.asarray(x)], jnp.asarray(thr)))
     np.testing.assert_array_equal(got[0], (np.abs(x) >= 0.5).reshape(2, -1).sum(1))
     with pytest.raises(ValueError, match="at most 3 thresholds"):
-        _kth.count_at_least_many([jnp.asarray(x)], jnp.zeros((4, 2), jnp.float32))
+        xla.count_at_least_many([jnp.asarray(x)], jnp.zeros((4, 2), jnp.float32))
 
 
 @pytest.mark.slow
@@ -161,7 +162,7 @@ def test_kth_largest_on_packed_leaves(rng):
     ]
     per_task = [[leaf[t] for leaf in leaves] for t in range(num_tasks)]
     n = sum(int(np.prod(s)) for s in _PACKED_SHAPES)
-    select = jax.jit(_kth.kth_largest_bits)
+    select = jax.jit(xla.kth_largest_bits)
     for k in (1, 2, n // 100, n // 5, n // 2, n - 1, n):
         got = _as_value(select(leaves, k))
         np.testing.assert_array_equal(got, _numpy_kth(per_task, k), err_msg=f"{k=}")
@@ -173,7 +174,7 @@ def test_kth_search_passes(rng):
     entries a task): even four-way splits alone take 11 passes here (measured 4 with
     them: three counts, one listing)."""
     leaves = [jnp.asarray(rng.normal(size=(2, 1024, 1000)) * 1e-3, jnp.float32)]
-    select = jax.jit(functools.partial(_kth.kth_largest_bits, return_passes=True))
+    select = jax.jit(functools.partial(xla.kth_largest_bits, return_passes=True))
     for density in (0.01, 0.2, 0.5):
         k = round(density * 1024 * 1000)
         bits, passes = select(leaves, k)
@@ -194,7 +195,12 @@ def _bracket_reference(leaves, lo, hi):
 
 
 @pytest.mark.slow
-def test_bracket_entries_matches_numpy(rng):
+def test_bracket_entries_matches_numpy():
+    # Fixed data: the share of brackets listed in full depends on the draw (entries that
+    # share a slot are missed); this seed is the one the bound below was set on.
+    rng = np.random.default_rng(
+        zlib.crc32(b"tests/merging/test_kth.py::test_bracket_entries_matches_numpy")
+    )
     num_tasks = 3
     leaves = [
         jnp.asarray(rng.normal(size=(num_tasks, *s)) * 1e-3, jnp.float32) for s in _PACKED_SHAPES
@@ -205,7 +211,7 @@ def test_bracket_entries_matches_numpy(rng):
         ),
         axis=1,
     )[:, ::-1]
-    listing = jax.jit(_kth.bracket_entries, static_argnums=3)
+    listing = jax.jit(xla.bracket_entries, static_argnums=3)
     exact = 0
     for top, bottom in [(0, 3), (100, 130), (5000, 5030), (bits.shape[1] - 21, bits.shape[1] - 1)]:
         hi = bits[:, top - 1] + 1 if top else np.full(num_tasks, 0x80000000, np.uint32)
@@ -230,12 +236,12 @@ def test_listing_misses_fall_back_to_counting(rng):
     # All the large entries sit in one column of the listing's layout (16 groups x 32 rows
     # x 64 columns), so every listing of them collides: counting must finish the search.
     n_cols = 64
-    x = rng.normal(size=(1, _kth._GROUPS, _kth._ROWS, n_cols)).astype(np.float32) * 1e-6
-    x[0, :, :, 5] = rng.permutation(np.linspace(1.0, 2.0, _kth._SPAN, dtype=np.float32)).reshape(
-        _kth._GROUPS, _kth._ROWS
+    x = rng.normal(size=(1, xla._GROUPS, xla._ROWS, n_cols)).astype(np.float32) * 1e-6
+    x[0, :, :, 5] = rng.permutation(np.linspace(1.0, 2.0, xla._SPAN, dtype=np.float32)).reshape(
+        xla._GROUPS, xla._ROWS
     )
     leaves = [jnp.asarray(x.reshape(1, -1))]
-    select = jax.jit(functools.partial(_kth.kth_largest_bits, return_passes=True))
+    select = jax.jit(functools.partial(xla.kth_largest_bits, return_passes=True))
     for k in (3, 200, 511):
         bits, passes = select(leaves, k)
         np.testing.assert_array_equal(_as_value(bits), _numpy_kth([[leaves[0][0]]], k))
@@ -254,8 +260,8 @@ def test_driven_search_matches_sort(rng):
     per_task = [[leaf[t] for leaf in leaves] for t in range(num_tasks)]
     n = sum(int(np.prod(s)) for s in shapes)
     for k in (1, n // 5, n):
-        got = _as_value(_kth.kth_largest_bits_driven(leaves, k))
+        got = _as_value(xla.kth_largest_bits_driven(leaves, k))
         np.testing.assert_array_equal(got, _numpy_kth(per_task, k), err_msg=f"{k=}")
     as_lists = [tuple(x) for x in leaves]
-    got = _as_value(_kth.kth_largest_bits_driven(as_lists, n // 2, num_tasks=num_tasks))
+    got = _as_value(xla.kth_largest_bits_driven(as_lists, n // 2, num_tasks=num_tasks))
     np.testing.assert_array_equal(got, _numpy_kth(per_task, n // 2))
