@@ -11,6 +11,11 @@ test takes the argmax over every class seen so far. ``--head cosine`` replaces t
 linear head by a normalised one (a fixed scale times the cosine of the feature and each class
 weight), so that no class's logits outgrow the others' through weight or feature norms; a
 run record names its head, and a folder of one head's records refuses the other's.
+``--imprint true`` (cosine head only) imprints the head (Qi, Brown and Lowe 2018, "Low-Shot
+Learning with Imprinted Weights"): when a stage begins, each new class's head weight becomes
+the normalised mean feature of its training images under the current parameters, so a new
+class starts where the nearest-class-mean probe would put it instead of at a random direction
+that a few steps hardly move; records name the setting like the head.
 
 Methods: naive fine-tuning, EWC, LwF, GPM, CoSO and OSFT on the attention output projections,
 PRD (prototype-sample relation distillation, replay-free: SupCon + prototypes + relation
@@ -81,6 +86,9 @@ class Config:
     # head, cosine_scale x cos(feature, class weight), whose logits no class can outgrow
     head: str = "linear"
     cosine_scale: float = 16.0  # the cosine head's fixed scale (logit_temperature unused)
+    # cosine head only: each stage's new head weights start as the normalised class means of
+    # its training features under the current parameters (weight imprinting)
+    imprint: bool = False
     ewc_strength: float = 1e4
     lwf_weight: float = 1.0
     lwf_temperature: float = 2.0
@@ -248,6 +256,45 @@ def _fns(model: Net, cfg: Config):
     return apply_fn, features, project, prd_apply
 
 
+def imprint(features_fn, *, chunk: int = 256, name: str = "imprint") -> cl.Method:
+    """Weight imprinting as a continual method: new classes' head weights = class means.
+
+    At the beginning of each task, the head columns of its classes (``params["head"]
+    ["kernel"][:, offset:offset + num_classes]``) become the L2-normalised mean of the
+    L2-normalised features ``features_fn(params, x)`` of the task's training images of each
+    class, under the parameters the task starts from; the other columns are left as they are.
+    With a cosine head this places each new class at its nearest-class-mean prototype.
+
+    Args:
+      features_fn: ``features_fn(params, x) -> (n, d)`` features.
+      chunk: training images per forward pass.
+      name: state key.
+
+    Returns:
+      A :class:`cljax.continual.Method` with a ``begin_task`` hook only.
+    """
+    feats = jax.jit(features_fn)
+
+    def begin_task(state, ctx):
+        x, y = ctx.task.split("train")
+        z = np.concatenate(
+            [np.asarray(feats(state.params, x[s : s + chunk])) for s in range(0, len(x), chunk)]
+        ).astype(np.float64)
+        z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        k = ctx.task.num_classes
+        if not all((y == c).any() for c in range(k)):
+            raise ValueError(f"task {ctx.task.name!r} lacks training images of some class")
+        m = np.stack([z[y == c].mean(0) for c in range(k)], axis=1)
+        m /= np.maximum(np.linalg.norm(m, axis=0, keepdims=True), 1e-12)
+        off = ctx.layout.offsets[ctx.index]
+        kernel = state.params["head"]["kernel"]
+        kernel = kernel.at[:, off : off + k].set(jnp.asarray(m, kernel.dtype))
+        head = {**state.params["head"], "kernel": kernel}
+        return state.replace(params={**state.params, "head": head})
+
+    return cl.Method(begin_task=begin_task, name=name)
+
+
 def _method(name: str, cfg: Config, model: Net, params, features, project) -> cl.Method:
     targets = [(ATTN_OUT, True)]
     if name == "naive":
@@ -331,6 +378,9 @@ def run_one(cfg: Config, method: str, seed: int, tasks: list[Task]) -> dict:
         metrics = cl.summarize(acc)
     else:
         is_prd = method == "prd"
+        chosen = _method(method, cfg, model, params, features, project)
+        # imprinting runs first: the method's begin_task sees the imprinted head
+        hooks = [imprint(features), chosen] if cfg.imprint else chosen
         res = cl.run_sequence(
             tasks,
             apply_fn=prd_apply if is_prd else apply_fn,
@@ -338,7 +388,7 @@ def run_one(cfg: Config, method: str, seed: int, tasks: list[Task]) -> dict:
             optimizer=base_optimizer(cfg),
             steps_per_task=cfg.steps_per_task,
             batch_size=cfg.batch_size,
-            methods=_method(method, cfg, model, params, features, project),
+            methods=hooks,
             scenario="class",
             class_loss="new",
             task_loss=cl.no_task_loss if is_prd else cl.cross_entropy_loss,
@@ -355,6 +405,7 @@ def run_one(cfg: Config, method: str, seed: int, tasks: list[Task]) -> dict:
         "metrics": {k: float(v) for k, v in metrics.items()},
         "seconds": time.perf_counter() - t0,
         "head": cfg.head,
+        "imprint": cfg.imprint,
     }
 
 
@@ -411,6 +462,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--head {cfg.head!r}: choose from {HEADS}")
     if not cfg.cosine_scale > 0:
         raise ValueError(f"--cosine_scale {cfg.cosine_scale!r} must be positive")
+    if cfg.imprint and cfg.head != "cosine":
+        raise ValueError(f"--imprint true needs --head cosine, not --head {cfg.head}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
@@ -428,6 +481,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 raise ValueError(
                     f"{done} is a run with --head {r.get('head', 'linear')}, not {cfg.head}; "
                     "give each head its own --out"
+                )
+            if r is not None and bool(r.get("imprint", False)) != cfg.imprint:
+                raise ValueError(
+                    f"{done} is a run with --imprint {str(r.get('imprint', False)).lower()}, "
+                    f"not {str(cfg.imprint).lower()}; give each setting its own --out"
                 )
             if r is not None:
                 runs.append(r)

@@ -6,9 +6,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from cljax import continual as cl
 from cljax.data import Task
+from cljax.train import TrainState
 from experiments import class_incremental as ci
 
 
@@ -97,6 +100,8 @@ def _stand_in(calls):
             "accuracy": acc.tolist(),
             "metrics": {"acc": float(acc[-1].mean()), "bwt": float(bwt)},
             "seconds": 0.5 + len(calls),
+            "head": cfg.head,
+            "imprint": cfg.imprint,
         }
 
     return run_one
@@ -216,7 +221,11 @@ def test_cosine_head_is_scaled_cosine_and_linear_head_is_fc_over_temperature():
 
 @pytest.mark.parametrize(
     "flags, match",
-    [(["--head", "softmax"], "--head 'softmax'"), (["--cosine_scale", "0"], "--cosine_scale")],
+    [
+        (["--head", "softmax"], "--head 'softmax'"),
+        (["--cosine_scale", "0"], "--cosine_scale"),
+        (["--imprint", "true"], "--imprint true needs --head cosine"),
+    ],
 )
 def test_bad_head_flags_are_rejected_before_anything_runs(tmp_path, flags, match):
     out = tmp_path / "ci"
@@ -239,4 +248,49 @@ def test_a_record_of_another_head_is_refused(tmp_path, monkeypatch, jax_cache_se
     with pytest.raises(ValueError, match="naive-s0.json is a run with --head linear, not cosine"):
         ci.main(["--preset", "tiny", "--out", str(out), "--head", "cosine"])
     assert ci.main(["--preset", "tiny", "--out", str(out), "--summarize_only", "true"])
+    assert calls == [("naive", 0), ("ncm", 0)]
+
+
+def test_imprint_sets_new_columns_to_normalised_class_means_and_keeps_the_others():
+    """Against NumPy: at task 1's beginning, its head columns become the normalised means of
+    the normalised features (here ``x @ enc``) of its training images per class; task 0's
+    columns and every other parameter stay as they were."""
+    rng = np.random.default_rng(3)
+    tasks = []
+    for t in range(2):
+        y = np.array([0, 1, 2, 0, 1, 2, 2], np.int32)
+        x = rng.normal(size=(7, 6)).astype(np.float32)
+        tasks.append(Task(f"t{t}", ("a", "b", "c"), x, y, x[:1], y[:1], x, y))
+    params = {
+        "enc": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+        "head": {
+            "kernel": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),
+            "bias": jnp.zeros(6),
+        },
+    }
+    method = ci.imprint(lambda p, x: x @ p["enc"], chunk=3)  # chunks of 3: a partial last one
+    state = TrainState.create(params, optax.sgd(0.1), methods={method.name: method.init(params)})
+    layout = cl.HeadLayout.build("class", tasks)
+    ctx = cl.TaskContext(1, tuple(tasks), layout, lambda p, x: x, 0)
+    new = method.begin_task(state, ctx).params
+    unit = lambda z, a: z / np.linalg.norm(z, axis=a, keepdims=True)  # noqa: E731
+    z = unit(tasks[1].x_train.astype(np.float64) @ np.asarray(params["enc"], np.float64), 1)
+    want = unit(np.stack([z[tasks[1].y_train == c].mean(0) for c in range(3)], 1), 0)
+    got = np.asarray(new["head"]["kernel"])
+    np.testing.assert_allclose(got[:, 3:], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[:, :3], np.asarray(params["head"]["kernel"])[:, :3])
+    np.testing.assert_array_equal(np.asarray(new["enc"]), np.asarray(params["enc"]))
+
+
+def test_a_record_of_the_other_imprint_setting_is_refused(
+    tmp_path, monkeypatch, jax_cache_settings
+):
+    calls = []
+    monkeypatch.setattr(ci, "stage_tasks", lambda cfg, seed: [])
+    monkeypatch.setattr(ci, "run_one", _stand_in(calls))
+    monkeypatch.setattr(ci, "heatmaps", lambda path, title, mats: None)
+    out = tmp_path / "ci"
+    ci.main(["--preset", "tiny", "--out", str(out), "--head", "cosine"])
+    with pytest.raises(ValueError, match="naive-s0.json is a run with --imprint false, not true"):
+        ci.main(["--preset", "tiny", "--out", str(out), "--head", "cosine", "--imprint", "true"])
     assert calls == [("naive", 0), ("ncm", 0)]
