@@ -80,6 +80,7 @@ def write_report(cfg: Config, results: dict, out: Path) -> None:
         if paired:
             print(f"\n### {ds}: F-MTL minus base, same seed (mean [95 % t-interval])\n")
             print(C.format_table([_paired_row(p) for p in paired], list(_paired_row(paired[0]))))
-        figure(out / f"mtl_{ds}.png", ds, rows, paired, cfg)
+        if paired:  # nothing to draw without a finished base / F-variant pair
+            figure(out / f"mtl_{ds}.png", ds, rows, paired, cfg)
     C.write_json(out / "results.json", results)
     print(f"\n{results['seconds']:.0f} s; results in {out}")

@@ -60,6 +60,8 @@ def test_single_task_runs_on_the_generated_task_sets(dataset, tmp_path, monkeypa
     names = ["left", "right"] if dataset == "multi_shapes" else ["content", "colour", "style"]
     assert row["method"] == "single-task" and all(0 <= float(row[n]) <= 100 for n in names)
     assert set(res["runs"]) == {f"{dataset}/stl{k}/0" for k in range(len(names))}
+    # single-task models only: no base / F-MTL pair, so no figure
+    assert not (tmp_path / f"mtl_{dataset}.png").exists()
 
 
 def test_paired_ci_is_the_t_interval():
