@@ -47,3 +47,19 @@ def rng():
 
     seed = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].encode())
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def compiles():
+    """The backend compilations run during the test, as a growing list (read its length)."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
