@@ -309,10 +309,7 @@ def generate_multi_mnist(
         )
     if not 0.0 <= glyph_fraction <= 1.0:
         raise ValueError(f"generate_multi_mnist: {glyph_fraction=} must be in [0, 1]")
-    if max_shift < 0:
-        raise ValueError(f"generate_multi_mnist: {max_shift=} must be >= 0")
-    if size < 28 + max_shift:
-        raise ValueError(f"generate_multi_mnist: {size=} must be >= 28 + {max_shift=}")
+    check_layout("generate_multi_mnist", size, max_shift)
     pools = _pools(seed)
     xs, ys = [], []
     for s, n in enumerate(counts):
@@ -327,8 +324,21 @@ def generate_multi_mnist(
         shifts = rng.integers(0, max_shift + 1, (n, 4))
         xs.append(MultiDigitImages(pool, pool_y, pick[0], pick[1], shifts, size, max_shift))
         ys.append((pool_y[pick[0]], pool_y[pick[1]]))
+    return left_right_tasks(_DIGITS, xs, ys)
+
+
+def check_layout(fn: str, size: int, max_shift: int) -> None:
+    """Multi-MNIST's layout: shifts ``>= 0`` and a canvas that holds a shifted 28×28 object."""
+    if max_shift < 0:
+        raise ValueError(f"{fn}: {max_shift=} must be >= 0")
+    if size < 28 + max_shift:
+        raise ValueError(f"{fn}: {size=} must be >= 28 + {max_shift=}")
+
+
+def left_right_tasks(classes, xs, ys) -> tuple[Task, Task]:
+    """The ``(left, right)`` tasks of per-split images ``xs`` and label pairs ``ys``."""
     left, right = (
-        Task(name, _DIGITS, xs[0], ys[0][k], xs[1], ys[1][k], xs[2], ys[2][k])
+        Task(name, classes, xs[0], ys[0][k], xs[1], ys[1][k], xs[2], ys[2][k])
         for k, name in enumerate(("left", "right"))
     )
     return left, right

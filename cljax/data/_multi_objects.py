@@ -23,7 +23,7 @@ import functools
 import numpy as np
 
 from cljax.data import _render as R
-from cljax.data._multi_mnist import _DIGITS, MultiDigitImages
+from cljax.data._multi_mnist import _DIGITS, MultiDigitImages, check_layout, left_right_tasks
 from cljax.data._task import Task
 
 __all__ = [
@@ -157,10 +157,7 @@ def generate_multi_shapes(
         raise ValueError(f"{fn}: objects_per_class={objects_per_class!r} must be an int >= 10")
     if objects_per_class < 10:
         raise ValueError(f"{fn}: {objects_per_class=} must be >= 10")
-    if max_shift < 0:
-        raise ValueError(f"{fn}: {max_shift=} must be >= 0")
-    if size < 28 + max_shift:
-        raise ValueError(f"{fn}: {size=} must be >= 28 + {max_shift=}")
+    check_layout(fn, size, max_shift)
     pools = _shape_pools(seed, int(objects_per_class))
     xs, ys = [], []
     for s, n in enumerate((num_train, num_val, num_test)):
@@ -170,11 +167,7 @@ def generate_multi_shapes(
         shifts = rng.integers(0, max_shift + 1, (n, 4))
         xs.append(MultiDigitImages(pool, pool_y, left, right, shifts, size, max_shift))
         ys.append((pool_y[left], pool_y[right]))
-    left, right = (
-        Task(name, R.SHAPES, xs[0], ys[0][k], xs[1], ys[1][k], xs[2], ys[2][k])
-        for k, name in enumerate(("left", "right"))
-    )
-    return left, right
+    return left_right_tasks(R.SHAPES, xs, ys)
 
 
 # The colours and fill styles of generate_glyph_attributes (far apart under the jitter).
