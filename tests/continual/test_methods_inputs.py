@@ -65,6 +65,7 @@ class _MLP(nn.Module):
         return nn.Dense(3, use_bias=False)(x)
 
 
+@pytest.mark.slow
 def test_gpm_per_layer_sample_counts_match_separate_recordings():
     """num_samples=[a, b, c]: layer k's memory is GPM's update from the first n_k examples."""
     rng = np.random.default_rng(0)

@@ -55,6 +55,7 @@ def _prd(identity_groups=True):
     return cl.prd(feats, proj, protos, aug, groups=groups, temperature=0.2), feats, proj, aug
 
 
+@pytest.mark.slow
 def test_prd_loss_is_the_sum_of_its_three_terms():
     rng = np.random.default_rng(1)
     params = {

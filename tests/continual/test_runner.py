@@ -148,6 +148,7 @@ def test_default_eval_is_the_masked_argmax_accuracy():
     np.testing.assert_allclose(custom.accuracy, [[0.25, 0.5], [0.25, 0.5]])
 
 
+@pytest.mark.slow
 def test_a_sequence_compiles_its_step_once(caplog):
     # Each task's first step gets a fresh optimiser state and the hooks' new arrays; were they
     # left uncommitted, the step (fed committed outputs afterwards) would compile twice.

@@ -81,6 +81,7 @@ def test_cache_round_trip(tmp_path):
     np.testing.assert_array_equal(c.tasks[0].x_test, a.tasks[0].x_test)
 
 
+@pytest.mark.slow
 def test_parallel_workers_draw_the_same_bytes():
     kw = dict(tasks=("letters", "mnist"), train_size=6, val_size=3, test_size=4)
     a = embedded_benchmark(2, **kw)
@@ -101,6 +102,7 @@ def test_bad_arguments():
         embedded_benchmark(train_size=2.5)
 
 
+@pytest.mark.slow
 def test_the_guide_runs():
     """Every python block of docs/embedded-foundation.md runs, in order."""
     import re

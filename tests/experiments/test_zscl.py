@@ -187,6 +187,7 @@ def _tree_equal(a, b):
     return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
 
 
+@pytest.mark.slow
 def test_lwf_teacher_is_the_start_of_task_model_on_the_tasks_own_images(tmp_path, monkeypatch):
     monkeypatch.setenv("CLJAX_NO_PROGRESS", "1")
     r = _toy_run(tmp_path, "lwf", steps=3)

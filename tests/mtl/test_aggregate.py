@@ -104,6 +104,7 @@ def test_fmtl_through_aggregate_equals_fmtl(rng, name):
     chex.assert_trees_all_close(info["sam_losses"], want_info["sam_losses"])
 
 
+@pytest.mark.slow
 def test_later_transforms_see_the_plain_tree(rng):
     params, loss_fn = model(rng)
     x = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)

@@ -133,6 +133,7 @@ def test_rho_zero_is_the_base_aggregator(rng, agg):
     chex.assert_trees_all_close(out, base, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_perturbations_differ_by_task(rng):
     params, loss_fn = model(rng, 2)
     x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
@@ -180,6 +181,7 @@ def test_batch_stats_update_on_the_clean_pass_only(rng):
     chex.assert_trees_all_close(info["aux"], clean, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_inputs(rng):
     params, loss_fn = model(rng, 2)
     with pytest.raises(ValueError, match="fmtl: rho=-0.5 must be >= 0"):

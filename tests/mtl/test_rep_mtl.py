@@ -246,6 +246,7 @@ def test_regularizer_is_the_weighted_sum(rng):
     assert float(terms0["tsr"]) == 0.0 and float(reg0) == pytest.approx(float(terms0["csa"]))
 
 
+@pytest.mark.slow
 def test_per_task_gradients_match_numpy_oracle_and_feed_aggregators():
     kw = dict(tsr_weight=0.7, csa_weight=0.4, temperature=0.5)
     with jax.enable_x64(True):
