@@ -335,10 +335,16 @@ def check_layout(fn: str, size: int, max_shift: int) -> None:
         raise ValueError(f"{fn}: {size=} must be >= 28 + {max_shift=}")
 
 
+def split_tasks(names, classes, xs, ys) -> tuple[Task, ...]:
+    """One task per name over shared images: ``xs`` per split, ``ys`` per split one label
+    array per task, ``classes`` one class-name tuple per task."""
+    return tuple(
+        Task(name, cls, xs[0], ys[0][k], xs[1], ys[1][k], xs[2], ys[2][k])
+        for k, (name, cls) in enumerate(zip(names, classes, strict=True))
+    )
+
+
 def left_right_tasks(classes, xs, ys) -> tuple[Task, Task]:
     """The ``(left, right)`` tasks of per-split images ``xs`` and label pairs ``ys``."""
-    left, right = (
-        Task(name, classes, xs[0], ys[0][k], xs[1], ys[1][k], xs[2], ys[2][k])
-        for k, name in enumerate(("left", "right"))
-    )
+    left, right = split_tasks(("left", "right"), (classes, classes), xs, ys)
     return left, right

@@ -23,7 +23,13 @@ import functools
 import numpy as np
 
 from cljax.data import _render as R
-from cljax.data._multi_mnist import _DIGITS, MultiDigitImages, check_layout, left_right_tasks
+from cljax.data._multi_mnist import (
+    _DIGITS,
+    MultiDigitImages,
+    check_layout,
+    left_right_tasks,
+    split_tasks,
+)
 from cljax.data._task import Task
 
 __all__ = [
@@ -350,10 +356,6 @@ def generate_glyph_attributes(
         )
         xs.append(images)
         ys.append((digit[glyph], colour, style))
-    names = ("content", "colour", "style")
     classes = (_DIGITS, ATTRIBUTE_COLOURS, ATTRIBUTE_STYLES)
-    content, colour_task, style_task = (
-        Task(name, cls, xs[0], ys[0][k], xs[1], ys[1][k], xs[2], ys[2][k])
-        for k, (name, cls) in enumerate(zip(names, classes, strict=True))
-    )
+    content, colour_task, style_task = split_tasks(("content", "colour", "style"), classes, xs, ys)
     return content, colour_task, style_task
