@@ -15,7 +15,7 @@ from cljax import kernels
 from cljax import tree as ct
 from cljax.kernels._ties_merge import disjoint_merge, sign_votes, trim
 from cljax.kernels._ties_threshold import ties_threshold
-from cljax.merging import _common
+from cljax.merging import _common, _kth
 
 __all__ = ["ties"]
 
@@ -134,11 +134,182 @@ def ties(
     ks = np.asarray(ks, np.uint32)
     in_graph = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((pre, ts.leaves, scale)))
     if not in_graph:
-        out = _merge_from_python(pre, ts, scale, ks, mask=mask, scope=scope, merge=merge)
+        merged = [i for i, m in enumerate(mask) if m]
+        device = _kth.host_device([pre[i] for i in merged] + [ts.leaves[i] for i in merged])
+        if device is not None:
+            out = _merge_on_host(pre, ts, scale, ks, mask=mask, scope=scope, merge=merge)
+            for i in merged:  # numpy arrays in 64-byte aligned buffers: taken without a copy
+                out[i] = jax.device_put(out[i], device)
+        else:
+            out = _merge_from_python(pre, ts, scale, ks, mask=mask, scope=scope, merge=merge)
         return finish(jax.tree.unflatten(treedef, out))
     static = {"mask": mask, "num_tasks": ts.num_tasks, "merge": merge}
     out = _ties_core(pre, ts.leaves, scale, ks, scope=scope, **static)
     return finish(jax.tree.unflatten(treedef, out))
+
+
+def _merge_on_host(pre, ts, scale, ks, *, mask, scope, merge):
+    """TIES on CPU arrays: thresholds found by numpy, the merge by one chunk program.
+
+    The thresholds come from :func:`cljax.merging._kth.kth_bits` (one read of the task
+    vectors on the host, exact; the counting search where its sample bracket fails). Leaves
+    of at least ``_kth.CHUNK`` entries are merged by :func:`_merge_chunk`, compiled once for
+    every leaf shape, window by window; smaller leaves by the same program over windows
+    they share (:func:`_merge_small`). Exact cancellations are marked by a NaN; a
+    non-finite output (a mark, or a NaN/Inf of the inputs) makes the rare second round
+    count the majority sign over all leaves (in numpy) and merge again without marks.
+    Merged leaves come back as numpy arrays.
+    """
+    idx = [i for i, m in enumerate(mask) if m]
+    num_tasks = ts.num_tasks
+    rows = {i: _kth.task_rows(ts.leaves[i], num_tasks) for i in idx}
+
+    def threshold(leaves, k):
+        bits = _kth.kth_bits([rows[i] for i in leaves], int(k))
+        if bits is None:  # the sample's bracket failed: the counting search
+            found = ties_threshold(
+                [ts.leaves[i] for i in leaves], k, num_tasks=num_tasks, implementation="xla"
+            )
+            bits = np.asarray(found, np.uint32)
+        return bits
+
+    if scope == "global":
+        thresholds = dict.fromkeys(idx, threshold(idx, ks[0]))
+    else:
+        none = np.full((num_tasks,), _KEEP_NONE, np.uint32)
+        thresholds = {i: none if ks[j] == 0 else threshold([i], ks[j]) for j, i in enumerate(idx)}
+    big = [i for i in idx if rows[i][0].size >= _kth.CHUNK]
+    small = [i for i in idx if rows[i][0].size < _kth.CHUNK]
+
+    def merge_all(majority, mark):
+        out, finite = list(pre), True
+        for i in big:
+            out[i], ok = _merge_host_leaf(
+                pre[i], rows[i], thresholds[i], scale, majority, mark, merge
+            )
+            finite &= ok
+        if small:
+            merged, ok = _merge_small(pre, rows, thresholds, small, scale, majority, mark, merge)
+            for i, x in merged.items():
+                out[i] = x
+            finite &= ok
+        return out, finite
+
+    out, finite = merge_all(1.0, True)
+    if finite:
+        return out
+    votes = sum(_votes_numpy(rows[i], thresholds[i]) for i in idx)
+    return merge_all(float(np.sign(votes)), False)[0]
+
+
+def _merge_host_leaf(pre, rows, bits, scale, majority, mark, merge):
+    """One leaf of :func:`_merge_on_host` (a numpy array shaped like ``pre``) and whether
+    it is finite."""
+    base = np.asarray(pre)
+    flat = base.reshape(-1)
+    n = flat.size
+    out = _kth.aligned_empty(n, base.dtype)
+    majority, mark = np.float32(majority), np.bool_(mark)
+    size = _kth.CHUNK
+    parts = [
+        (
+            s,
+            _merge_chunk(
+                flat[s : s + size],
+                tuple(r[s : s + size] for r in rows),
+                bits,
+                scale,
+                majority,
+                mark,
+                merge=merge,
+            ),
+        )
+        for s in _kth.windows(n)
+    ]
+    finite = True
+    for s, (value, total) in parts:
+        out[s : s + size] = np.asarray(value)
+        finite &= bool(np.isfinite(np.asarray(total)))
+    return out.reshape(base.shape), finite
+
+
+@functools.partial(jax.jit, static_argnames=("merge",))
+def _merge_chunk(base, slices, bits, scale, majority, mark, *, merge):
+    """The merge of one window (``_kth.CHUNK`` entries) and the float32 sum of its output
+    (finite unless a mark or a NaN/Inf is in it)."""
+    out = disjoint_merge(base, list(slices), _thr(bits), majority, scale, merge=merge, mark=mark)
+    out = lax.optimization_barrier(out)  # summed as written, not recomputed in the sum
+    return out, jnp.sum(out, dtype=jnp.float32)
+
+
+def _trim_numpy(rows, bits):
+    """Trim on the host: entries below their task's threshold become 0 (float32 magnitudes
+    compared, as :func:`cljax.kernels._ties_merge.trim`), in the rows' dtype."""
+    thr = np.asarray(bits, np.uint32).view(np.float32)
+    return [np.where(np.abs(np.asarray(x, np.float32)) >= thr[t], x, 0) for t, x in enumerate(rows)]
+
+
+def _merge_small(pre, rows, thresholds, idx, scale, majority, mark, merge):
+    """Leaves under ``_kth.CHUNK`` entries merged by the chunk program: copied one after
+    another into zero-padded windows (one group per pair of dtypes), each task's entries
+    trimmed on the host with its leaf's threshold, so the program keeps every entry (a
+    zero threshold) and leaves of different thresholds share a window. The arithmetic is
+    the merge op's, entry for entry. Returns the merged leaves and whether all are finite."""
+    size = _kth.CHUNK
+    num_tasks = len(rows[idx[0]])
+    groups: dict = {}
+    for i in idx:
+        key = (np.asarray(pre[i]).dtype, rows[i][0].dtype)
+        groups.setdefault(key, []).append(i)
+    keep_all = np.zeros((num_tasks,), np.uint32)
+    majority, mark = np.float32(majority), np.bool_(mark)
+    out, finite = {}, True
+    for (base_dtype, tau_dtype), members in groups.items():
+        sizes = [rows[i][0].size for i in members]
+        total = -sum(sizes) // size * -size
+        base = np.zeros(total, base_dtype)
+        taus = [np.zeros(total, tau_dtype) for _ in range(num_tasks)]
+        at = 0
+        for i, n in zip(members, sizes, strict=True):
+            base[at : at + n] = np.asarray(pre[i]).reshape(-1)
+            for t, x in enumerate(_trim_numpy(rows[i], thresholds[i])):
+                taus[t][at : at + n] = x
+            at += n
+        merged = _kth.aligned_empty(total, base_dtype)
+        for s in range(0, total, size):
+            value, part = _merge_chunk(
+                base[s : s + size],
+                tuple(x[s : s + size] for x in taus),
+                keep_all,
+                scale,
+                majority,
+                mark,
+                merge=merge,
+            )
+            merged[s : s + size] = np.asarray(value)
+            finite &= bool(np.isfinite(np.asarray(part)))
+        at = 0
+        for i, n in zip(members, sizes, strict=True):
+            out[i] = merged[at : at + n].reshape(np.shape(pre[i]))
+            at += n
+    return out, finite
+
+
+def _sum_numpy(kept):
+    total = kept[0].astype(np.float64 if kept[0].dtype == np.float64 else np.float32)
+    for v in kept[1:]:
+        total = total + v.astype(total.dtype)
+    return total
+
+
+def _votes_numpy(rows, bits):
+    """Σ sign(Σ_t τ̂_t) over one leaf's entries, block by block (the rare second round)."""
+    votes = 0
+    n = rows[0].size
+    for s in range(0, n, _kth.CHUNK):
+        total = _sum_numpy(_trim_numpy([r[s : s + _kth.CHUNK] for r in rows], bits))
+        votes += int(np.count_nonzero(total > 0)) - int(np.count_nonzero(total < 0))
+    return votes
 
 
 def _merge_from_python(pre, ts, scale, ks, *, mask, scope, merge):

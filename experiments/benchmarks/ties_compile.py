@@ -110,6 +110,8 @@ def run(cfg: Config) -> dict:
         "num_params": sum(math.prod(s) for s in jax.tree.leaves(spec, is_leaf=_is_shape)),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
+        # A persistent compilation cache would hide the compile time the first call pays.
+        "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
         "rows": rows,
     }
 
@@ -124,7 +126,8 @@ def main(argv=None) -> dict:
         print(
             f"\nFirst calls, {res['num_params'] / 1e6:.1f}M parameters in {res['num_leaves']} "
             f"leaves x {cfg.tasks} task vectors, jax {res['jax']}, {res['cpu_count']} CPU "
-            f"cores, load average {os.getloadavg()[0]:.1f} at the end\n"
+            f"cores, load average {os.getloadavg()[0]:.1f} at the end, persistent compilation "
+            f"cache: {res['compilation_cache_dir'] or 'off'}\n"
         )
         cols = list(res["rows"][0])
         print(_common.format_table(res["rows"], cols, floatfmt=".2f"))

@@ -7,7 +7,7 @@ import pytest
 from cljax import kernels
 from cljax import tree as ct
 from cljax.kernels._ties_threshold import xla as threshold_xla
-from cljax.merging import _common, _streaming, ties
+from cljax.merging import _common, _streaming, _ties, ties
 
 
 def _tree(rng, dtype=np.float32, scales=(1.0, 1.0, 1.0)):
@@ -159,20 +159,22 @@ def test_ties_through_the_counting_search(rng, scope):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", [pytest.param("list", marks=pytest.mark.long), "stacked"])
-def test_leaf_scope_called_eagerly_searches_once_a_shape(rng, form):
-    # Eager per-leaf TIES compiles the search's count once for two same-shaped leaves (a
-    # shape no other test uses, so nothing is cached yet; the smaller leaves are sorted);
-    # each leaf keeps its own threshold: the result equals the jitted merge's, where every
-    # leaf is searched in the graph, and the numpy reference.
+def test_leaf_scope_called_eagerly_compiles_no_search(rng, form):
+    # Eager per-leaf TIES on CPU arrays finds each leaf's threshold on the host (no search
+    # program is compiled) and merges with one program for all shapes (leaf shapes no other
+    # test uses); each leaf keeps its own threshold: the result equals the jitted merge's,
+    # where every leaf is searched in the graph, and the numpy reference.
     shapes = {"a": (161, 131), "b": (161, 131), "c": (90,), "d": (90,), "e": (7, 11)}
     pre, taus = _t_trees(rng, shapes, 3)
     for p in ("b", "d"):  # thresholds that differ from those of the same-shaped a and c
         taus[0][p] = 4.0 * taus[0][p]
     if form == "stacked":
         taus = ct.stack(taus)
-    before = threshold_xla._count_leaf._cache_size()
+    searches = threshold_xla._count_leaf._cache_size()
+    merges = _ties._merge_chunk._cache_size()
     eager = ties(pre, taus, density=0.2, scale=0.9, scope="leaf")
-    assert threshold_xla._count_leaf._cache_size() == before + 1
+    assert threshold_xla._count_leaf._cache_size() == searches
+    assert _ties._merge_chunk._cache_size() <= merges + 1
     jitted = jax.jit(lambda p, t: ties(p, t, density=0.2, scale=0.9, scope="leaf"))(pre, taus)
     taus = ct.unstack(taus) if form == "stacked" else taus
     ref = _vectorised_reference(pre, taus, density=0.2, scale=0.9, scope="leaf")
