@@ -4,6 +4,7 @@ aTLAS (heads padded to one width, a control task for negation), or a stand-in po
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -34,11 +35,13 @@ class Pool(NamedTuple):
     control: Any  # (Task, head) of the control task for negation
 
 
-def load_pool(cfg: Config, out_dir: Path) -> Pool:
+def load_pool(cfg: Config, out_dir: Path, *, draw_workers: int | None = None) -> Pool:
     """The fine-tuned pool of ``experiments.merging`` (its ``build_pool`` and checkpoint cache).
 
     Falls back to a stand-in pool built by the same recipe (:func:`standin_pool`) on a
-    checkout without the merging experiment.
+    checkout without the merging experiment. ``draw_workers`` overrides the merging preset's
+    processes that draw the benchmark (1 inside a worker process, which may not start its
+    own; the images are the same).
     """
     try:
         from experiments import merging as merging_exp
@@ -51,6 +54,8 @@ def load_pool(cfg: Config, out_dir: Path) -> Pool:
     # The merging preset of the same name: MiniCLIP on the embedded benchmark ("default",
     # "tiny") or the ViT pretrained on digits ("digits", "digits-tiny").
     mcfg = merging_exp.PRESETS[cfg.preset]
+    if draw_workers is not None:
+        mcfg = dataclasses.replace(mcfg, workers=draw_workers)
     pool_dir = Path(cfg.pool_dir or mcfg.out)
     mp = merging_exp.build_pool(mcfg, pool_dir)
     return _as_pool(mp)

@@ -113,7 +113,10 @@ def write_report(cfg: Config, units: dict, results: dict, out: Path) -> None:
     text = "\n\n".join(f"### {title}\n\n{table}" for title, table in tables)
     print(text)
     (out / "tables.md").write_text(text + "\n")
-    results["timing_s"] = {k: v for k, v in units.items() if k.endswith("/time_s")}
+    # Each unit's wall (/time_s) and CPU time (/cpu_s, where recorded) and, from run, the
+    # run's own wall and CPU time (its workers' included).
+    timing = {k: v for k, v in units.items() if k.endswith(("/time_s", "/cpu_s"))}
+    results["timing_s"] = {**timing, **results.get("timing_s", {})}
     write_json(out / "results.json", results)
     _plot(out / "atlas.png", cfg, results, pre_abs)
 

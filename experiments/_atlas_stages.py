@@ -23,31 +23,78 @@ _negate = jax.jit(lambda pre, tau, lam: jax.tree.map(lambda p, t: p - lam * t, p
 
 
 class _Accuracy:
-    """Accuracy of (encoder, head) on arrays, in fixed-size padded chunks: one compilation."""
+    """Accuracy of an encoder and frozen heads, from the encoder's features.
+
+    The features of one parameter set are computed once for every image set it is scored
+    on (:meth:`many`: all tasks' validation splits in one pass, the target and the control
+    task together), in chunks of ``eval_batch`` with the last chunk padded to a multiple of
+    ``_GRANULE`` rows: few compiled shapes, little padding. The heads (a matrix product on
+    the features) run on the host. θ0's features of a task's split are kept: the pretrained
+    model, the linear probe and the test-time baselines score them again and again.
+    """
 
     def __init__(self, pool: Pool, eval_batch: int):
+        self.pool = pool
         self.eval_batch = eval_batch
+        self._encode = jax.jit(pool.encode)
+        self._theta0: dict[tuple[str, str], np.ndarray] = {}
 
-        @jax.jit
-        def correct(enc, head, x, y, valid):
-            logits = pool.head_apply(head, pool.encode(enc, x))
-            return jnp.sum((jnp.argmax(logits, -1) == y) & valid)
+    def features(self, enc, x: np.ndarray) -> np.ndarray:
+        """``encode(enc, x)`` as a float32 numpy array, in padded chunks."""
+        b, n, out = self.eval_batch, len(x), []
+        for i in range(0, n, b):
+            xb = x[i : i + b]
+            m = len(xb)
+            size = min(b, -(-m // _GRANULE) * _GRANULE)
+            if m < size:
+                xb = np.concatenate([xb, np.zeros((size - m, *xb.shape[1:]), xb.dtype)])
+            out.append(np.asarray(self._encode(enc, xb))[:m])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
-        self._correct = correct
+    def _task_features(self, enc, task, split: str) -> np.ndarray | None:
+        if enc is self.pool.pretrained:
+            return self._theta0.get((task.name, split))
+        return None
+
+    def many(self, enc, items) -> list[float]:
+        """Accuracies of ``enc`` with each ``(head, task, split)`` or ``(head, x, y)`` of
+        ``items``, the images of all items encoded in one pass."""
+        resolved, todo = [], []
+        for head, a, b in items:
+            if not isinstance(b, str):  # (head, x, y)
+                resolved.append((head, None, a, b))
+                todo.append(a)
+                continue
+            x, y = a.split(b)
+            f = self._task_features(enc, a, b)
+            resolved.append((head, f, x, y))
+            if f is None:
+                todo.append(x)
+        feats = self.features(enc, np.concatenate(todo)) if todo else None
+        at, accs = 0, []
+        for (head, f, x, y), item in zip(resolved, items, strict=True):
+            if f is None:
+                f, at = feats[at : at + len(x)], at + len(x)
+                if enc is self.pool.pretrained and isinstance(item[2], str):
+                    self._theta0[(item[1].name, item[2])] = f
+            accs.append(self.score(f, head, y))
+        return accs
+
+    def score(self, feats: np.ndarray, head, y: np.ndarray) -> float:
+        """Accuracy of ``head`` on precomputed features."""
+        if len(y) == 0:
+            return 0.0
+        logits = np.asarray(self.pool.head_apply(jax.device_get(head), feats))
+        return float(np.mean(np.argmax(logits, -1) == y))
 
     def on(self, enc, head, x, y) -> float:
-        b, n, hits = self.eval_batch, len(y), 0
-        for i in range(0, n, b):
-            xb, yb = x[i : i + b], y[i : i + b]
-            m = len(yb)
-            if m < b:  # pad the last chunk to the compiled shape
-                xb = np.concatenate([xb, np.zeros((b - m, *xb.shape[1:]), xb.dtype)])
-                yb = np.concatenate([yb, np.zeros(b - m, yb.dtype)])
-            hits += int(self._correct(enc, head, xb, yb, np.arange(b) < m))
-        return hits / max(n, 1)
+        return self.many(enc, [(head, x, y)])[0]
 
     def __call__(self, enc, head, task, split: str) -> float:
-        return self.on(enc, head, *task.split(split))
+        return self.many(enc, [(head, task, split)])[0]
+
+
+_GRANULE = 64  # evaluation chunks are padded to a multiple of this many rows
 
 
 def _cycle_batch(x: np.ndarray, y: np.ndarray | None, batch: int, step: int, seed: int) -> dict:
@@ -117,7 +164,7 @@ def run_addition(
         ]
 
     def evaluate(theta):
-        accs = [accuracy(theta, heads[i], tasks[i], "val") for i in range(t)]
+        accs = accuracy.many(theta, [(heads[i], tasks[i], "val") for i in range(t)])
         return {
             "normalized": float(
                 np.nanmean(
@@ -140,7 +187,7 @@ def run_addition(
         seed=seed,
     )
     theta = _compose(pool.pretrained, pool.task_vectors, res.coefficients, spec)
-    test = [accuracy(theta, heads[i], tasks[i], "test") for i in range(t)]
+    test = accuracy.many(theta, [(heads[i], tasks[i], "test") for i in range(t)])
     return {
         "absolute": 100 * float(np.mean(test)),
         "normalized": 100
@@ -159,13 +206,13 @@ def run_task_arithmetic(pool: Pool, cfg: Config, accuracy, ft_acc) -> dict:
 
     def val_score(lam):
         theta = merge(pool.pretrained, pool.task_vectors, lam)
-        accs = [accuracy(theta, heads[i], tasks[i], "val") for i in range(len(tasks))]
+        accs = accuracy.many(theta, [(heads[i], tasks[i], "val") for i in range(len(tasks))])
         return float(np.mean([a / f for a, f in zip(accs, ft_acc["val"], strict=True) if f > 0]))
 
     grid = _grid(cfg)
     lam, scores = select_scale(val_score, grid)
     theta = merge(pool.pretrained, pool.task_vectors, lam)
-    test = [accuracy(theta, heads[i], tasks[i], "test") for i in range(len(tasks))]
+    test = accuracy.many(theta, [(heads[i], tasks[i], "test") for i in range(len(tasks))])
     return {
         "lambda": lam,
         "val_normalized": 100 * float(scores[grid.index(lam)]),
@@ -199,10 +246,10 @@ def run_negation(pool: Pool, cfg: Config, seed: int, accuracy) -> dict:
             }
 
         def evaluate(theta, i=i, task=task):
-            return {
-                "target_accuracy": accuracy(theta, pool.heads[i], task, "val"),
-                "control_accuracy": accuracy(theta, chead, ctask, "val"),
-            }
+            target, control = accuracy.many(
+                theta, [(pool.heads[i], task, "val"), (chead, ctask, "val")]
+            )
+            return {"target_accuracy": target, "control_accuracy": control}
 
         res = atlas.fit(
             objective,
@@ -218,15 +265,9 @@ def run_negation(pool: Pool, cfg: Config, seed: int, accuracy) -> dict:
             seed=seed,
         )
         theta = _compose(pool.pretrained, tau, res.coefficients, atlas.blocks(pool.pretrained))
-        out["aTLAS"].append(
-            (accuracy(theta, pool.heads[i], task, "test"), accuracy(theta, chead, ctask, "test"))
-        )
-        out["pretrained"].append(
-            (
-                accuracy(pool.pretrained, pool.heads[i], task, "test"),
-                accuracy(pool.pretrained, chead, ctask, "test"),
-            )
-        )
+        pairs = [(pool.heads[i], task, "test"), (chead, ctask, "test")]
+        out["aTLAS"].append(tuple(accuracy.many(theta, pairs)))
+        out["pretrained"].append(tuple(accuracy.many(pool.pretrained, pairs)))
         if seed == cfg.seeds[0]:  # deterministic: once
             out["task arithmetic"].append(_ta_negation(pool, cfg, i, accuracy, floor_val))
     return out
@@ -239,14 +280,13 @@ def _ta_negation(pool: Pool, cfg: Config, i: int, accuracy, floor_val: float):
     merge = lambda lam: _negate(pool.pretrained, tau, lam)
 
     def val_score(lam):
-        theta = merge(lam)
-        if accuracy(theta, chead, ctask, "val") < floor_val:
-            return np.nan
-        return accuracy(theta, pool.heads[i], task, "val")
+        target, control = accuracy.many(
+            merge(lam), [(pool.heads[i], task, "val"), (chead, ctask, "val")]
+        )
+        return np.nan if control < floor_val else target
 
     lam, _ = select_scale(val_score, _grid(cfg), maximize=False)
-    theta = merge(lam)
-    return (accuracy(theta, pool.heads[i], task, "test"), accuracy(theta, chead, ctask, "test"))
+    return tuple(accuracy.many(merge(lam), [(pool.heads[i], task, "test"), (chead, ctask, "test")]))
 
 
 def _others(pool: Pool, h: int):
@@ -263,8 +303,10 @@ def run_few_shot(pool: Pool, cfg: Config, seed: int, accuracy) -> dict:
     for h, task in enumerate(pool.tasks):
         taus = _others(pool, h)
         head = pool.heads[h]
+        shots = {k: _k_shot(task, k, seed) for k in cfg.shots}
+        ta = _ta_few_shot(pool, cfg, taus, head, task, shots, accuracy)
         for k in cfg.shots:
-            x, y = _k_shot(task, k, seed)
+            x, y = shots[k]
 
             def batch_at(s, x=x, y=y, head=head):
                 return {**_cycle_batch(x, y, cfg.few_shot_batch, s, seed), "head": head}
@@ -282,23 +324,39 @@ def run_few_shot(pool: Pool, cfg: Config, seed: int, accuracy) -> dict:
             theta = _compose(pool.pretrained, taus, res.coefficients, spec)
             row = out.setdefault(f"k={k}", {"aTLAS": [], "linear probe": [], "task arithmetic": []})
             row["aTLAS"].append(accuracy(theta, head, task, "test"))
-            probe = _linear_probe(pool, head, x, y, cfg)
+            probe = _linear_probe(pool, head, x, y, cfg, accuracy)
             row["linear probe"].append(accuracy(pool.pretrained, probe, task, "test"))
-            row["task arithmetic"].append(_ta_few_shot(pool, cfg, taus, head, task, x, y, accuracy))
+            row["task arithmetic"].append(ta[k])
     return out
 
 
-def _ta_few_shot(pool, cfg, taus, head, task, x, y, accuracy) -> float:
-    """Task arithmetic of the other tasks' vectors, λ tuned on the k-shot set itself."""
-    score = lambda lam: accuracy.on(_task_arithmetic(pool.pretrained, taus, lam), head, x, y)
-    lam, _ = select_scale(score, _grid(cfg))
-    return accuracy(_task_arithmetic(pool.pretrained, taus, lam), head, task, "test")
+def _ta_few_shot(pool, cfg, taus, head, task, shots, accuracy) -> dict[int, float]:
+    """Task arithmetic of the other tasks' vectors, λ tuned on each k-shot set itself.
+
+    The merge of a λ does not depend on k: it is built once and scores every k-shot set in
+    one encoding pass; each k then takes its own best λ.
+    """
+    grid, ks = _grid(cfg), list(shots)
+    scores = {
+        lam: accuracy.many(
+            _task_arithmetic(pool.pretrained, taus, lam), [(head, *shots[k]) for k in ks]
+        )
+        for lam in grid
+    }
+    test: dict[float, float] = {}
+    out = {}
+    for j, k in enumerate(ks):
+        lam, _ = select_scale(lambda v, j=j: scores[v][j], grid)
+        if lam not in test:
+            test[lam] = accuracy(_task_arithmetic(pool.pretrained, taus, lam), head, task, "test")
+        out[k] = test[lam]
+    return out
 
 
-def _linear_probe(pool: Pool, head, x, y, cfg: Config):
+def _linear_probe(pool: Pool, head, x, y, cfg: Config, accuracy):
     """A linear head trained on θ0's features of the k-shot set, from the frozen head.
 
-    The k-shot set is padded to a fixed size with zero-weight rows: one compilation.
+    The features are padded to a fixed number of rows with zero-weight rows: one compilation.
     """
     key = (id(pool), "probe")
     if key not in _CACHE:
@@ -321,8 +379,8 @@ def _linear_probe(pool: Pool, head, x, y, cfg: Config):
         _CACHE[key] = run
     size = max(cfg.shots) * max(t.num_classes for t in pool.tasks)
     n = len(y)
-    xp = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
-    feats = _CACHE.setdefault((id(pool), "encode"), jax.jit(pool.encode))(pool.pretrained, xp)
+    feats = accuracy.features(pool.pretrained, x)
+    feats = np.concatenate([feats, np.zeros((size - n, *feats.shape[1:]), feats.dtype)])
     yp = np.concatenate([y, np.zeros(size - n, y.dtype)])
     return _CACHE[key](head, feats, yp, (np.arange(size) < n).astype(np.float32))
 

@@ -2,7 +2,8 @@
 
 Command::
 
-    python -m experiments.atlas                  # the embedded preset, 3 seeds
+    python -m experiments.atlas                  # the embedded preset, 3 seeds, a process per core
+    python -m experiments.atlas --workers 1      # the same in this process alone
     python -m experiments.atlas --preset tiny    # smoke test (seconds once the pool is cached)
 
 Reuses the fine-tuned pool of ``experiments/merging.py`` (``build_pool`` and its checkpoint
@@ -28,12 +29,15 @@ Every learned setting runs over several seeds (batch order, k-shot draw); tables
 mean ± std. Writes ``results.json``, ``atlas.png`` and the markdown tables under ``--out``
 (default ``runs/atlas``); completed (part, seed) units are cached in ``units.json`` and
 skipped on a re-run (a damaged ``units.json`` is moved aside and its units run again).
-Runtime of the preset: under an hour on a 2-core CPU once the pool is cached (few-shot
-about a third of it). Expected result (the paper's claims):
-aTLAS above tuned task arithmetic in task addition, stronger forgetting at equal control
-accuracy in negation, and gains over the pretrained model from a few shots; at this scale
-none held (addition a tie, negation and test-time adaptation step-limited, few-shot below
-the pretrained model): ``docs/results/atlas.md`` holds the numbers and the evidence.
+The units run in ``--workers`` processes (default one per core; spawned, each loads the pool
+and runs XLA on one thread), the costliest first. Each parameter set is evaluated once on every split it
+is scored on (all tasks' images in one encoding pass, heads applied to the features), θ0's
+features are kept, and a λ of few-shot task arithmetic is scored on every k at once, so
+the evaluation passes cost what the scored images cost. Expected result (the paper's
+claims): aTLAS above tuned task arithmetic in task addition, stronger forgetting at equal
+control accuracy in negation, gains over the pretrained model from a few shots and from
+unlabelled test images; the runtime, the numbers and which claims hold at this scale are
+on ``docs/results/atlas.md``.
 
 This module holds the configuration and the run; the pool is built in ``_atlas_pool``, the
 parts run in ``_atlas_stages`` and the tables and figure are written by ``_atlas_report``.
@@ -44,6 +48,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +122,9 @@ class Config:
     pool_dir: str = ""  # default: the merging preset's output folder (its checkpoint cache)
     max_steps_per_epoch: int = 0  # 0: no cap (the tiny preset caps every loop)
     lambda_grid: int = 21  # points of the λ grid on [0, 1] for task arithmetic
+    # processes that run the (part, seed) units: 0 one per core, 1 all in this process. Each
+    # worker loads the pool with load_pool and runs XLA on one thread.
+    workers: int = 0
 
 
 # Every loop cut to a step or two: a smoke test of each part (on either pool).
@@ -130,6 +139,7 @@ _TINY: dict[str, Any] = {
     "partitions": (2,),
     "max_steps_per_epoch": 2,
     "lambda_grid": 3,
+    "workers": 1,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -159,7 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(cfg: Config, pool: Pool, out: Path) -> dict:
-    """Runs the parts of ``cfg`` on ``pool``; completed (part, seed) units are cached."""
+    """Runs the parts of ``cfg`` on ``pool``; completed (part, seed) units are cached.
+
+    With ``cfg.workers`` > 1 the units not yet cached run in that many processes, each of
+    which loads its own pool with :func:`load_pool` (so ``pool`` must be the one
+    ``load_pool(cfg, out)`` gives); each unit's record is saved here as it arrives.
+    """
+    t_start, cpu_start = time.time(), _cpu_s()
     units_path = out / "units.json"
     units = load_json(units_path)  # None if missing; a damaged file is moved aside
     if not isinstance(units, dict) or units.get("_config") != _config_key(cfg):
@@ -169,9 +185,10 @@ def run(cfg: Config, pool: Pool, out: Path) -> dict:
 
     def unit(name: str, fn: Callable[[], Any]):
         if name not in units:
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             units[name] = fn()
             units[name + "/time_s"] = time.time() - t0
+            units[name + "/cpu_s"] = time.process_time() - c0
             save_json(units_path, units)
         return units[name]
 
@@ -179,43 +196,148 @@ def run(cfg: Config, pool: Pool, out: Path) -> dict:
         acc = {"val": [], "test": [], "pretrained_test": []}
         for i, task in enumerate(tasks):
             theta = jax.tree.map(lambda p, v, i=i: p + v[i], pool.pretrained, pool.task_vectors)
-            acc["val"].append(accuracy(theta, pool.heads[i], task, "val"))
-            acc["test"].append(accuracy(theta, pool.heads[i], task, "test"))
+            val, test = accuracy.many(
+                theta, [(pool.heads[i], task, "val"), (pool.heads[i], task, "test")]
+            )
+            acc["val"].append(val)
+            acc["test"].append(test)
             acc["pretrained_test"].append(accuracy(pool.pretrained, pool.heads[i], task, "test"))
         return acc
 
     ft_acc = unit("finetuned", finetuned_acc)
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "tasks": [t.name for t in tasks]}
     results["finetuned"] = ft_acc
-    seeds = list(cfg.seeds)
-    bar = progress([(part, seed) for part in cfg.parts for seed in seeds], desc="atlas", total=None)
-    for part, seed in bar:
-        if part == "addition":
-            unit(
-                f"addition/{seed}",
-                lambda seed=seed: run_addition(pool, cfg, seed, accuracy, ft_acc),
-            )
-        elif part == "partitions":
-            for k in cfg.partitions:
-                unit(
-                    f"partitions/{k}/{seed}",
-                    lambda k=k, seed=seed: run_addition(
-                        pool, cfg, seed, accuracy, ft_acc, partitions=k
-                    ),
-                )
-        elif part == "negation":
-            unit(f"negation/{seed}", lambda seed=seed: run_negation(pool, cfg, seed, accuracy))
-        elif part == "few_shot":
-            unit(f"few_shot/{seed}", lambda seed=seed: run_few_shot(pool, cfg, seed, accuracy))
-        elif part == "tta":
-            unit(f"tta/{seed}", lambda seed=seed: run_tta(pool, cfg, seed, accuracy))
-        else:
-            raise ValueError(f"unknown part {part!r}")
-
-    if "addition" in cfg.parts or "partitions" in cfg.parts:
-        unit("task_arithmetic", lambda: run_task_arithmetic(pool, cfg, accuracy, ft_acc))
+    names = _unit_names(cfg)
+    todo = [n for n in names if n not in units]
+    if _num_workers(cfg) > 1 and len(todo) > 1:
+        _run_workers(cfg, out, todo, ft_acc, units, units_path)
+    for name in progress(names, desc="atlas", total=None):
+        unit(name, lambda name=name: _run_unit(name, pool, cfg, accuracy, ft_acc))
+    # This run's own cost (cached units cost nothing): wall, and the CPU time of this
+    # process and of its workers.
+    results["timing_s"] = {"run/wall_s": time.time() - t_start, "run/cpu_s": _cpu_s() - cpu_start}
     write_report(cfg, units, results, out)
     return results
+
+
+def _unit_names(cfg: Config) -> list[str]:
+    """The (part, seed) units of ``cfg``, in the order of its parts and seeds."""
+    for part in cfg.parts:
+        if part not in Config.parts:
+            raise ValueError(f"unknown part {part!r}; the parts: {Config.parts}")
+    names = []
+    for part in cfg.parts:
+        for seed in cfg.seeds:
+            if part == "partitions":
+                names += [f"partitions/{k}/{seed}" for k in cfg.partitions]
+            else:
+                names.append(f"{part}/{seed}")
+    if "addition" in cfg.parts or "partitions" in cfg.parts:
+        names.append("task_arithmetic")
+    return names
+
+
+def _run_unit(name: str, pool: Pool, cfg: Config, accuracy, ft_acc) -> Any:
+    """One unit: ``part/seed``, ``partitions/K/seed`` or ``task_arithmetic``."""
+    part, *rest = name.split("/")
+    if part == "task_arithmetic":
+        return run_task_arithmetic(pool, cfg, accuracy, ft_acc)
+    seed = int(rest[-1])
+    if part == "addition":
+        return run_addition(pool, cfg, seed, accuracy, ft_acc)
+    if part == "partitions":
+        return run_addition(pool, cfg, seed, accuracy, ft_acc, partitions=int(rest[0]))
+    if part == "negation":
+        return run_negation(pool, cfg, seed, accuracy)
+    if part == "few_shot":
+        return run_few_shot(pool, cfg, seed, accuracy)
+    if part == "tta":
+        return run_tta(pool, cfg, seed, accuracy)
+    raise ValueError(f"unknown unit {name!r}")
+
+
+# The CPU time of a unit of each part relative to task addition's (one seed of the default
+# preset), to start the costliest units first so the workers finish together.
+_PART_COST = {
+    "few_shot": 4.0,
+    "negation": 1.5,
+    "partitions": 1.0,
+    "addition": 1.0,
+    "tta": 1.0,
+    "task_arithmetic": 0.7,
+}
+
+
+def _cpu_s() -> float:
+    """User + system CPU time of this process and of its finished child processes."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+# ------------------------------------------------------------- --workers: units in processes
+# (experiments.zscl has its own --workers, one command per group of methods; the two should
+# share one helper.)
+
+_WORKER: dict[str, Any] = {}
+
+
+def _num_workers(cfg: Config) -> int:
+    """``cfg.workers``, or for 0 the cores this process may run on."""
+    if cfg.workers < 0:
+        raise ValueError(f"workers={cfg.workers} must be >= 0 (0: one per core)")
+    if cfg.workers:
+        return cfg.workers
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return len(cores) if cores else os.cpu_count() or 1
+
+
+def _worker_init(cfg: Config, out: str, ft_acc: dict) -> None:
+    os.environ["CLJAX_NO_PROGRESS"] = "1"
+    pool = load_pool(cfg, Path(out), draw_workers=1)  # a pool's worker may not spawn its own
+    _WORKER.update(pool=pool, cfg=cfg, ft_acc=ft_acc, accuracy=_Accuracy(pool, cfg.eval_batch))
+
+
+def _worker_unit(name: str) -> tuple[str, Any, float, float]:
+    w = _WORKER
+    t0, c0 = time.time(), time.process_time()
+    result = _run_unit(name, w["pool"], w["cfg"], w["accuracy"], w["ft_acc"])
+    return name, result, time.time() - t0, time.process_time() - c0
+
+
+def _run_workers(cfg: Config, out: Path, todo: list[str], ft_acc, units: dict, path: Path):
+    """Runs the units ``todo`` in ``cfg.workers`` processes (``spawn``), seed by seed and
+    the costliest first within a seed (a run cut short has whole seeds); each record is
+    saved to ``path`` as it arrives, so a killed run resumes."""
+    import multiprocessing
+
+    seeds = list(cfg.seeds)
+
+    def rank(name: str) -> tuple[int, float]:
+        part, *rest = name.split("/")
+        return (seeds.index(int(rest[-1])) if rest else 0), -_PART_COST[part]
+
+    order = sorted(todo, key=rank)
+    n = min(_num_workers(cfg), len(order))
+    # One XLA thread per worker: the workers share the cores instead of competing for them.
+    saved = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{saved or ''} --xla_cpu_multi_thread_eigen=false".strip()
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(n, _worker_init, (cfg, str(out), ft_acc)) as workers:
+            bar = progress(workers.imap_unordered(_worker_unit, order), "atlas units", len(order))
+            for name, result, wall, cpu in bar:
+                units[name] = result
+                units[name + "/time_s"] = wall
+                units[name + "/cpu_s"] = cpu
+                save_json(path, units)
+    finally:
+        if saved is None:
+            os.environ.pop("XLA_FLAGS", None)
+        else:
+            os.environ["XLA_FLAGS"] = saved
 
 
 def _config_key(cfg: Config) -> dict:
@@ -223,6 +345,7 @@ def _config_key(cfg: Config) -> dict:
     d.pop("out")
     d.pop("parts")
     d.pop("seeds")
+    d.pop("workers")
     return json.loads(json.dumps(d))
 
 

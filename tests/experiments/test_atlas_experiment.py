@@ -136,3 +136,114 @@ def test_embedded_pool_negates_against_the_zero_shot_control_head():
     np.testing.assert_array_equal(ctrl_head["kernel"], heads["control"]["kernel"])
     assert all(h["kernel"].shape == (4, 7) for h in pool.heads)
     np.testing.assert_array_equal(pool.heads[0]["bias"][3:], -1e9)  # padded logits never win
+
+
+def _linear_pool(n_tasks=3, dim=6, seed=0):
+    """A pool whose encoder is a matrix (features = x @ w): accuracies checkable by hand."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cljax.data import Task
+
+    rng = np.random.default_rng(seed)
+
+    def task(name, c, n):
+        def split(m):
+            return rng.normal(size=(m, dim)).astype(np.float32), rng.integers(0, c, m)
+
+        return Task(name, tuple(map(str, range(c))), *split(n), *split(n // 2), *split(n + 3))
+
+    tasks = [task(f"t{i}", 3 + i, 40 + 7 * i) for i in range(n_tasks)]
+    width = 3 + n_tasks
+    heads = [
+        {
+            "kernel": rng.normal(size=(dim, width)).astype(np.float32),
+            "bias": np.where(np.arange(width) < t.num_classes, 0.0, -1e9).astype(np.float32),
+        }
+        for t in tasks
+    ]
+    theta0 = {"w": jnp.asarray(np.eye(dim, dtype=np.float32))}
+    taus = {"w": jnp.asarray(rng.normal(0, 0.3, size=(n_tasks, dim, dim)).astype(np.float32))}
+    return atlas_exp.Pool(
+        tasks,
+        lambda p, x: x @ p["w"],
+        lambda h, f: f @ h["kernel"] + h["bias"],
+        theta0,
+        taus,
+        heads,
+        (tasks[0], heads[0]),
+    )
+
+
+def _reference_accuracy(enc, head, x, y):
+    import numpy as np
+
+    logits = (np.asarray(x) @ np.asarray(enc["w"])) @ head["kernel"] + head["bias"]
+    return float(np.mean(np.argmax(logits, -1) == y))
+
+
+def test_accuracy_scores_many_sets_in_one_pass_as_one_at_a_time():
+    """_Accuracy.many encodes every item's images together, in chunks of eval_batch padded to
+    the granule; each accuracy equals the one computed directly, θ0's cached features too."""
+    import numpy as np
+
+    from experiments import _atlas_stages as stages
+
+    pool = _linear_pool()
+    acc = stages._Accuracy(pool, eval_batch=32)  # chunks of 32: the splits cross chunk edges
+    theta = {"w": pool.pretrained["w"] + 0.5 * pool.task_vectors["w"][1]}
+    x, y = pool.tasks[2].split("train")
+    items = [(pool.heads[i], t, s) for i, t in enumerate(pool.tasks) for s in ("val", "test")]
+    items.append((pool.heads[2], x[:5], y[:5]))  # arrays, not a task's split
+    for enc in (theta, pool.pretrained, pool.pretrained):  # the last: θ0's features cached
+        got = acc.many(enc, items)
+        want = [
+            _reference_accuracy(enc, h, *(t.split(s) if isinstance(s, str) else (t, s)))
+            for h, t, s in items
+        ]
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    x0, y0 = pool.tasks[0].split("val")
+    assert acc(theta, pool.heads[0], pool.tasks[0], "val") == _reference_accuracy(
+        theta, pool.heads[0], x0, y0
+    )
+    assert set(acc._theta0) == {(t.name, s) for t in pool.tasks for s in ("val", "test")}
+
+
+def test_few_shot_task_arithmetic_picks_each_k_its_own_lambda():
+    """The λ grid scored once for every k-shot set together gives, per k, the λ that a
+    separate search on that set alone picks, and the test accuracy of that λ's merge."""
+    from cljax.merging import select_scale, task_arithmetic
+    from experiments import _atlas_stages as stages
+
+    pool = _linear_pool()
+    cfg = dataclasses.replace(atlas_exp.Config(), lambda_grid=6, shots=(1, 2, 4))
+    acc = stages._Accuracy(pool, eval_batch=64)
+    task, head = pool.tasks[1], pool.heads[1]
+    taus = stages._others(pool, 1)
+    shots = {k: stages._k_shot(task, k, seed=3) for k in cfg.shots}
+    got = stages._ta_few_shot(pool, cfg, taus, head, task, shots, acc)
+    grid = stages._grid(cfg)
+
+    def merged(lam):
+        return task_arithmetic(pool.pretrained, taus, lam)
+
+    for k, (x, y) in shots.items():
+        lam, _ = select_scale(lambda v, x=x, y=y: _reference_accuracy(merged(v), head, x, y), grid)
+        assert got[k] == _reference_accuracy(merged(lam), head, *task.split("test")), k
+
+
+def test_unit_names_cover_parts_seeds_and_partitions():
+    cfg = dataclasses.replace(
+        atlas_exp.Config(), seeds=(0, 1), parts=("negation", "partitions"), partitions=(2, 4)
+    )
+    assert atlas_exp._unit_names(cfg) == [
+        "negation/0",
+        "negation/1",
+        "partitions/2/0",
+        "partitions/4/0",
+        "partitions/2/1",
+        "partitions/4/1",
+        "task_arithmetic",
+    ]
+    with pytest.raises(ValueError, match="unknown part 'fewshot'"):
+        atlas_exp._unit_names(dataclasses.replace(cfg, parts=("fewshot",)))
