@@ -83,14 +83,14 @@ def test_generated_multi_mnist_labels_and_layout():
     imgs = np.asarray(x)[..., 0]
     for n in range(300):
         r, c, r2, c2 = (int(v) for v in x.shifts[n])
-        assert 0 <= min(r, c, r2, c2) and max(r, c, r2, c2) <= 4
+        assert 0 <= min(r, c, r2, c2) and max(r, c, r2, c2) <= 2  # default max_shift=2
         canvas = np.zeros((36, 36), np.float32)
         for i in range(28):
             for j in range(28):
                 canvas[r + i, c + j] = x.pool[x.left[n]][i, j]
         for i in range(28):
             for j in range(28):
-                y0, x0 = 4 + r2 + i, 4 + c2 + j
+                y0, x0 = 6 + r2 + i, 6 + c2 + j  # 36 - 28 - max_shift
                 canvas[y0, x0] = max(canvas[y0, x0], x.pool[x.right[n]][i, j])
         np.testing.assert_array_equal(imgs[n], canvas)
         assert left.y_train[n] == x.pool_labels[x.left[n]]
@@ -108,6 +108,24 @@ def test_generated_multi_mnist_labels_and_layout():
     assert np.any(x.left >= 3500) and np.any(x.left < 3500)
 
 
+def test_generated_multi_mnist_layout_centres_on_the_papers_offset():
+    """By default the right box starts 4 to 8 px below and right of the left one, 6 on
+    average (the paper's fixed layout: (0, 0) and (6, 6)); ``max_shift=4`` lets them meet."""
+    for max_shift, lo, hi in ((2, 4, 8), (4, 0, 8)):
+        left, _ = generate_multi_mnist(2000, 5, 5, max_shift=max_shift, seed=0)
+        x = left.x_train
+        sh = x.shifts
+        rel = 36 - 28 - max_shift + sh[:, 2:] - sh[:, :2]  # right box minus left box
+        assert rel.min() == lo and rel.max() == hi
+        assert abs(rel.mean() - (lo + hi) / 2) < 0.1
+        # the offsets are those of the pixels: the right digit's ink sits at its box
+        n = int(np.argmax(rel.sum(1)))
+        right_only = np.zeros((36, 36), np.float32)
+        r, c = 36 - 28 - max_shift + sh[n, 2:]
+        right_only[r : r + 28, c : c + 28] = x.pool[x.right[n]]
+        assert np.all(np.asarray(x[n])[..., 0] >= right_only)
+
+
 def test_generated_multi_mnist_splits_use_disjoint_digits():
     left, _ = generate_multi_mnist(50, 50, 50, seed=0)
     key = lambda p: p.tobytes()
@@ -119,5 +137,7 @@ def test_generated_multi_mnist_splits_use_disjoint_digits():
 def test_generated_multi_mnist_validates():
     with pytest.raises(ValueError, match="glyph_fraction=1.5"):
         generate_multi_mnist(10, 10, 10, glyph_fraction=1.5)
+    with pytest.raises(ValueError, match="size=29"):  # 28 + max_shift=2 does not fit
+        generate_multi_mnist(10, 10, 10, size=29)
     with pytest.raises(ValueError, match="size=30"):
-        generate_multi_mnist(10, 10, 10, size=30)
+        generate_multi_mnist(10, 10, 10, size=30, max_shift=4)
