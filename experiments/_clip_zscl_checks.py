@@ -62,13 +62,16 @@ _COUNTS = ("steps_per_task", "batch_size", "ref_batch_size", "avg_freq")
 
 def check_recipe(cfg: Any) -> None:
     """Rejects a bad recipe before any work: real settings must be finite and in range
-    (``lr=nan``, ``temperature=inf`` raise), counts positive integers, methods known.
+    (``lr=nan``, ``temperature=inf`` raise), counts positive integers, methods known and
+    distinct.
 
     Raises:
       ValueError: naming the setting and its value.
     """
     for m in cfg.methods:
         method_flags(m)
+    if len(set(cfg.methods)) != len(cfg.methods):  # one result and one checkpoint folder each
+        raise ValueError(f"{cfg.preset}: methods={tuple(cfg.methods)} names a method twice")
     for name, (low, high) in _REAL.items():
         if hasattr(cfg, name):
             check_scalar(getattr(cfg, name), name=name, where=cfg.preset, low=low, high=high)

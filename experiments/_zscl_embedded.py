@@ -64,6 +64,21 @@ def _check_embedded(cfg: EmbeddedConfig) -> None:
         raise ValueError("seeds is empty")
     for name in ("train_size", "test_size", "num_reference", "eval_batch_size"):
         check_int(getattr(cfg, name), name=name, where=cfg.preset, low=1)
+    check_int(cfg.workers, name="workers", where=cfg.preset, low=0)
+
+
+def _draw_benchmark(cfg: EmbeddedConfig):
+    """The benchmark's tasks of the setting, drawn once and cached under ``<out>/data`` (the
+    parent of a ``--workers`` run draws them before its workers start, so that no two
+    processes write the same cache file)."""
+    return embedded_benchmark(
+        0,
+        tasks=tuple(cfg.tasks),
+        train_size=cfg.train_size,
+        val_size=1,
+        test_size=cfg.test_size,
+        cache_dir=Path(cfg.out) / "data",
+    )
 
 
 def _embedded_env(cfg: EmbeddedConfig) -> dict[str, Any]:
@@ -74,14 +89,7 @@ def _embedded_env(cfg: EmbeddedConfig) -> dict[str, Any]:
     encoder = pre.image_encoder()
     theta0 = clip.image_encoder_params(pre.params)
     size = pre.model.config.vision.image_size
-    bench = embedded_benchmark(
-        0,
-        tasks=tuple(cfg.tasks),
-        train_size=cfg.train_size,
-        val_size=1,
-        test_size=cfg.test_size,
-        cache_dir=Path(cfg.out) / "data",
-    )
+    bench = _draw_benchmark(cfg)
     scale = pre.logit_scale
     # Zero-shot heads: every class name in every template of its task, through the frozen
     # text tower; padded to one width so that one compiled step serves every task.
