@@ -340,10 +340,13 @@ def run_workers(
     The workers share nothing but files: each method checkpoints under ``<out>/ckpt/<method>``
     (one writer per folder), the benchmark's cache is drawn here before they start, and each
     worker writes its part of the results to ``<out>/workers/worker<k>.json`` and its output
-    to ``worker<k>.log`` beside it. Each runs XLA's matrix products on one thread
-    (``--xla_cpu_multi_thread_eigen=false``), so that the workers do not compete for the
-    cores; the compiled programs and so the numbers are those of one process. A worker that
-    fails stops the others and raises its error here.
+    to ``worker<k>.log`` beside it. The workers inherit this process's environment, XLA's
+    settings included, so they compile the programs of one process and compute its numbers
+    bit for bit: fewer XLA threads a worker (``--xla_cpu_multi_thread_eigen=false``, or a
+    worker pinned to fewer cores) would change how the matrix products are summed, and the
+    trained weights with it. XLA's pool stays mostly idle here (a process keeps about one
+    core busy), so N workers keep about N cores busy. A worker that fails stops the others
+    and raises its error here.
 
     Raises:
       RuntimeError: a worker failed (its exit code and the end of its log), or the workers
@@ -356,7 +359,6 @@ def run_workers(
     root = str(Path(__file__).resolve().parent.parent)
     env = {
         **os.environ,
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false",
         "CLJAX_NO_PROGRESS": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
     }
