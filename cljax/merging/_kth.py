@@ -155,23 +155,38 @@ def _bracket(sample: np.ndarray, k: int, n: int) -> tuple[int, int]:
     return lo, hi
 
 
+def _count_at_least(rows: Sequence[np.ndarray], bits: int) -> int:
+    """How many of a task's magnitudes reach the pattern ``bits`` (NaNs never do)."""
+    at = _float(bits)
+    buf = np.empty(_BLOCK, np.float32)
+    return sum(
+        int(np.count_nonzero(_magnitudes(row[s : s + _BLOCK], buf) >= at))
+        for row in rows
+        for s in range(0, row.size, _BLOCK)
+    )
+
+
 def _select(rows: Sequence[np.ndarray], k: int, lo: int, hi: int, cap: int) -> int | None:
     """One read of a task's rows: the k-th largest magnitude pattern if it lies in
-    ``[lo, hi)`` and at most ``cap`` entries lie strictly inside, else ``None``."""
-    lo_f = _float(lo)
-    above_lo = _float(lo + 1)  # |x| > lo
+    ``[lo, hi)`` and at most ``cap`` entries lie strictly inside, else ``None``.
+
+    Per block: the entries at or above ``hi`` are counted by a float compare (false for
+    NaN); those strictly inside are found by one unsigned compare of their patterns,
+    ``pattern - (lo + 1) < hi - (lo + 1)`` (NaN patterns lie above ``hi``)."""
     hi_f = _float(hi) if hi <= 0x7F800000 else _float(int(_NAN))  # NaN: nothing reaches it
+    start = np.uint32(lo + 1)
+    width = np.uint32(min(hi, 0x7F800001) - (lo + 1))
     buf = np.empty(_BLOCK, np.float32)
-    c_lo = c_hi = 0
+    shifted = np.empty(_BLOCK, np.uint32)
+    c_hi = 0
     inside = []
     listed = 0
     for row in rows:
         for s in range(0, row.size, _BLOCK):
             a = _magnitudes(row[s : s + _BLOCK], buf)
-            c_lo += int(np.count_nonzero(a >= lo_f))
-            at_hi = a >= hi_f
-            c_hi += int(np.count_nonzero(at_hi))
-            found = a[(a >= above_lo) & ~at_hi]
+            c_hi += int(np.count_nonzero(a >= hi_f))
+            d = np.subtract(a.view(np.uint32), start, out=shifted[: a.size])
+            found = a[d < width]
             listed += found.size
             if listed > cap:
                 return None
@@ -181,7 +196,7 @@ def _select(rows: Sequence[np.ndarray], k: int, lo: int, hi: int, cap: int) -> i
     if c_hi < k <= c_hi + vals.size:
         at = vals.size - (k - c_hi)
         return _flush(_bits(np.partition(vals, at)[at]))
-    if c_hi + vals.size < k <= c_lo:
+    if c_hi + vals.size < k <= _count_at_least(rows, lo):  # ties at lo: a second read
         return _flush(lo)
     return None
 
