@@ -9,10 +9,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from cljax import tree as ct
-from cljax.merging import _common, _kth
+from cljax.merging import _common
 
 __all__ = ["dare"]
 
@@ -83,11 +82,8 @@ def dare(
     factor = np.float64(1.0 / (1.0 - float(drop_rate)) if rescale else 1.0)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((ts.leaves, key)))
     static = {"mask": mask, "hashes": hashes, "num_tasks": ts.num_tasks}
-    device = None if traced else _kth.host_device(ts.leaves)
     if traced:
         out = _dare_core(ts.leaves, key, cutoff, factor, **static)
-    elif device is not None:
-        out = _dare_on_host(ts, key, cutoff, factor, device=device, **static)
     else:
         out = _dare_from_python(ts, key, cutoff, factor, **static)
     out = jax.tree.unflatten(treedef, out)
@@ -123,73 +119,6 @@ def _dare_from_python(ts, key, cutoff, factor, *, mask, hashes, num_tasks):
     for j, i in enumerate(merged):
         out[i] = _drop_leaf(out[i], words, jnp.int32(j), cutoff, factor)
     return out
-
-
-def _dare_on_host(ts, key, cutoff, factor, *, device, mask, hashes, num_tasks):
-    """DARE on CPU arrays: every mask's key words from one PRNG program, then each task's
-    row of a leaf dropped window by window by :func:`_drop_chunk` (``_kth.CHUNK`` entries,
-    compiled once for every leaf shape), rows shorter than a chunk by :func:`_drop_numpy`;
-    the same values as :func:`_dare_core`, placed on ``device`` (host buffers taken without
-    a copy)."""
-    merged = [i for i, m in enumerate(mask) if m]
-    out: list = [
-        jax.device_put(np.stack(_kth.task_rows(x, num_tasks)).reshape(-1, *np.shape(x[0])), device)
-        if isinstance(x, tuple)
-        else x
-        for x in ts.leaves
-    ]
-    if not merged:
-        return out
-    folds = jnp.asarray([hashes[i] for i in merged], jnp.uint32)
-    words = np.asarray(_key_words_jit(key, folds, num_tasks=num_tasks))
-    size = _kth.CHUNK
-    for j, i in enumerate(merged):
-        rows = _kth.task_rows(ts.leaves[i], num_tasks)
-        n = rows[0].size
-        shape = (num_tasks, *np.shape(out[i])[1:])
-        result = _kth.aligned_empty(num_tasks * n, rows[0].dtype).reshape(num_tasks, n)
-        if n < size:
-            for t, row in enumerate(rows):
-                result[t] = _drop_numpy(row, words[j, t], cutoff, factor)
-            out[i] = jax.device_put(result.reshape(shape), device)
-            continue
-        parts = [
-            (t, s, _drop_chunk(row[s : s + size], words[j, t], np.uint32(s), cutoff, factor))
-            for t, row in enumerate(rows)
-            for s in _kth.windows(n)
-        ]
-        for t, s, value in parts:
-            result[t, s : s + size] = np.asarray(value)
-        out[i] = jax.device_put(result.reshape(shape), device)
-    return out
-
-
-@jax.jit
-def _drop_chunk(x, words, start, cutoff, factor):
-    """:func:`_drop` of the window of a task's row that starts at entry ``start``."""
-    idx = start + lax.iota(jnp.uint32, x.shape[0])
-    bits = _fmix32(_fmix32(idx * jnp.uint32(0x9E3779B9) + words[0]) ^ words[1])
-    v = _common.accum(x)
-    v = v * factor.astype(v.dtype)
-    return jnp.where(bits >= cutoff, v, 0).astype(x.dtype)
-
-
-def _fmix32_numpy(h):
-    h = h ^ (h >> np.uint32(16))
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> np.uint32(13))
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
-
-
-def _drop_numpy(row, words, cutoff, factor):
-    """:func:`_drop` of one task's row in numpy (the same integer hash and float32 product)."""
-    idx = np.arange(row.size, dtype=np.uint32)
-    with np.errstate(over="ignore"):
-        bits = _fmix32_numpy(_fmix32_numpy(idx * np.uint32(0x9E3779B9) + words[0]) ^ words[1])
-    acc = np.float64 if row.dtype == np.float64 else np.float32
-    v = row.astype(acc) * np.asarray(factor).astype(acc)
-    return np.where(bits >= cutoff, v, 0).astype(row.dtype)
 
 
 def _key_words(key, folds, num_tasks):

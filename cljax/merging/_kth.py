@@ -1,4 +1,4 @@
-"""Eager TIES and DARE on CPU arrays: the threshold found on the host, chunk programs.
+"""Eager TIES on CPU arrays: the threshold found on the host, one chunk program.
 
 A merge called on concrete arrays pays its compilation on every new model: XLA:CPU compiles
 each program for the shapes it is given, so programs over whole leaves cost one compilation per
@@ -12,7 +12,7 @@ array is a view of its buffer). So, when every input is a CPU array:
   at or above each end and lists those strictly inside; the k-th is read off that list. The
   result is exact, as a full sort gives it; a bracket the sample missed, or one crowded by
   tied values, falls back to the counting search of :mod:`cljax.kernels._ties_threshold`.
-* Elementwise work (the TIES merge, DARE's drop) runs as one program over fixed-length chunks
+* The merge runs as one program over fixed-length chunks
   of ``CHUNK`` entries of each leaf's per-task rows (:func:`windows`): the program is compiled
   once whatever the model's shapes. A row longer than a chunk is read in windows whose last one
   ends at the row's end (overlapping the one before: the overlap is computed twice, with the

@@ -1,8 +1,7 @@
-"""Eager TIES and DARE on CPU arrays: the threshold on the host, the chunk programs.
+"""Eager TIES on CPU arrays: the threshold on the host, the chunk program.
 
-The host threshold is checked against a sort, the numpy drop against the jitted op it
-mirrors (bit for bit), and the merges' windows (a ragged last one included) against a single
-window and the numpy reference.
+The host threshold is checked against a sort, and the merge's windows (a ragged last one
+included) against a single window and the numpy reference.
 """
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from cljax import tree as ct
-from cljax.merging import _dare, _kth, dare, ties
+from cljax.merging import _kth, ties
 from tests.merging.test_ties import _check, _reference, _t_trees, _vectorised_reference
 
 
@@ -87,20 +86,6 @@ def test_windows_cover_a_row():
     assert buf.ctypes.data % 64 == 0 and buf.shape == (5,)
 
 
-def test_numpy_drop_matches_the_drop(rng):
-    x = jnp.asarray(rng.normal(size=(2, 37, 5)), jnp.float32)
-    words = jnp.asarray([[1, 2], [3, 0xFFFFFFFF]], jnp.uint32)
-    cutoff, factor = np.uint32(2**31), np.float64(1 / 0.5)
-    want = np.asarray(jax.jit(_dare._drop)(x, words, cutoff, factor))
-    for t in range(2):
-        row = np.asarray(x[t]).reshape(-1)
-        got = _dare._drop_numpy(row, np.asarray(words[t]), cutoff, factor)
-        np.testing.assert_array_equal(got, want[t].reshape(-1))
-        # A window that starts inside the row: the same bits as the whole row's.
-        chunk = _dare._drop_chunk(row[40:], words[t], np.uint32(40), cutoff, factor)
-        np.testing.assert_array_equal(np.asarray(chunk), want[t].reshape(-1)[40:])
-
-
 # With 256-entry chunks: a leaf of two windows and a ragged third (overlapping the second),
 # a leaf of one window, and leaves merged in numpy.
 _SMALL_CHUNK = 256
@@ -125,14 +110,3 @@ def test_windows_do_not_change_the_merge(rng, monkeypatch, scope):
         assert isinstance(windowed[p], jax.Array) and windowed[p].shape == pre[p].shape
         np.testing.assert_array_equal(np.asarray(windowed[p]), np.asarray(shared[p]), err_msg=p)
     _check(windowed, ref)
-
-
-def test_windows_do_not_change_dare(rng, monkeypatch):
-    _, taus = _t_trees(rng, _WINDOWED, 2)
-    monkeypatch.setattr(_kth, "CHUNK", 1 << 30)
-    whole = dare(taus, drop_rate=0.3, key=5)
-    monkeypatch.setattr(_kth, "CHUNK", _SMALL_CHUNK)
-    windowed = dare(taus, drop_rate=0.3, key=5)
-    for p in _WINDOWED:
-        assert isinstance(windowed[p], jax.Array) and windowed[p].shape == (2, *_WINDOWED[p])
-        np.testing.assert_array_equal(np.asarray(windowed[p]), np.asarray(whole[p]), err_msg=p)
