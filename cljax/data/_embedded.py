@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import os
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -378,7 +379,9 @@ def _cached(name: str, seed: int, sizes: tuple[int, int, int], cache_dir: Path |
             pass  # a damaged cache file is rebuilt below
     task = _build(name, seed, *sizes)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part.npz")
+    # A name of this writer's own: processes that build the same file at once (the workers
+    # of one run) must not write into one temporary file.
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part.npz")
     np.savez(tmp, **{k: getattr(task, k) for k in keys})
     os.replace(tmp, path)
     return task

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -172,7 +173,9 @@ def zero_shot_head(
     head = {"kernel": kernel, "bias": jnp.zeros((len(classnames),), jnp.float32)}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part.npz")
+        # A name of this writer's own: processes that build the same file at once (the workers
+        # of one run) must not write into one temporary file.
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part.npz")
         np.savez(tmp, kernel=np.asarray(kernel), bias=np.asarray(head["bias"]))
         os.replace(tmp, path)
     return head

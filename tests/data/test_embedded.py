@@ -1,6 +1,7 @@
 """The embedded 8-task benchmark: splits, labels, determinism, held-out drawing."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,26 @@ def test_cache_round_trip(tmp_path):
         1, tasks=("shapes", "digits"), train_size=12, val_size=4, test_size=5, cache_dir=tmp_path
     )
     np.testing.assert_array_equal(c.tasks[0].x_test, a.tasks[0].x_test)
+
+
+def test_concurrent_cache_writers_use_their_own_temporary_files(tmp_path, monkeypatch):
+    # Two processes building the same task at once (the workers of one run) each write a
+    # temporary file and rename it into place; with a shared temporary name one could rename
+    # the other's half-written file.
+    written = []
+    real_savez = np.savez
+
+    def savez(file, **arrays):
+        written.append(Path(file).name)
+        real_savez(file, **arrays)
+
+    monkeypatch.setattr(_embedded.np, "savez", savez)
+    for _ in range(2):
+        _embedded._cached("shapes", 1, (4, 2, 3), tmp_path / "a")
+        (tmp_path / "a").rename(tmp_path / f"b{len(written)}")
+    assert len(written) == 2 and written[0] != written[1]
+    assert all(name.startswith("shapes-") and name.endswith(".part.npz") for name in written)
+    assert not list(tmp_path.glob("*/*.part.npz"))  # renamed into place
 
 
 @pytest.mark.slow
