@@ -175,6 +175,34 @@ def _from_storable(restored: Any, target: Any) -> Any:
     return jax.tree.map(conv, restored, target)
 
 
+# Top-level fields renamed since checkpoints were first written: new name -> old name. A
+# checkpoint that differs from its target by these names alone restores under the new ones.
+_RENAMED_FIELDS = {"key": "rng"}  # TrainState.rng became TrainState.key
+
+
+def _old_name(name: str) -> str:
+    head, dot, rest = name.partition(".")
+    return _RENAMED_FIELDS.get(head, head) + dot + rest
+
+
+def _restore_renamed(ckptr: Any, path: Path, abstract: Any) -> Any:
+    """Restores a checkpoint stored under old field names into ``abstract``'s structure."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    raw = ckptr.restore(path)
+    names = jax.tree.leaves(ocp.tree.get_param_names(abstract, include_empty_nodes=False))
+    leaves = []
+    for name, want in zip(names, jax.tree.leaves(abstract), strict=True):
+        node = raw
+        for part in _old_name(name).split("."):
+            node = node[int(part)] if isinstance(node, list | tuple) else node[part]
+        value = np.asarray(node).astype(want.dtype)
+        sharding = getattr(want, "sharding", None)
+        leaves.append(jax.device_put(value, sharding) if sharding is not None else value)
+    return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+
+
 def _shared_token() -> str:
     """A random name part, the same on every process (all must write to one folder)."""
     token = uuid.uuid4().int % (1 << 31)
@@ -391,18 +419,24 @@ class CheckpointManager:
             ),
             storable,
         )
-        self._check_fit(step, abstract, allow_cast)
+        renamed = self._check_fit(step, abstract, allow_cast)
         try:
             with ocp.StandardCheckpointer() as ckptr:
-                restored = ckptr.restore(self.path(step) / "state", abstract)
+                if renamed:
+                    restored = _restore_renamed(ckptr, self.path(step) / "state", abstract)
+                else:
+                    restored = ckptr.restore(self.path(step) / "state", abstract)
         except Exception as e:  # the stored tree fits the target: the data is damaged
             raise CheckpointCorruptError(
                 f"checkpoint {self.path(step)} cannot be read: {type(e).__name__}: {_short(e)}"
             ) from e
         return _from_storable(restored, target), manifest.get("metadata", {})
 
-    def _check_fit(self, step: int, abstract: Any, allow_cast: bool) -> None:
+    def _check_fit(self, step: int, abstract: Any, allow_cast: bool) -> bool:
         """Compares the stored tree of checkpoint ``step`` with ``abstract``.
+
+        Returns whether the stored tree fits only under the old names of
+        :data:`_RENAMED_FIELDS` (a checkpoint written before a field was renamed).
 
         Raises:
           CheckpointCorruptError: if the stored tree's metadata cannot be read.
@@ -427,9 +461,14 @@ class CheckpointManager:
             ) from e
         names = jax.tree.leaves(ocp.tree.get_param_names(abstract, include_empty_nodes=False))
         leaves = jax.tree.leaves(abstract)
+        renamed = False
         if stored:
             missing = [n for n in names if n not in stored]
             extra = sorted(set(stored) - set(names))
+            old = {_old_name(n): n for n in missing}
+            if missing and sorted(old) == extra:  # only renamed fields differ
+                stored = {old.get(n, n): m for n, m in stored.items()}
+                missing, extra, renamed = [], [], True
             if missing or extra:
                 raise ValueError(
                     f"checkpoint {root} does not fit the target tree: leaves missing from "
@@ -445,7 +484,7 @@ class CheckpointManager:
         if bad_shape:
             raise ValueError(f"checkpoint {root} does not fit the target tree: {bad_shape[0]}")
         if allow_cast:
-            return
+            return renamed
         bad = [
             f"{n!r} is stored as {np.dtype(stored[n].dtype)}, the target has {np.dtype(x.dtype)}"
             for n, x in zip(names, leaves, strict=True)
@@ -456,6 +495,7 @@ class CheckpointManager:
             raise ValueError(
                 f"checkpoint {root}: {'; '.join(bad[:3])}{more}; pass allow_cast=True to convert"
             )
+        return renamed
 
     def restore_latest(
         self, target: Any, *, allow_cast: bool = False

@@ -341,3 +341,24 @@ def test_quarantine_warnings_name_the_caller_and_keep_every_copy(tmp_path):
     assert m.quarantine(4) is None and m.steps() == []
     save_json(path, {"a": 1})
     assert quarantine_file(path, primary=False) is None and path.exists()
+
+
+def test_a_checkpoint_of_a_renamed_field_restores_under_the_new_name(tmp_path):
+    # TrainState.rng became TrainState.key: runs saved before the rename resume, the key and
+    # every other leaf (bfloat16 and nested ones included) restored bit for bit.
+    m = CheckpointManager(tmp_path)
+    old = {"w": jnp.full((3, 2), 2.5), "h": {"b": jnp.arange(4, dtype=jnp.bfloat16)}}
+    m.save(7, {**old, "rng": jax.random.key(11), "step": jnp.int32(7)})
+    target = {**old, "key": jax.random.key(0), "step": jnp.int32(0)}
+    target["w"] = jnp.zeros((3, 2))
+    step, tree, _ = m.restore_latest(target)
+    assert step == 7 and set(tree) == {"w", "h", "key", "step"}
+    chex.assert_trees_all_equal(tree["w"], old["w"])
+    chex.assert_trees_all_equal(tree["h"], old["h"])
+    assert tree["h"]["b"].dtype == jnp.bfloat16 and int(tree["step"]) == 7
+    assert jnp.array_equal(
+        jax.random.key_data(tree["key"]), jax.random.key_data(jax.random.key(11))
+    )
+    # Any other difference of names is still refused, naming the leaves.
+    with pytest.raises(ValueError, match="leaves missing from the checkpoint"):
+        m.restore(7, {**target, "extra": jnp.zeros(())})
