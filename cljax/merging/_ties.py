@@ -207,16 +207,24 @@ def _merge_host_leaf(pre, rows, bits, scale, majority, mark, merge):
     it is finite."""
     base = np.asarray(pre)
     flat = base.reshape(-1)
-    n = flat.size
-    out = _kth.aligned_empty(n, base.dtype)
-    majority, mark = np.float32(majority), np.bool_(mark)
+    out, finite = _merge_windows(
+        flat, rows, bits, scale, majority, mark, merge, _kth.windows(flat.size)
+    )
+    return out.reshape(base.shape), finite
+
+
+def _merge_windows(base, taus, bits, scale, majority, mark, merge, starts):
+    """:func:`_merge_chunk` over the windows of flat ``base`` and ``taus`` that begin at
+    ``starts`` (all dispatched before the first is read back): the merged entries in an
+    aligned numpy buffer, and whether they are all finite."""
     size = _kth.CHUNK
+    majority, mark = np.float32(majority), np.bool_(mark)
     parts = [
         (
             s,
             _merge_chunk(
-                flat[s : s + size],
-                tuple(r[s : s + size] for r in rows),
+                base[s : s + size],
+                tuple(x[s : s + size] for x in taus),
                 bits,
                 scale,
                 majority,
@@ -224,13 +232,13 @@ def _merge_host_leaf(pre, rows, bits, scale, majority, mark, merge):
                 merge=merge,
             ),
         )
-        for s in _kth.windows(n)
+        for s in starts
     ]
-    finite = True
+    out, finite = _kth.aligned_empty(base.size, base.dtype), True
     for s, (value, total) in parts:
         out[s : s + size] = np.asarray(value)
         finite &= bool(np.isfinite(np.asarray(total)))
-    return out.reshape(base.shape), finite
+    return out, finite
 
 
 @functools.partial(jax.jit, static_argnames=("merge",))
@@ -262,7 +270,6 @@ def _merge_small(pre, rows, thresholds, idx, scale, majority, mark, merge):
         key = (np.asarray(pre[i]).dtype, rows[i][0].dtype)
         groups.setdefault(key, []).append(i)
     keep_all = np.zeros((num_tasks,), np.uint32)
-    majority, mark = np.float32(majority), np.bool_(mark)
     out, finite = {}, True
     for (base_dtype, tau_dtype), members in groups.items():
         sizes = [rows[i][0].size for i in members]
@@ -275,19 +282,10 @@ def _merge_small(pre, rows, thresholds, idx, scale, majority, mark, merge):
             for t, x in enumerate(_trim_numpy(rows[i], thresholds[i])):
                 taus[t][at : at + n] = x
             at += n
-        merged = _kth.aligned_empty(total, base_dtype)
-        for s in range(0, total, size):
-            value, part = _merge_chunk(
-                base[s : s + size],
-                tuple(x[s : s + size] for x in taus),
-                keep_all,
-                scale,
-                majority,
-                mark,
-                merge=merge,
-            )
-            merged[s : s + size] = np.asarray(value)
-            finite &= bool(np.isfinite(np.asarray(part)))
+        merged, ok = _merge_windows(
+            base, taus, keep_all, scale, majority, mark, merge, range(0, total, size)
+        )
+        finite &= ok
         at = 0
         for i, n in zip(members, sizes, strict=True):
             out[i] = merged[at : at + n].reshape(np.shape(pre[i]))
