@@ -53,7 +53,8 @@ class Config:
     preset: str = "default"
     out: str = "runs/glyph_probe"
     init: str = "pretrained"  # "pretrained" (the shipped tower) or "scratch"
-    scenes: str = "corpus"  # "corpus" (single-object scenes) or "legible" (large centred glyphs)
+    scenes: str = "corpus"  # "corpus" (single-object scenes), "legible" (large centred glyphs)
+    # or "mnist" (the benchmark's real digits: a sanity check of the tower)
     tower: str = "vit"  # "vit" (MiniCLIP's image tower) or "cnn" (a reference, scratch only)
     train_corpus: int = 40_000  # corpus examples drawn for training (single objects kept)
     test_corpus: int = 3_000  # held-out corpus examples (another seed; single objects kept)
@@ -87,8 +88,8 @@ PRESETS = {
 }
 HELP = {
     "init": "start from the shipped image tower ('pretrained') or a random one ('scratch')",
-    "scenes": "train on the corpus' single-object scenes ('corpus') or on large, centred "
-    "glyphs on a plain background ('legible')",
+    "scenes": "train on the corpus' single-object scenes ('corpus'), on large, centred "
+    "glyphs on a plain background ('legible') or on the benchmark's real digits ('mnist')",
     "tower": "MiniCLIP's ViT image tower ('vit') or a small convolutional net ('cnn', with "
     "--init scratch)",
     "probe_tasks": "benchmark tasks probed with logistic regression on the tower's features",
@@ -158,11 +159,20 @@ def _legible_glyphs(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _mnist_digits(train: int, test: int) -> tuple[np.ndarray, ...]:
+    """The benchmark's ``mnist`` task: ``train`` and ``test`` real digits (or as many as its
+    splits of MNIST-5k hold), labels 0-9."""
+    task = embedded_benchmark(
+        tasks=("mnist",), train_size=train, val_size=10, test_size=test
+    ).tasks[0]
+    return task.x_train, task.y_train, task.x_test, task.y_test
+
+
 def run(cfg: Config) -> dict:
     if cfg.init not in ("pretrained", "scratch"):
         raise ValueError(f"init={cfg.init!r} must be 'pretrained' or 'scratch'")
-    if cfg.scenes not in ("corpus", "legible"):
-        raise ValueError(f"scenes={cfg.scenes!r} must be 'corpus' or 'legible'")
+    if cfg.scenes not in ("corpus", "legible", "mnist"):
+        raise ValueError(f"scenes={cfg.scenes!r} must be 'corpus', 'legible' or 'mnist'")
     if cfg.tower not in ("vit", "cnn"):
         raise ValueError(f"tower={cfg.tower!r} must be 'vit' or 'cnn'")
     if cfg.tower == "cnn" and cfg.init != "scratch":
@@ -174,9 +184,12 @@ def run(cfg: Config) -> dict:
         net = _Classifier(pre.model.config, len(CONCEPTS))
     else:
         net = _ConvNet(len(CONCEPTS))
-    draw = _single_objects if cfg.scenes == "corpus" else _legible_glyphs
-    x_train, y_train = draw(_TRAIN_SEED, cfg.train_corpus)
-    x_test, y_test = draw(_TEST_SEED, cfg.test_corpus)
+    if cfg.scenes == "mnist":
+        x_train, y_train, x_test, y_test = _mnist_digits(cfg.train_corpus, cfg.test_corpus)
+    else:
+        draw = _single_objects if cfg.scenes == "corpus" else _legible_glyphs
+        x_train, y_train = draw(_TRAIN_SEED, cfg.train_corpus)
+        x_test, y_test = draw(_TEST_SEED, cfg.test_corpus)
 
     def norm(x):
         return clip.normalize_images(x, pre.mean, pre.std)

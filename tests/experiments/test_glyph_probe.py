@@ -27,7 +27,7 @@ def test_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "field, value, init",
     [
-        ("scenes", "mnist", "scratch"),
+        ("scenes", "imagenet", "scratch"),
         ("tower", "resnet", "scratch"),
         ("tower", "cnn", "pretrained"),
     ],
@@ -69,3 +69,14 @@ def test_tiny_preset_with_legible_glyphs_and_the_reference_cnn(tmp_path, monkeyp
     assert results["train_images"] == glyph_probe.PRESETS["tiny"].train_corpus
     assert [r["step"] for r in results["curve"]] == [0, 2, 4]
     assert 0.0 <= results["probe"]["mnist"] <= 100.0
+
+
+def test_mnist_scenes_are_the_benchmarks_real_digits():
+    import numpy as np
+
+    x_train, y_train, x_test, y_test = glyph_probe._mnist_digits(40, 30)
+    assert x_train.shape == (40, 32, 32, 3) and x_test.shape == (30, 32, 32, 3)
+    assert set(np.unique(y_train)) <= set(range(10)) and len(np.unique(y_train)) > 5
+    # No training image is also a held-out one.
+    train_bytes = {im.tobytes() for im in x_train}
+    assert not any(im.tobytes() in train_bytes for im in x_test)
