@@ -27,11 +27,13 @@ def test_multi_shapes_shapes_and_layout():
         r, c, r2, c2 = (int(v) for v in x.shifts[n])
         canvas = np.zeros((36, 36), np.float32)
         canvas[r : r + 28, c : c + 28] = x.pool[x.left[n]]
-        box = canvas[4 + r2 : 32 + r2, 4 + c2 : 32 + c2]
-        canvas[4 + r2 : 32 + r2, 4 + c2 : 32 + c2] = np.maximum(box, x.pool[x.right[n]])
+        assert max(r, c, r2, c2) <= 2  # the default max_shift=2, Multi-MNIST's layout
+        box = canvas[6 + r2 : 34 + r2, 6 + c2 : 34 + c2]  # 36 - 28 - max_shift
+        canvas[6 + r2 : 34 + r2, 6 + c2 : 34 + c2] = np.maximum(box, x.pool[x.right[n]])
         np.testing.assert_array_equal(imgs[n], canvas)
         assert left.y_train[n] == x.pool_labels[x.left[n]]
         assert right.y_train[n] == x.pool_labels[x.right[n]]
+    assert x.shifts.max() == 2 and x.shifts.min() == 0
     # the pool holds 7 training renderings of each of the ten shapes, all non-empty
     assert np.array_equal(np.bincount(x.pool_labels), np.full(10, 7))
     assert np.all(x.pool.reshape(70, -1).max(1) > 0.2)
@@ -82,8 +84,10 @@ def test_multi_shapes_validates():
         generate_multi_shapes(10, 10, 10, objects_per_class=5)
     with pytest.raises(ValueError, match="num_val=0"):
         generate_multi_shapes(10, 0, 10, objects_per_class=10)
+    with pytest.raises(ValueError, match="size=29"):  # 28 + the default max_shift=2 does not fit
+        generate_multi_shapes(10, 10, 10, size=29, objects_per_class=10)
     with pytest.raises(ValueError, match="size=30"):
-        generate_multi_shapes(10, 10, 10, size=30, objects_per_class=10)
+        generate_multi_shapes(10, 10, 10, size=30, max_shift=4, objects_per_class=10)
 
 
 def _reference_image(x, n):
