@@ -266,7 +266,10 @@ def main(argv=None) -> dict:
     )
     if C.is_primary():
         C.write_json(Path(cfg.out) / "results.json", results)
-        rows = [{"step": r["step"], "held-out corpus (%)": r["heldout"]} for r in results["curve"]]
+        rows = [
+            {"step": r["step"], f"held-out {cfg.scenes} (%)": r["heldout"]}
+            for r in results["curve"]
+        ]
         print(C.format_table(rows))
         print(C.format_table([{"init": cfg.init, **results["probe"]}]))
         print(f"wall {results['seconds']:.0f} s, CPU {results['cpu_seconds']:.0f} s")
