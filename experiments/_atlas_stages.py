@@ -130,8 +130,10 @@ def _cap(cfg: Config, steps: int) -> int:
     return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
 
 
-def _grid(cfg: Config) -> list[float]:
-    return [float(v) for v in np.round(np.linspace(0.0, 1.0, cfg.lambda_grid), 4)]
+def _grid(cfg: Config, points: int = 0) -> list[float]:
+    """``points`` (default ``cfg.lambda_grid``) evenly spaced λ on [0, 1]."""
+    n = points or cfg.lambda_grid
+    return [float(v) for v in np.round(np.linspace(0.0, 1.0, n), 4)]
 
 
 def _k_shot(task, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +338,7 @@ def _ta_few_shot(pool, cfg, taus, head, task, shots, accuracy) -> dict[int, floa
     The merge of a λ does not depend on k: it is built once and scores every k-shot set in
     one encoding pass; each k then takes its own best λ.
     """
-    grid, ks = _grid(cfg), list(shots)
+    grid, ks = _grid(cfg, cfg.few_shot_lambda_grid), list(shots)
     scores = {
         lam: accuracy.many(
             _task_arithmetic(pool.pretrained, taus, lam), [(head, *shots[k]) for k in ks]

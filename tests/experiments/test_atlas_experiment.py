@@ -211,18 +211,21 @@ def test_accuracy_scores_many_sets_in_one_pass_as_one_at_a_time():
 
 def test_few_shot_task_arithmetic_picks_each_k_its_own_lambda():
     """The λ grid scored once for every k-shot set together gives, per k, the λ that a
-    separate search on that set alone picks, and the test accuracy of that λ's merge."""
+    separate search on that set alone picks, and the test accuracy of that λ's merge. The
+    grid is the few-shot one (``few_shot_lambda_grid`` points), not addition's."""
     from cljax.merging import select_scale, task_arithmetic
     from experiments import _atlas_stages as stages
 
     pool = _linear_pool()
-    cfg = dataclasses.replace(atlas_exp.Config(), lambda_grid=6, shots=(1, 2, 4))
+    cfg = dataclasses.replace(
+        atlas_exp.Config(), lambda_grid=3, few_shot_lambda_grid=6, shots=(1, 2, 4)
+    )
     acc = stages._Accuracy(pool, eval_batch=64)
     task, head = pool.tasks[1], pool.heads[1]
     taus = stages._others(pool, 1)
     shots = {k: stages._k_shot(task, k, seed=3) for k in cfg.shots}
     got = stages._ta_few_shot(pool, cfg, taus, head, task, shots, acc)
-    grid = stages._grid(cfg)
+    grid = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
     def merged(lam):
         return task_arithmetic(pool.pretrained, taus, lam)
