@@ -16,7 +16,8 @@ array is a view of its buffer). So, when every input is a CPU array:
   of ``CHUNK`` entries of each leaf's per-task rows (:func:`windows`): the program is compiled
   once whatever the model's shapes. A row longer than a chunk is read in windows whose last one
   ends at the row's end (overlapping the one before: the overlap is computed twice, with the
-  same values); leaves shorter than a chunk are handled in numpy.
+  same values); a shorter row takes one zero-padded window, and rows under ``SHARED``
+  entries share windows (the merge trims them on the host first).
 
 The outputs are assembled in host memory and handed to JAX without a copy.
 """
@@ -30,18 +31,22 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["CHUNK", "aligned_empty", "host_device", "kth_bits", "task_rows", "windows"]
+__all__ = ["CHUNK", "SHARED", "aligned_empty", "host_device", "kth_bits", "task_rows", "windows"]
 
-#: Entries of a chunk program's input row: one compilation serves every leaf shape.
-CHUNK = 1 << 16
+#: Entries of a chunk program's input row: one compilation serves every leaf shape. A call
+#: costs a fixed ~0.2 ms on XLA:CPU (its thread pool's hand-off), so windows are large.
+CHUNK = 1 << 18
+#: Rows under this many entries (and under ``CHUNK``) share windows with other leaves.
+SHARED = 1 << 16
 # Up to this many entries a task, the k-th is read off a partition of all of them.
 _EXACT_MAX = 1 << 16
 # Entries of the strided sample per task, and the half-width of the bracket it gives, in
 # standard errors of the sample quantile.
 _SAMPLE = 1 << 15
 _Z = 5.0
-# Entries numpy reads at a time (temporaries stay in the cache).
-_BLOCK = 1 << 16
+# Entries numpy reads at a time: temporaries stay in the cache, and each numpy call's fixed
+# cost is spread over many entries.
+_BLOCK = 1 << 17
 _MIN_NORMAL = 0x00800000
 _TOP = 0x80000000  # above every magnitude pattern: nothing reaches it
 _NAN = np.uint32(0x7FC00000)
@@ -121,11 +126,22 @@ def _flush(bits: int) -> int:
     return 0 if bits < _MIN_NORMAL else bits
 
 
-def _exact(rows: Sequence[np.ndarray], k: int) -> int:
-    """The k-th largest magnitude pattern of a few entries, by a partition."""
-    mags = np.concatenate([np.abs(np.asarray(r, np.float32)) for r in rows])
+def _exact(leaf_rows: Sequence[Sequence[np.ndarray]], k: int) -> np.ndarray:
+    """The k-th largest magnitude pattern of each task over a few entries, by one partition
+    of a ``(T, n)`` array."""
+    num_tasks = len(leaf_rows[0])
+    mags = np.abs(
+        np.stack(
+            [
+                np.concatenate([np.asarray(r[t], np.float32) for r in leaf_rows])
+                for t in range(num_tasks)
+            ]
+        )
+    )
     mags[np.isnan(mags)] = 0  # NaNs never count, as in the search
-    return _flush(_bits(np.partition(mags, mags.size - k)[mags.size - k]))
+    at = mags.shape[1] - k
+    bits = np.ascontiguousarray(np.partition(mags, at, axis=1)[:, at]).view(np.uint32)
+    return np.where(bits < _MIN_NORMAL, np.uint32(0), bits)
 
 
 def _sample(rows: Sequence[np.ndarray], n: int) -> np.ndarray:
@@ -170,32 +186,47 @@ def _select(rows: Sequence[np.ndarray], k: int, lo: int, hi: int, cap: int) -> i
     """One read of a task's rows: the k-th largest magnitude pattern if it lies in
     ``[lo, hi)`` and at most ``cap`` entries lie strictly inside, else ``None``.
 
-    Per block: the entries at or above ``hi`` are counted by a float compare (false for
-    NaN); those strictly inside are found by one unsigned compare of their patterns,
-    ``pattern - (lo + 1) < hi - (lo + 1)`` (NaN patterns lie above ``hi``)."""
-    hi_f = _float(hi) if hi <= 0x7F800000 else _float(int(_NAN))  # NaN: nothing reaches it
+    Per block, on the float32 patterns with the sign bit cleared, ``p``:
+    ``d = p - (lo + 1)`` (unsigned, wrapping below ``lo + 1``) puts the bracket's inside at
+    ``d < hi - (lo + 1)`` and every non-NaN pattern at or above ``lo + 1`` at
+    ``d < 0x7F800001 - (lo + 1)``: two compares give the entries inside (listed by their
+    ``d``) and, by difference, those at or above ``hi`` (NaN patterns lie above both)."""
     start = np.uint32(lo + 1)
     width = np.uint32(min(hi, 0x7F800001) - (lo + 1))
-    buf = np.empty(_BLOCK, np.float32)
-    shifted = np.empty(_BLOCK, np.uint32)
-    c_hi = 0
+    finite = np.uint32(0x7F800001 - (lo + 1))
+    d = np.empty(_BLOCK, np.uint32)
+    flags = np.empty(_BLOCK, np.bool_)
+    wide = None
+    at_least = 0  # entries inside or at/above hi
     inside = []
     listed = 0
     for row in rows:
+        if row.dtype != np.float32 and wide is None:
+            wide = np.empty(_BLOCK, np.float32)
         for s in range(0, row.size, _BLOCK):
-            a = _magnitudes(row[s : s + _BLOCK], buf)
-            c_hi += int(np.count_nonzero(a >= hi_f))
-            d = np.subtract(a.view(np.uint32), start, out=shifted[: a.size])
-            found = a[d < width]
+            block = row[s : s + _BLOCK]
+            if row.dtype == np.float32:
+                bits = block.view(np.uint32)
+            else:  # rounded to float32, as the XLA search compares
+                assert wide is not None
+                bits = wide[: block.size]
+                bits[...] = block
+                bits = bits.view(np.uint32)
+            dd, ff = d[: block.size], flags[: block.size]
+            np.bitwise_and(bits, np.uint32(0x7FFFFFFF), out=dd)
+            np.subtract(dd, start, out=dd)
+            at_least += int(np.count_nonzero(np.less(dd, finite, out=ff)))
+            found = np.flatnonzero(np.less(dd, width, out=ff))
             listed += found.size
             if listed > cap:
                 return None
             if found.size:
-                inside.append(found)
-    vals = np.concatenate(inside) if inside else np.empty(0, np.float32)
+                inside.append(dd[found])
+    vals = np.concatenate(inside) if inside else np.empty(0, np.uint32)
+    c_hi = at_least - vals.size
     if c_hi < k <= c_hi + vals.size:
         at = vals.size - (k - c_hi)
-        return _flush(_bits(np.partition(vals, at)[at]))
+        return _flush(int(np.partition(vals, at)[at]) + lo + 1)
     if c_hi + vals.size < k <= _count_at_least(rows, lo):  # ties at lo: a second read
         return _flush(lo)
     return None
@@ -218,12 +249,11 @@ def kth_bits(leaf_rows: Sequence[Sequence[np.ndarray]], k: int) -> np.ndarray | 
     """
     num_tasks = len(leaf_rows[0])
     n = sum(r[0].size for r in leaf_rows)
+    if n <= _EXACT_MAX:
+        return _exact(leaf_rows, k)
     out = np.empty(num_tasks, np.uint32)
     for t in range(num_tasks):
         rows = [r[t] for r in leaf_rows]
-        if n <= _EXACT_MAX:
-            out[t] = _exact(rows, k)
-            continue
         sample = _sample(rows, n)
         lo, hi = _bracket(sample, k, n)
         m = sample.size

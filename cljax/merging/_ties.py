@@ -153,9 +153,10 @@ def _merge_on_host(pre, ts, scale, ks, *, mask, scope, merge):
 
     The thresholds come from :func:`cljax.merging._kth.kth_bits` (one read of the task
     vectors on the host, exact; the counting search where its sample bracket fails). Leaves
-    of at least ``_kth.CHUNK`` entries are merged by :func:`_merge_chunk`, compiled once for
-    every leaf shape, window by window; smaller leaves by the same program over windows
-    they share (:func:`_merge_small`). Exact cancellations are marked by a NaN; a
+    of at least ``_kth.SHARED`` entries are merged by :func:`_merge_chunk`, compiled once for
+    every leaf shape, window by window (one zero-padded window below ``_kth.CHUNK``
+    entries); smaller leaves by the same program over windows they share
+    (:func:`_merge_small`). Exact cancellations are marked by a NaN; a
     non-finite output (a mark, or a NaN/Inf of the inputs) makes the rare second round
     count the majority sign over all leaves (in numpy) and merge again without marks.
     Merged leaves come back as numpy arrays.
@@ -178,8 +179,9 @@ def _merge_on_host(pre, ts, scale, ks, *, mask, scope, merge):
     else:
         none = np.full((num_tasks,), _KEEP_NONE, np.uint32)
         thresholds = {i: none if ks[j] == 0 else threshold([i], ks[j]) for j, i in enumerate(idx)}
-    big = [i for i in idx if rows[i][0].size >= _kth.CHUNK]
-    small = [i for i in idx if rows[i][0].size < _kth.CHUNK]
+    shared = min(_kth.SHARED, _kth.CHUNK)
+    big = [i for i in idx if rows[i][0].size >= shared]
+    small = [i for i in idx if rows[i][0].size < shared]
 
     def merge_all(majority, mark):
         out, finite = list(pre), True
@@ -207,10 +209,18 @@ def _merge_host_leaf(pre, rows, bits, scale, majority, mark, merge):
     it is finite."""
     base = np.asarray(pre)
     flat = base.reshape(-1)
-    out, finite = _merge_windows(
-        flat, rows, bits, scale, majority, mark, merge, _kth.windows(flat.size)
-    )
-    return out.reshape(base.shape), finite
+    n = flat.size
+    if n >= _kth.CHUNK:
+        out, finite = _merge_windows(
+            flat, rows, bits, scale, majority, mark, merge, _kth.windows(n)
+        )
+        return out.reshape(base.shape), finite
+    # Shorter than a window: one zero-padded window (zero entries merge to θ0's zero padding).
+    padded = [np.zeros(_kth.CHUNK, x.dtype) for x in (flat, *rows)]
+    for buf, x in zip(padded, (flat, *rows), strict=True):
+        buf[:n] = x
+    out, finite = _merge_windows(padded[0], padded[1:], bits, scale, majority, mark, merge, [0])
+    return out[:n].reshape(base.shape), finite
 
 
 def _merge_windows(base, taus, bits, scale, majority, mark, merge, starts):
@@ -258,7 +268,7 @@ def _trim_numpy(rows, bits):
 
 
 def _merge_small(pre, rows, thresholds, idx, scale, majority, mark, merge):
-    """Leaves under ``_kth.CHUNK`` entries merged by the chunk program: copied one after
+    """Leaves under ``_kth.SHARED`` entries merged by the chunk program: copied one after
     another into zero-padded windows (one group per pair of dtypes), each task's entries
     trimmed on the host with its leaf's threshold, so the program keeps every entry (a
     zero threshold) and leaves of different thresholds share a window. The arithmetic is

@@ -87,7 +87,8 @@ def test_windows_cover_a_row():
 
 
 # With 256-entry chunks: a leaf of two windows and a ragged third (overlapping the second),
-# a leaf of one window, and leaves merged in numpy.
+# a leaf of one window, and leaves sharing windows (or, below the window but above
+# ``SHARED``, one padded window each).
 _SMALL_CHUNK = 256
 _WINDOWED = {"a": (2, 300), "b": (256,), "c": (30, 7), "d": (5,)}
 
@@ -105,8 +106,11 @@ def test_windows_do_not_change_the_merge(rng, monkeypatch, scope):
     shared = ties(pre, taus, density=0.9, scale=0.8, scope=scope)
     monkeypatch.setattr(_kth, "CHUNK", _SMALL_CHUNK)
     windowed = ties(pre, taus, density=0.9, scale=0.8, scope=scope)
+    monkeypatch.setattr(_kth, "SHARED", 64)  # "c" in a zero-padded window of its own
+    padded = ties(pre, taus, density=0.9, scale=0.8, scope=scope)
     ref = _reference(pre, ct.unstack(taus), density=0.9, scale=0.8, merge="mean", scope=scope)
     for p in _WINDOWED:
-        assert isinstance(windowed[p], jax.Array) and windowed[p].shape == pre[p].shape
-        np.testing.assert_array_equal(np.asarray(windowed[p]), np.asarray(shared[p]), err_msg=p)
+        for got in (windowed, padded):
+            assert isinstance(got[p], jax.Array) and got[p].shape == pre[p].shape
+            np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(shared[p]), err_msg=p)
     _check(windowed, ref)
