@@ -20,8 +20,8 @@ def _pm(values, scale: float = 1.0) -> str:
 
 
 def write_report(cfg: Config, units: dict, results: dict, out: Path) -> None:
-    """Adds each part's per-seed results to ``results`` and writes ``tables.md`` (mean ± std
-    over seeds), ``results.json`` and ``atlas.png`` under ``out``."""
+    """Adds each part's per-seed results and the rows of its table to ``results`` and writes
+    ``tables.md`` (mean ± std over seeds), ``results.json`` and ``atlas.png`` under ``out``."""
     ft_acc = units["finetuned"]
     seeds = list(cfg.seeds)
     tables = []
@@ -73,7 +73,7 @@ def write_report(cfg: Config, units: dict, results: dict, out: Path) -> None:
                 }
             )
         results["addition"] = {"task_arithmetic": ta, **{n: rs for n, rs in variants}}
-        tables.append(("Task addition (test, mean over tasks)", format_table(rows)))
+        tables.append(("Task addition (test, mean over tasks)", rows))
     # --- (2) negation
     if "negation" in cfg.parts:
         neg = [units[f"negation/{s}"] for s in seeds]
@@ -86,7 +86,7 @@ def write_report(cfg: Config, units: dict, results: dict, out: Path) -> None:
                 {"method": name, "target acc. (%) ↓": _pm(tgt), "control acc. (%)": _pm(ctl)}
             )
         results["negation"] = neg
-        tables.append(("Task negation (test, mean over target tasks)", format_table(rows)))
+        tables.append(("Task negation (test, mean over target tasks)", rows))
     # --- (3) few-shot
     if "few_shot" in cfg.parts:
         fs = [units[f"few_shot/{s}"] for s in seeds]
@@ -97,9 +97,7 @@ def write_report(cfg: Config, units: dict, results: dict, out: Path) -> None:
                 row[name] = _pm([100 * np.mean(r[f"k={k}"][name]) for r in fs])
             rows.append(row)
         results["few_shot"] = fs
-        tables.append(
-            ("Few-shot (test accuracy on the held-out task, mean over tasks)", format_table(rows))
-        )
+        tables.append(("Few-shot (test accuracy on the held-out task, mean over tasks)", rows))
     # --- (4) test-time adaptation
     if "tta" in cfg.parts:
         tta = [units[f"tta/{s}"] for s in seeds]
@@ -108,9 +106,11 @@ def write_report(cfg: Config, units: dict, results: dict, out: Path) -> None:
             for name in ("pretrained", "entropy", "pseudo-label")
         ]
         results["tta"] = tta
-        tables.append(("Test-time adaptation (unlabelled test inputs)", format_table(rows)))
+        tables.append(("Test-time adaptation (unlabelled test inputs)", rows))
 
-    text = "\n\n".join(f"### {title}\n\n{table}" for title, table in tables)
+    text = "\n\n".join(f"### {title}\n\n{format_table(rows)}" for title, rows in tables)
+    # The rows of tables.md as printed (mean ± std over seeds), beside the per-seed records.
+    results["tables"] = dict(tables)
     print(text)
     (out / "tables.md").write_text(text + "\n")
     # Each unit's wall (/time_s) and CPU time (/cpu_s, where recorded) and, from run, the

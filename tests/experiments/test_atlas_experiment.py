@@ -94,6 +94,10 @@ def test_damaged_units_file_is_moved_aside_and_recomputed(tmp_path, monkeypatch,
     )
     pool = atlas_exp.load_pool(cfg, out)  # once: main() would load it on every re-run
     want = _untimed(atlas_exp.run(cfg, pool, out))
+    # results.json holds the table's rows as printed, from the per-seed records
+    row = want["tables"]["Task addition (test, mean over tasks)"][-1]
+    assert row["method"] == "aTLAS"
+    assert row["absolute (%)"] == f"{want['addition']['aTLAS'][0]['absolute']:.1f} ± 0.0"
     for name in kinds:
         UNITS_DAMAGE[name](out / "units.json")
         assert _untimed(atlas_exp.run(cfg, pool, out)) == want, name
