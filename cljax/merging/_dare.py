@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from cljax import tree as ct
-from cljax.merging import _common
+from cljax.merging import _common, _kth
 
 __all__ = ["dare"]
 
@@ -82,8 +83,11 @@ def dare(
     factor = np.float64(1.0 / (1.0 - float(drop_rate)) if rescale else 1.0)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((ts.leaves, key)))
     static = {"mask": mask, "hashes": hashes, "num_tasks": ts.num_tasks}
+    device = None if traced else _kth.host_device(ts.leaves)
     if traced:
         out = _dare_core(ts.leaves, key, cutoff, factor, **static)
+    elif device is not None:
+        out = _dare_on_host(ts, key, cutoff, factor, device=device, **static)
     else:
         out = _dare_from_python(ts, key, cutoff, factor, **static)
     out = jax.tree.unflatten(treedef, out)
@@ -117,8 +121,132 @@ def _dare_from_python(ts, key, cutoff, factor, *, mask, hashes, num_tasks):
     folds = jnp.asarray([hashes[i] for i in merged], jnp.uint32)
     words = _key_words_jit(key, folds, num_tasks=num_tasks)
     for j, i in enumerate(merged):
-        out[i] = _drop_leaf(out[i], words, jnp.int32(j), cutoff, factor)
+        out[i] = _drop_leaf(out[i], words, np.int32(j), cutoff, factor)
     return out
+
+
+def _dare_on_host(ts, key, cutoff, factor, *, device, mask, hashes, num_tasks):
+    """DARE on CPU arrays (the same values as :func:`_dare_core`), with two programs
+    whatever the model's shapes.
+
+    Rows of at least ``_kth.SHARED`` entries are read in windows of ``_kth.CHUNK`` entries
+    (the last one ending at the row's end, overlapping the one before; a shorter row
+    zero-padded), all T rows of a window in one call of :func:`_drop_window`; shorter rows,
+    of every leaf and task, are copied one after another into shared windows with each
+    entry's flat index and key words beside it (:func:`_drop_packed`). The results are
+    written into host buffers that JAX takes without a copy.
+    """
+    merged = [i for i, m in enumerate(mask) if m]
+    shapes = [np.shape(x[0]) if isinstance(x, tuple) else x.shape[1:] for x in ts.leaves]
+    out: list = [
+        jax.device_put(np.stack(_kth.task_rows(x, num_tasks)).reshape(-1, *shapes[i]), device)
+        if isinstance(x, tuple) and not mask[i]
+        else x
+        for i, x in enumerate(ts.leaves)
+    ]
+    if not merged:
+        return out
+    folds = jnp.asarray([hashes[i] for i in merged], jnp.uint32)
+    words = np.asarray(_key_words_quick(key, folds, num_tasks=num_tasks))
+    cutoff, factor = jax.device_put((cutoff, factor), device)  # converted once, not per call
+    size = _kth.CHUNK
+    results, small = {}, []
+    for j, i in enumerate(merged):
+        rows = _kth.task_rows(ts.leaves[i], num_tasks)
+        n = rows[0].size
+        result = _kth.aligned_empty(num_tasks * n, rows[0].dtype).reshape(num_tasks, n)
+        results[i] = result
+        if n < min(_kth.SHARED, size):
+            small.append((j, i, rows))
+            continue
+        if n < size:  # one zero-padded window
+            padded = [np.zeros(size, x.dtype) for x in rows]
+            for buf, x in zip(padded, rows, strict=True):
+                buf[:n] = x
+            rows, starts = padded, [0]
+        else:
+            starts = _kth.windows(n)
+        parts = [
+            (
+                s,
+                _drop_window(
+                    tuple(x[s : s + size] for x in rows), words[j], np.uint32(s), cutoff, factor
+                ),
+            )
+            for s in starts
+        ]
+        for s, value in parts:
+            part = np.asarray(value)
+            if n < size:
+                result[...] = part[:, :n]
+            else:
+                result[:, s : s + size] = part
+    if small:
+        _drop_small(small, results, words, cutoff, factor)
+    for i, result in results.items():
+        out[i] = jax.device_put(result.reshape(-1, *shapes[i]), device)
+    return out
+
+
+def _drop_small(small, results, words, cutoff, factor):
+    """The rows under ``_kth.SHARED`` entries, ``[(j, i, rows)]``, dropped through shared
+    windows of :func:`_drop_packed` (one group per dtype) into ``results[i]``."""
+    size = _kth.CHUNK
+    groups: dict = {}
+    for item in small:
+        groups.setdefault(item[2][0].dtype, []).append(item)
+    for dtype, members in groups.items():
+        total = sum(len(rows) * rows[0].size for _, _, rows in members)
+        total = -total // size * -size
+        x = np.zeros(total, dtype)
+        idx = np.zeros(total, np.uint32)
+        w0 = np.zeros(total, np.uint32)
+        w1 = np.zeros(total, np.uint32)
+        at = 0
+        for j, _, rows in members:
+            n = rows[0].size
+            for t, row in enumerate(rows):
+                x[at : at + n] = row
+                idx[at : at + n] = np.arange(n, dtype=np.uint32)
+                w0[at : at + n] = words[j, t, 0]
+                w1[at : at + n] = words[j, t, 1]
+                at += n
+        parts = [
+            _drop_packed(*(a[s : s + size] for a in (x, idx, w0, w1)), cutoff, factor)
+            for s in range(0, total, size)
+        ]
+        flat = np.concatenate([np.asarray(p) for p in parts])
+        at = 0
+        for _, i, rows in members:
+            n = rows[0].size
+            results[i][...] = flat[at : at + len(rows) * n].reshape(len(rows), n)
+            at += len(rows) * n
+
+
+@jax.jit
+def _drop_window(rows, words, start, cutoff, factor):
+    """:func:`_drop` of the window of T rows that starts at entry ``start`` of each row:
+    ``(T, _kth.CHUNK)``."""
+    idx = start + lax.iota(jnp.uint32, rows[0].shape[0])
+    return jnp.stack(
+        [
+            _drop_entries(x, idx, words[t, 0], words[t, 1], cutoff, factor)
+            for t, x in enumerate(rows)
+        ]
+    )
+
+
+@jax.jit
+def _drop_packed(x, idx, w0, w1, cutoff, factor):
+    """:func:`_drop` of entries whose flat index and key words are given entry by entry."""
+    return _drop_entries(x, idx, w0, w1, cutoff, factor)
+
+
+def _drop_entries(x, idx, w0, w1, cutoff, factor):
+    bits = _fmix32(_fmix32(idx * jnp.uint32(0x9E3779B9) + w0) ^ w1)
+    v = _common.accum(x)
+    v = v * factor.astype(v.dtype)
+    return jnp.where(bits >= cutoff, v, 0).astype(x.dtype)
 
 
 def _key_words(key, folds, num_tasks):
@@ -137,6 +265,13 @@ def _key_words(key, folds, num_tasks):
 
 
 _key_words_jit = jax.jit(_key_words, static_argnames=("num_tasks",))
+# The same words from code LLVM optimises less: the unrolled hash rounds of a few thousand
+# words compile several times faster, and integer arithmetic gives the same bits.
+_key_words_quick = jax.jit(
+    _key_words,
+    static_argnames=("num_tasks",),
+    compiler_options={"xla_backend_optimization_level": 1},
+)
 
 
 def _drop(x, words, cutoff, factor):
