@@ -243,10 +243,7 @@ def _drop_packed(x, idx, w0, w1, cutoff, factor):
 
 
 def _drop_entries(x, idx, w0, w1, cutoff, factor):
-    bits = _fmix32(_fmix32(idx * jnp.uint32(0x9E3779B9) + w0) ^ w1)
-    v = _common.accum(x)
-    v = v * factor.astype(v.dtype)
-    return jnp.where(bits >= cutoff, v, 0).astype(x.dtype)
+    return _keep_scaled(x, _index_bits(idx, w0, w1), cutoff, factor)
 
 
 def _key_words(key, folds, num_tasks):
@@ -277,7 +274,12 @@ _key_words_quick = jax.jit(
 def _drop(x, words, cutoff, factor):
     """Drops the entries of a stacked leaf ``(T, ...)`` whose bits fall below ``cutoff``
     and scales the rest by ``factor`` (float32 arithmetic, stored in ``x``'s dtype)."""
-    bits = entry_bits(x.shape, words, batch_dims=1)
+    return _keep_scaled(x, entry_bits(x.shape, words, batch_dims=1), cutoff, factor)
+
+
+def _keep_scaled(x, bits, cutoff, factor):
+    """``x``'s entries whose ``bits`` reach ``cutoff``, times ``factor`` (in float32 or
+    wider), the others zero; stored in ``x``'s dtype."""
     v = _common.accum(x)
     v = v * factor.astype(v.dtype)
     return jnp.where(bits >= cutoff, v, 0).astype(x.dtype)
@@ -331,4 +333,10 @@ def entry_bits(shape: Sequence[int], words: jax.Array, *, batch_dims: int = 0) -
         stride *= shape[axis]
     expand = (slice(None),) * batch_dims + (None,) * (len(shape) - batch_dims)
     w0, w1 = words[..., 0][expand], words[..., 1][expand]
+    return _index_bits(idx, w0, w1)
+
+
+def _index_bits(idx, w0, w1):
+    """The bits of the entries at flat indices ``idx`` under key words ``w0, w1``
+    (:func:`entry_bits`'s formula)."""
     return _fmix32(_fmix32(idx * jnp.uint32(0x9E3779B9) + w0) ^ w1)
