@@ -160,10 +160,7 @@ def _dare_on_host(ts, key, cutoff, factor, *, device, mask, hashes, num_tasks):
             small.append((j, i, rows))
             continue
         if n < size:  # one zero-padded window
-            padded = [np.zeros(size, x.dtype) for x in rows]
-            for buf, x in zip(padded, rows, strict=True):
-                buf[:n] = x
-            rows, starts = padded, [0]
+            rows, starts = _kth.padded_window(rows), [0]
         else:
             starts = _kth.windows(n)
         parts = [

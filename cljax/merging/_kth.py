@@ -95,6 +95,15 @@ def windows(n: int, size: int | None = None) -> list[int]:
     return starts
 
 
+def padded_window(rows: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Copies of rows shorter than ``CHUNK``, each zero-padded to one ``CHUNK``-entry window
+    (so that a row between ``SHARED`` and ``CHUNK`` entries runs the window program)."""
+    padded = [np.zeros(CHUNK, x.dtype) for x in rows]
+    for buf, x in zip(padded, rows, strict=True):
+        buf[: x.size] = x
+    return padded
+
+
 def aligned_empty(n: int, dtype: Any) -> np.ndarray:
     """An uninitialised 1-D array whose buffer starts on a 64-byte boundary (JAX then takes
     it without a copy)."""

@@ -216,9 +216,7 @@ def _merge_host_leaf(pre, rows, bits, scale, majority, mark, merge):
         )
         return out.reshape(base.shape), finite
     # Shorter than a window: one zero-padded window (zero entries merge to θ0's zero padding).
-    padded = [np.zeros(_kth.CHUNK, x.dtype) for x in (flat, *rows)]
-    for buf, x in zip(padded, (flat, *rows), strict=True):
-        buf[:n] = x
+    padded = _kth.padded_window((flat, *rows))
     out, finite = _merge_windows(padded[0], padded[1:], bits, scale, majority, mark, merge, [0])
     return out[:n].reshape(base.shape), finite
 
