@@ -222,6 +222,17 @@ def format_table(
     return "\n".join([line(columns), sep, *(line(r) for r in cells)])
 
 
+def use_compilation_cache(folder: str | os.PathLike, min_compile_time_s: float = 0.0) -> None:
+    """Keeps the programs this process compiles in XLA's persistent cache under ``folder``
+    and reads them back from it: the seeds, methods and worker processes of one run then
+    compile each program once. Programs that compiled in under ``min_compile_time_s`` seconds
+    are not written."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     values = list(values)

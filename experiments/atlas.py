@@ -71,7 +71,12 @@ from experiments._atlas_stages import (
     run_task_arithmetic,
     run_tta,
 )
-from experiments._common import add_config_flags, config_from_flags, progress
+from experiments._common import (
+    add_config_flags,
+    config_from_flags,
+    progress,
+    use_compilation_cache,
+)
 
 __all__ = [
     "DOMAINS",
@@ -172,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # The workers and the seeds compile the same programs: each is compiled once and read
     # back from a persistent cache under --out.
-    jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    use_compilation_cache(out / "jax_cache", _CACHE_MIN_COMPILE_S)
     t0 = time.time()
     pool = load_pool(cfg, out)
     print(f"pool ready in {time.time() - t0:.0f} s: {[t.name for t in pool.tasks]}")
@@ -312,11 +316,14 @@ def _num_workers(cfg: Config) -> int:
     return len(cores) if cores else os.cpu_count() or 1
 
 
+# Programs faster to compile than this are not worth a cache file.
+_CACHE_MIN_COMPILE_S = 0.5
+
+
 def _worker_init(cfg: Config, out: str, cache: str | None) -> None:
     os.environ["CLJAX_NO_PROGRESS"] = "1"
     if cache:  # the parent's persistent compilation cache, shared by the workers
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        use_compilation_cache(cache, _CACHE_MIN_COMPILE_S)
     pool = load_pool(cfg, Path(out), draw_workers=1)  # a pool's worker may not spawn its own
     _WORKER.update(pool=pool, cfg=cfg, accuracy=_Accuracy(pool, cfg.eval_batch))
 

@@ -466,8 +466,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--imprint true needs --head cosine, not --head {cfg.head}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    _common.use_compilation_cache(out / "jax_cache")
     runs = []
     for seed in cfg.seeds:
         tasks = None

@@ -268,8 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     # Seeds of one method compile the same programs: reuse them from a persistent cache.
-    jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    _common.use_compilation_cache(out / "jax_cache")
     runs = []
     for bench in cfg.benchmarks:
         for method in cfg.methods:
